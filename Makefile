@@ -1,0 +1,50 @@
+# Weft. Every target installs what it needs; run as root on Debian 12.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BUILD := .build
+# ../shared beside the checkout; a clone elsewhere falls back to the workspace's copy.
+SHARED ?= $(firstword $(wildcard ../shared $(CURDIR)/../shared /work/shared))
+CNIDRIVE := $(BUILD)/cnidrive
+DEBS := iproute2 nftables iptables containernetworking-plugins golang-go golang-github-appc-cni-dev \
+        iputils-ping procps
+
+.PHONY: all deps venv cnidrive test lint demo clean
+
+all: venv
+
+deps: $(BUILD)/.debs
+$(BUILD)/.debs:
+	@mkdir -p $(BUILD)
+	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+cnidrive: $(CNIDRIVE)
+$(CNIDRIVE): deps
+	@test -n "$(SHARED)" || { echo "../shared/tools/cnidrive not found"; exit 1; }
+	bash $(SHARED)/tools/cnidrive/build.sh $(CURDIR)/$(CNIDRIVE) >/dev/null
+
+test: deps venv cnidrive
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check cni_plugin ipam tests
+	$(VENV)/bin/mypy cni_plugin ipam
+
+demo: deps venv cnidrive
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
+
+clean:
+	rm -rf $(BUILD) $(VENV) *.egg-info

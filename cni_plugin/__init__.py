@@ -1,0 +1,1 @@
+"""Weft's CNI plugin: attaches pods to the node bridge through a veth pair."""

@@ -1,0 +1,3 @@
+from cni_plugin.plugin import main
+
+main()

@@ -1,0 +1,256 @@
+"""A pod's attachment to the node bridge, made with pyroute2: bridge, veth pair, addresses, routes.
+
+Ownership: every link Weft creates carries the link group GROUP, set in the same
+netlink message that creates it, and host veths are named after their owner
+(container ID and ifname). Weft only deletes links that carry both marks.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from cni_plugin import errors
+from cni_plugin.errors import CniError
+from cni_plugin.netns import NetNS
+from cni_plugin.result import Interface, Route
+
+GROUP = 0x77656674  # "weft"
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+RTNH_F_ONLINK = 4
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    return "weft" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:8]
+
+
+def alias(network: str, container_id: str, ifname: str) -> str:
+    return f"weft {network} {container_id} {ifname}"[:255]
+
+
+def get_link(ipr: IPRoute, name: str) -> Any:
+    try:
+        return ipr.link("get", ifname=name)[0]
+    except NetlinkError as e:
+        if e.code == errno.ENODEV:
+            return None
+        raise
+
+
+def kind(link: Any) -> str | None:
+    return link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
+
+
+def _sysctl(path: str, value: str, missing_ok: bool = True) -> None:
+    try:
+        with open(path, "r+", encoding="ascii") as f:
+            if f.read().strip() != value:
+                f.seek(0)
+                f.write(value)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def ensure_bridge(ipr: IPRoute, name: str, mtu: int | None, promisc: bool) -> tuple[Any, bool]:
+    """The bridge, created if missing (concurrent ADDs may race: EEXIST is fine)."""
+    created = False
+    if get_link(ipr, name) is None:
+        try:
+            spec: dict[str, Any] = {"ifname": name, "kind": "bridge", "group": GROUP, "br_forward_delay": 0}
+            if mtu:
+                spec["mtu"] = mtu
+            ipr.link("add", **spec)
+            created = True
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+    br = get_link(ipr, name)
+    if br is None or kind(br) != "bridge":
+        raise CniError(errors.INVALID_CONFIG, f"{name!r} already exists but is not a bridge")
+    _sysctl(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
+    ipr.link("set", index=br["index"], state="up", **({"promisc": 1} if promisc else {}))
+    return br, created
+
+
+def bridge_conflicts(ipr: IPRoute, index: int, gateways: list[IPInterface]) -> list[IPInterface]:
+    """Addresses on the bridge that clash with the gateways Weft must put there.
+
+    IPv4: any other address is a clash (the bridge plugin's rule). IPv6: only overlapping prefixes.
+    """
+    have = [ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") for a in ipr.get_addr(index=index)]
+    clash = []
+    for gw in gateways:
+        for a in have:
+            if a == gw or a.version != gw.version or (a.version == 6 and a.ip.is_link_local):
+                continue
+            if a.version == 4 or a.network.overlaps(gw.network):
+                clash.append(a)
+    return clash
+
+
+def ensure_bridge_addresses(ipr: IPRoute, br: Any, gateways: list[IPInterface], force: bool, name: str) -> None:
+    clash = bridge_conflicts(ipr, br["index"], gateways)
+    if clash and not force:
+        raise CniError(errors.INVALID_CONFIG,
+                       f"{name!r} already has an IP address different from "
+                       f"{', '.join(map(str, gateways))}: {', '.join(map(str, clash))} (set forceAddress to replace it)",
+                       msg="bridge address conflict")
+    for a in clash:
+        _ignore(ipr.addr, "del", index=br["index"], address=str(a.ip), prefixlen=a.network.prefixlen,
+                codes=(errno.EADDRNOTAVAIL,))
+    for gw in gateways:
+        _ignore(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.network.prefixlen,
+                codes=(errno.EEXIST,))
+    # Pin the MAC so the bridge does not take its lowest port's MAC as ports come and go.
+    ipr.link("set", index=br["index"], address=br.get("IFLA_ADDRESS"))
+    if any(g.version == 4 for g in gateways):
+        _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+    if any(g.version == 6 for g in gateways):
+        _sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
+
+
+def _ignore(fn: Any, *argv: Any, codes: tuple[int, ...], **kw: Any) -> None:
+    try:
+        fn(*argv, **kw)
+    except NetlinkError as e:
+        if e.code not in codes:
+            raise
+
+
+@dataclass
+class Veth:
+    host: Interface
+    host_index: int
+    container: Interface
+    container_index: int
+
+
+def create_veth(ipr: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int | None,
+                bridge_index: int, hairpin: bool, link_alias: str) -> Veth:
+    stale = get_link(ipr, host_name)
+    if stale is not None:  # left by an ADD that was killed before it finished
+        if stale.get("group") != GROUP:
+            raise CniError(errors.INVALID_CONFIG, f"host interface {host_name} exists and was not created by weft")
+        _ignore(ipr.link, "del", index=stale["index"], codes=(errno.ENODEV,))
+    peer: dict[str, Any] = {"ifname": ifname, "net_ns_fd": ns.fd, "group": GROUP}
+    spec: dict[str, Any] = {"ifname": host_name, "kind": "veth", "group": GROUP, "peer": peer}
+    if mtu:
+        spec["mtu"] = peer["mtu"] = mtu
+    try:
+        ipr.link("add", **spec)
+    except NetlinkError as e:
+        if e.code == errno.EEXIST:
+            raise CniError(errors.INVALID_ENV, f"interface {ifname} already exists in {ns.path}") from None
+        raise
+    host = get_link(ipr, host_name)
+    ipr.link("set", index=host["index"], master=bridge_index, state="up", ifalias=link_alias)
+    _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/accept_ra", "0")
+    if hairpin:
+        ipr.brport("set", index=host["index"], mode=1)
+    with ns.entered(), IPRoute() as pod:
+        c = get_link(pod, ifname)
+    return Veth(Interface(host_name, host.get("IFLA_ADDRESS")), host["index"],
+                Interface(ifname, c.get("IFLA_ADDRESS"), ns.path), c["index"])
+
+
+def configure_container(ns: NetNS, ifname: str, addresses: list[IPInterface], routes: list[Route],
+                        enable_dad: bool) -> None:
+    with ns.entered(), IPRoute() as pod:
+        idx = pod.link_lookup(ifname=ifname)[0]
+        if any(a.version == 6 for a in addresses):
+            _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "0")
+            _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
+        _sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify", "1")
+        for a in addresses:
+            _ignore(pod.addr, "add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen,
+                    codes=(errno.EEXIST,))
+        pod.link("set", index=idx, state="up")
+        for r in routes:
+            spec: dict[str, Any] = {"dst": str(r.dst), "oif": idx}
+            if r.gw is not None:
+                spec["gateway"] = str(r.gw)
+            else:
+                spec["scope"] = 253  # link
+            if r.priority:
+                spec["priority"] = r.priority
+            if r.table:
+                spec["table"] = r.table
+            pod.route("replace", **spec)
+
+
+def delete_host_veth(ipr: IPRoute, host_name: str) -> bool:
+    """Deletes the pair (and so the pod's end) if Weft made it; False if there was none of ours."""
+    link = get_link(ipr, host_name)
+    if link is None or link.get("group") != GROUP:
+        return False
+    _ignore(ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+    return True
+
+
+def delete_bridge_if_unused(ipr: IPRoute, index: int) -> None:
+    link = ipr.link("get", index=index)[0]
+    if link.get("group") != GROUP:
+        return
+    if not any(p.get("master") == index for p in ipr.get_links()):
+        _ignore(ipr.link, "del", index=index, codes=(errno.ENODEV,))
+
+
+def weft_veths(ipr: IPRoute, network: str) -> list[tuple[int, str, str]]:
+    """(index, container ID, ifname) of every host veth Weft made for `network`."""
+    out = []
+    for link in ipr.get_links():
+        words = (link.get("IFLA_IFALIAS") or "").split(" ")
+        if link.get("group") == GROUP and len(words) == 4 and words[0] == "weft" and words[1] == network:
+            out.append((link["index"], words[2], words[3]))
+    return out
+
+
+def check(ipr: IPRoute, ns: NetNS, bridge: str, host_name: str, container: Interface,
+          addresses: list[IPInterface], routes: list[Route]) -> None:
+    """Raises CniError naming the first thing that drifted from prevResult."""
+    def fail(what: str) -> CniError:
+        return CniError(errors.INVALID_CONFIG, what, msg="attachment check failed")
+
+    br = get_link(ipr, bridge)
+    if br is None or kind(br) != "bridge":
+        raise fail(f"bridge {bridge} is missing or not a bridge")
+    host = get_link(ipr, host_name)
+    if host is None or host.get("group") != GROUP:
+        raise fail(f"host veth {host_name} is missing")
+    if host.get("master") != br["index"]:
+        raise fail(f"host veth {host_name} is not attached to {bridge}")
+    with ns.entered(), IPRoute() as pod:
+        link = get_link(pod, container.name)
+        if link is None:
+            raise fail(f"interface {container.name} is missing from {ns.path}")
+        if kind(link) != "veth":
+            raise fail(f"interface {container.name} is {kind(link)}, not veth")
+        if container.mac and link.get("IFLA_ADDRESS", "").lower() != container.mac.lower():
+            raise fail(f"interface {container.name} has MAC {link.get('IFLA_ADDRESS')}, expected {container.mac}")
+        if link.get("IFLA_LINK") != host["index"]:
+            raise fail(f"interface {container.name} is not the peer of {host_name}")
+        have = {ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+                for a in pod.get_addr(index=link["index"])}
+        for a in addresses:
+            if a not in have:
+                raise fail(f"address {a} is missing from {container.name}")
+        table = []
+        for fam in (2, 10):
+            for r in pod.get_routes(family=fam):
+                dst = r.get("RTA_DST")
+                net = ipaddress.ip_network(f"{dst}/{r['dst_len']}" if dst else
+                                           ("0.0.0.0/0" if fam == 2 else "::/0"))
+                gw = r.get("RTA_GATEWAY")
+                table.append((net, ipaddress.ip_address(gw) if gw else None))
+        for route in routes:
+            if not any(net == route.dst and (route.gw is None or gw == route.gw) for net, gw in table):
+                raise fail(f"route {route.dst}{' via ' + str(route.gw) if route.gw else ''} is missing "
+                           f"from {ns.path}")

@@ -1,0 +1,97 @@
+"""ipMasq: masquerade a pod's traffic that leaves its subnet.
+
+Rules live in Weft's own nftables table, one rule per pod address, each with a
+comment naming its owner (network, container, ifname) by hash. DEL and GC find
+rules by that tag, so they work without the pod's addresses, which the
+reference bridge needs and loses when the netns is gone (plugins#810).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+from cni_plugin import errors
+from cni_plugin.errors import CniError
+
+FAMILY = "inet"
+TABLE = "weft_masq"
+CHAIN = "postrouting"
+_MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+_SEARCH = "/usr/sbin:/sbin:/usr/bin:/bin"
+
+
+def _h(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:16]
+
+
+def network_tag(network: str) -> str:
+    return f"weft:{_h(network)}:"
+
+
+def owner_tag(network: str, container_id: str, ifname: str) -> str:
+    return f"{network_tag(network)}{_h(container_id + '/' + ifname)}"
+
+
+def _nft(args: list[str], script: str | None = None) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("nft", path=os.environ.get("PATH", "") + ":" + _SEARCH)
+    if exe is None:
+        raise CniError(errors.INTERNAL, "ipMasq needs the nft command, which is not installed")
+    return subprocess.run([exe, *args], input=script, capture_output=True, text=True, check=False)
+
+
+def add(network: str, container_id: str, ifname: str,
+        addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
+    tag = owner_tag(network, container_id, ifname)
+    lines = [f"add table {FAMILY} {TABLE}",
+             f"add chain {FAMILY} {TABLE} {CHAIN} {{ type nat hook postrouting priority srcnat; policy accept; }}"]
+    for a in addresses:
+        fam = "ip" if a.version == 4 else "ip6"
+        lines.append(f"add rule {FAMILY} {TABLE} {CHAIN} {fam} saddr {a.ip} {fam} daddr != {a.network} "
+                     f"{fam} daddr != {_MULTICAST[a.version]} masquerade comment \"{tag}\"")
+    p = _nft(["-f", "-"], "\n".join(lines) + "\n")
+    if p.returncode != 0:
+        raise CniError(errors.INTERNAL, f"adding masquerade rules: {p.stderr.strip()}")
+
+
+def _rules() -> list[dict[str, object]]:
+    p = _nft(["-j", "list", "chain", FAMILY, TABLE, CHAIN])
+    if p.returncode != 0:
+        return []  # no table or chain: nothing of ours exists
+    try:
+        items = json.loads(p.stdout).get("nftables", [])
+    except ValueError:
+        raise CniError(errors.INTERNAL, "nft printed unreadable JSON") from None
+    return [i["rule"] for i in items if isinstance(i, dict) and "rule" in i]
+
+
+def _delete(handles: list[object]) -> None:
+    if not handles:
+        return
+    script = "".join(f"delete rule {FAMILY} {TABLE} {CHAIN} handle {h}\n" for h in handles)
+    p = _nft(["-f", "-"], script)
+    if p.returncode != 0:
+        raise CniError(errors.INTERNAL, f"deleting masquerade rules: {p.stderr.strip()}")
+
+
+def owned(network: str, container_id: str, ifname: str) -> list[dict[str, object]]:
+    tag = owner_tag(network, container_id, ifname)
+    return [r for r in _rules() if r.get("comment") == tag]
+
+
+def remove(network: str, container_id: str, ifname: str) -> None:
+    _delete([r["handle"] for r in owned(network, container_id, ifname)])
+
+
+def collect(network: str, valid: Iterable[tuple[str, str]]) -> None:
+    """Removes this network's rules whose owner is not a valid attachment."""
+    keep = {owner_tag(network, cid, ifn) for cid, ifn in valid}
+    prefix = network_tag(network)
+    _delete([r["handle"] for r in _rules()
+             if isinstance(r.get("comment"), str) and str(r["comment"]).startswith(prefix)
+             and r["comment"] not in keep])

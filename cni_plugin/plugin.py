@@ -1,0 +1,192 @@
+"""`weft`: the CNI verbs, top to bottom as the spec describes them.
+
+Only the standard library is imported at module level; pyroute2 (about 160 ms)
+is imported by the verbs that touch links, so VERSION, STATUS and bad input
+stay cheap.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from cni_plugin import delegate, errors, skel
+from cni_plugin.config import NetConf
+from cni_plugin.errors import CniError
+from cni_plugin.netns import NetNS, NotNetNS
+from cni_plugin.result import IPConfig, Result, Route
+
+PLUGIN = "weft"
+
+
+@contextmanager
+def open_netns(path: str) -> Iterator[NetNS]:
+    try:
+        ns = NetNS(path)
+    except FileNotFoundError:
+        raise CniError(errors.INVALID_ENV, f"CNI_NETNS {path} does not exist") from None
+    except NotNetNS as e:
+        raise CniError(errors.INVALID_ENV, f"CNI_NETNS: {e}") from None
+    except OSError as e:
+        raise CniError(errors.INVALID_ENV, f"CNI_NETNS {path}: {e.strerror}") from None
+    with ns:
+        yield ns
+
+
+def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+                                                        list[Route], list[Route]]:
+    """Bridge gateways, routes to program in the pod (gw filled in), and routes to report."""
+    gateways = []
+    family_gw: dict[int, Any] = {}
+    for ip in ipam.ips:
+        gw = ip.gateway
+        if gw is None and conf.is_gateway:
+            gw = ip.address.network.network_address + 1
+            ip.gateway = gw
+        if gw is not None:
+            family_gw.setdefault(gw.version, gw)
+            if conf.is_gateway:
+                gateways.append(ipaddress.ip_interface(f"{gw}/{ip.address.network.prefixlen}"))
+    reported = list(ipam.routes)
+    if conf.is_default_gateway:
+        for version, gw in family_gw.items():
+            default = ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
+            if not any(r.dst == default and r.gw is not None for r in reported):
+                reported.append(Route(default, gw))
+    programmed = [Route(r.dst, r.gw or family_gw.get(r.dst.version), r.mtu, r.advmss, r.priority, r.table, r.scope)
+                  for r in reported]
+    return gateways, programmed, reported
+
+
+def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
+    conf = NetConf.parse(raw)
+    from pyroute2 import IPRoute
+
+    from cni_plugin import attachment, masq
+
+    with open_netns(args.netns) as ns:
+        with ns.entered(), IPRoute() as pod:
+            if attachment.get_link(pod, args.ifname) is not None:
+                raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
+        undo: list[Callable[[], object]] = []
+        try:
+            ipam = delegate.ipam("ADD", args, raw, conf.ipam_type)
+            assert ipam is not None
+            undo.append(lambda: delegate.ipam("DEL", args, raw, conf.ipam_type))
+            if not ipam.ips:
+                raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
+            gateways, programmed, reported = plan_routes(conf, ipam)
+            with IPRoute() as ipr:
+                br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
+                if created:
+                    undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
+                if conf.is_gateway:  # before the veth, so a conflict leaves nothing behind
+                    attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
+                host_name = attachment.host_veth_name(args.container_id, args.ifname)
+                veth = attachment.create_veth(ipr, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
+                                              attachment.alias(conf.name, args.container_id, args.ifname))
+                undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
+                attachment.configure_container(ns, args.ifname, [ip.address for ip in ipam.ips], programmed,
+                                               conf.enable_dad)
+                if conf.ip_masq:
+                    undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
+                    masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
+                bridge = attachment.Interface(conf.bridge, ipr.link("get", index=br["index"])[0].get("IFLA_ADDRESS"))
+        except BaseException:
+            for step in reversed(undo):
+                try:
+                    step()
+                except Exception as e:  # noqa: BLE001 - keep undoing; the first error is what matters
+                    sys.stderr.write(f"{PLUGIN}: rollback step failed: {e}\n")
+            raise
+    result = conf.prev_result or Result()
+    base = len(result.interfaces)
+    result.interfaces += [bridge, veth.host, veth.container]
+    result.ips += [IPConfig(ip.address, ip.gateway, base + 2) for ip in ipam.ips]
+    result.routes += reported
+    result.dns = conf.dns or (ipam.dns if not ipam.dns.empty() else result.dns)
+    return result
+
+
+def cmd_del(args: skel.Args, raw: dict[str, Any]) -> None:
+    conf = NetConf.parse(raw)
+    from pyroute2 import IPRoute
+
+    from cni_plugin import attachment, masq
+
+    # The host end is named after its owner, so DEL needs neither the netns nor prevResult;
+    # deleting it takes the pod's end with it.
+    with IPRoute() as ipr:
+        attachment.delete_host_veth(ipr, attachment.host_veth_name(args.container_id, args.ifname))
+    delegate.ipam("DEL", args, raw, conf.ipam_type)
+    if conf.ip_masq:
+        masq.remove(conf.name, args.container_id, args.ifname)
+
+
+def cmd_check(args: skel.Args, raw: dict[str, Any]) -> None:
+    conf = NetConf.parse(raw)
+    prev = conf.prev_result
+    if prev is None:
+        raise CniError(errors.INVALID_CONFIG, "Required prevResult missing")
+    delegate.ipam("CHECK", args, raw, conf.ipam_type)
+    found = [i for i, iface in enumerate(prev.interfaces) if iface.name == args.ifname and iface.sandbox == args.netns]
+    if not found:
+        raise CniError(errors.INVALID_CONFIG, f"prevResult has no interface {args.ifname} in {args.netns}")
+    container = prev.interfaces[found[0]]
+    addresses = [ip.address for ip in prev.ips if ip.interface == found[0]]
+    from pyroute2 import IPRoute
+
+    from cni_plugin import attachment, masq
+
+    with open_netns(args.netns) as ns, IPRoute() as ipr:
+        attachment.check(ipr, ns, conf.bridge, attachment.host_veth_name(args.container_id, args.ifname),
+                         container, addresses, prev.routes)
+    if conf.ip_masq and not masq.owned(conf.name, args.container_id, args.ifname):
+        raise CniError(errors.INVALID_CONFIG, f"masquerade rules for {args.container_id}/{args.ifname} are missing",
+                       msg="attachment check failed")
+
+
+def cmd_gc(args: skel.Args, raw: dict[str, Any]) -> None:
+    conf = NetConf.parse(raw)
+    from ipam.plugin import valid_attachments
+
+    valid = valid_attachments(raw)
+    failures = []
+    try:
+        delegate.ipam("GC", args, raw, conf.ipam_type)
+    except CniError as e:
+        failures.append(str(e))
+    from pyroute2 import IPRoute
+
+    from cni_plugin import attachment, masq
+
+    with IPRoute() as ipr:
+        for index, cid, ifname in attachment.weft_veths(ipr, conf.name):
+            if (cid, ifname) not in valid:
+                attachment.delete_host_veth(ipr, attachment.host_veth_name(cid, ifname))
+    try:
+        masq.collect(conf.name, valid)
+    except CniError as e:
+        failures.append(str(e))
+    if failures:
+        raise CniError(errors.INTERNAL, "; ".join(failures), msg="garbage collection incomplete")
+
+
+def cmd_status(args: skel.Args, raw: dict[str, Any]) -> None:
+    conf = NetConf.parse(raw)
+    try:
+        delegate.ipam("STATUS", args, raw, conf.ipam_type)
+    except CniError as e:
+        if e.code in (errors.NOT_AVAILABLE, errors.LIMITED_CONNECTIVITY):
+            raise
+        raise CniError(errors.NOT_AVAILABLE, f"IPAM {conf.ipam_type}: {e}") from None
+
+
+HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+
+
+def main() -> None:
+    sys.exit(skel.run(PLUGIN, HANDLERS))

@@ -1,0 +1,199 @@
+"""The CNI calling convention shared by `weft` and `weft-ipam`.
+
+Reads the CNI_* environment and the config on stdin, validates both before any
+handler runs, dispatches on CNI_COMMAND and prints either the result or CNI
+error JSON on stdout. Nothing here imports more than the standard library's
+small modules: this runs for every pod.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cni_plugin import errors
+from cni_plugin.errors import CniError
+
+SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+LATEST = "1.1.0"
+COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
+MAX_STDIN = 1 << 20
+
+# libcni's rule for container IDs and network names (pkg/utils/utils.go).
+_ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
+MAX_ID = 256
+
+
+def version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in v.split("."))
+
+
+@dataclass(frozen=True)
+class Args:
+    """The CNI_* environment, validated for the command at hand."""
+
+    command: str
+    container_id: str = ""
+    netns: str = ""
+    ifname: str = ""
+    path: tuple[str, ...] = ()
+    args: Mapping[str, str] = field(default_factory=dict)
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+class Emittable(Protocol):
+    def to_json(self, version: str) -> dict[str, Any]: ...
+
+
+Handler = Callable[[Args, dict[str, Any]], "Emittable | None"]
+
+
+def _valid_id(value: str) -> bool:
+    return len(value) <= MAX_ID and _ID_RE.match(value) is not None
+
+
+def validate_ifname(name: str) -> str | None:
+    """Why `name` cannot be a Linux interface name, or None if it can."""
+    if not name:
+        return "is empty"
+    if len(name.encode()) > 15:
+        return "is longer than 15 bytes"
+    if name in (".", ".."):
+        return "is . or .."
+    if any(c in "/:" or c.isspace() or not c.isprintable() for c in name):
+        return "contains '/', ':', whitespace or unprintable characters"
+    return None
+
+
+def parse_cni_args(raw: str) -> dict[str, str]:
+    """CNI_ARGS "K=V;K2=V2" (pkg/types/args.go): every pair needs exactly one '='."""
+    out: dict[str, str] = {}
+    if not raw:
+        return out
+    for pair in raw.split(";"):
+        parts = pair.split("=")
+        if len(parts) != 2 or not parts[0]:
+            raise CniError(errors.INVALID_ENV, f"CNI_ARGS: invalid pair {pair!r}")
+        out[parts[0]] = parts[1]
+    return out
+
+
+def read_env(environ: Mapping[str, str]) -> Args:
+    command = environ.get("CNI_COMMAND", "")
+    if command not in COMMANDS:
+        raise CniError(errors.INVALID_ENV, f"CNI_COMMAND {command!r} is not one of {', '.join(COMMANDS)}")
+    if command == "VERSION":
+        return Args(command=command, environ=environ)
+    required = {"ADD": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+                "CHECK": ("CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"),
+                "DEL": ("CNI_CONTAINERID", "CNI_IFNAME")}.get(command, ())
+    missing = [k for k in required if not environ.get(k)]
+    if missing:
+        raise CniError(errors.INVALID_ENV, f"required env variables [{','.join(missing)}] missing")
+    cid = environ.get("CNI_CONTAINERID", "")
+    if cid and not _valid_id(cid):
+        raise CniError(errors.INVALID_ENV,
+                       f"CNI_CONTAINERID {cid[:80]!r} must match {_ID_RE.pattern} and be at most {MAX_ID} characters")
+    ifname = environ.get("CNI_IFNAME", "")
+    if ifname and (why := validate_ifname(ifname)):
+        raise CniError(errors.INVALID_ENV, f"CNI_IFNAME {ifname[:80]!r} {why}")
+    netns = environ.get("CNI_NETNS", "")
+    if netns and (not netns.startswith("/") or "\0" in netns or len(netns) > 4096):
+        raise CniError(errors.INVALID_ENV, f"CNI_NETNS {netns[:80]!r} must be an absolute path")
+    path = tuple(p for p in environ.get("CNI_PATH", "").split(":") if p)
+    return Args(command=command, container_id=cid, netns=netns, ifname=ifname, path=path,
+                args=parse_cni_args(environ.get("CNI_ARGS", "")), environ=environ)
+
+
+def parse_config(raw: bytes) -> dict[str, Any]:
+    if len(raw) > MAX_STDIN:
+        raise CniError(errors.DECODE, f"network config is larger than {MAX_STDIN} bytes")
+    try:
+        conf = json.loads(raw)
+    except (ValueError, RecursionError) as e:
+        raise CniError(errors.DECODE, f"network config is not valid JSON: {e}") from None
+    if not isinstance(conf, dict):
+        raise CniError(errors.DECODE, "network config must be a JSON object")
+    return conf
+
+
+def check_version(conf: Mapping[str, Any], command: str) -> str:
+    version = conf.get("cniVersion")
+    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
+        raise CniError(errors.INCOMPATIBLE_VERSION,
+                       f"config is {version!r}, plugin supports {list(SUPPORTED_VERSIONS)}")
+    need = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}.get(command)
+    if need and version_tuple(version) < version_tuple(need):
+        raise CniError(errors.INCOMPATIBLE_VERSION, f"config version {version} does not allow {command}")
+    return version
+
+
+def check_name(conf: Mapping[str, Any]) -> str:
+    name = conf.get("name")
+    if not isinstance(name, str) or not _valid_id(name):
+        raise CniError(errors.INVALID_CONFIG,
+                       f"network name {str(name)[:80]!r} must match {_ID_RE.pattern} and be at most {MAX_ID} characters")
+    return name
+
+
+def version_reply(conf_raw: bytes) -> dict[str, Any]:
+    try:
+        asked = json.loads(conf_raw).get("cniVersion") if conf_raw.strip() else None
+    except (ValueError, AttributeError, RecursionError):
+        asked = None
+    return {"cniVersion": asked if asked in SUPPORTED_VERSIONS else LATEST,
+            "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+
+def _emit(obj: Mapping[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def log_failure(plugin: str, exc: BaseException, log_file: str | None) -> None:
+    """One line on stderr; the traceback only into the log file, if there is one."""
+    sys.stderr.write(f"{plugin}: {exc}\n")
+    if log_file:
+        try:
+            import traceback
+
+            with open(log_file, "a", encoding="utf-8") as f:
+                f.write(f"{plugin}: {''.join(traceback.format_exception(exc))}")
+        except OSError:
+            pass
+
+
+def run(plugin: str, handlers: Mapping[str, Handler], stdin: bytes | None = None,
+        environ: Mapping[str, str] | None = None) -> int:
+    """Runs one CNI invocation; returns the exit status."""
+    environ = os.environ if environ is None else environ
+    version = LATEST
+    log_file = environ.get("WEFT_LOG_FILE")
+    try:
+        raw = sys.stdin.buffer.read(MAX_STDIN + 1) if stdin is None else stdin
+        args = read_env(environ)
+        if args.command == "VERSION":
+            _emit(version_reply(raw))
+            return 0
+        conf = parse_config(raw)
+        if isinstance(conf.get("cniVersion"), str) and conf["cniVersion"] in SUPPORTED_VERSIONS:
+            version = conf["cniVersion"]
+        check_version(conf, args.command)
+        check_name(conf)
+        result = handlers[args.command](args, conf)
+        if result is not None:
+            _emit(result.to_json(version))
+        return 0
+    except CniError as e:
+        _emit(e.to_json(version))
+        log_failure(plugin, e, log_file)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the runtime must get JSON, never a traceback
+        _emit(CniError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_json(version))
+        log_failure(plugin, e, log_file)
+        return 1

@@ -1,0 +1,1 @@
+"""weft-ipam: host-local compatible IP address management."""

@@ -1,0 +1,3 @@
+from ipam.plugin import main
+
+main()
