@@ -158,7 +158,7 @@ def create_veth(ipr: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int |
     with ns.entered(), IPRoute() as pod:
         c = get_link(pod, ifname)
     return Veth(Interface(host_name, host.get("IFLA_ADDRESS")), host["index"],
-                Interface(ifname, c.get("IFLA_ADDRESS"), ns.path), c["index"])
+                Interface(ifname, c.get("IFLA_ADDRESS"), ns.path, mtu), c["index"])
 
 
 def configure_container(ns: NetNS, ifname: str, addresses: list[IPInterface], routes: list[Route],

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.lab import Lab, Node
+
+ROOT_MARKERS = ("cni0", "weft")
+
+
+def _root_links() -> set[str]:
+    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    return {line.split(": ")[1].split("@")[0] for line in out.splitlines() if ": " in line}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def root_namespace_untouched() -> Iterator[None]:
+    """The machine's own network namespace must look the same after the whole run."""
+    if os.geteuid() != 0:
+        pytest.exit("Weft's tests build network namespaces and must run as root", returncode=2)
+    before = _root_links()
+    yield
+    after = _root_links()
+    assert after == before, f"root namespace links changed: +{after - before} -{before - after}"
+    assert not any(n.startswith(ROOT_MARKERS) for n in after)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(tmp_path / "lab")
+    lab.base.mkdir()
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def node(lab: Lab) -> Node:
+    return lab.node()

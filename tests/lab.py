@@ -1,0 +1,197 @@
+"""A lab of network namespaces on one machine: "nodes" and "pods", driven the way a runtime drives Weft.
+
+Nothing here configures the machine's root network namespace: every command
+that changes the network runs under `ip netns exec` in a namespace the lab
+created, and `Lab.close()` deletes them all, also after a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE_DIR = Path("/usr/lib/cni")
+REFERENCE = ("bridge", "host-local", "portmap", "loopback", "static")
+
+
+def plugin_dir(target: Path) -> Path:
+    """A CNI bin dir: weft and weft-ipam from this checkout's environment, plus the reference plugins."""
+    target.mkdir(parents=True, exist_ok=True)
+    scripts = Path(sys.executable).parent
+    for name in ("weft", "weft-ipam"):
+        link = target / name
+        if not link.exists():
+            link.symlink_to(scripts / name)
+    for name in REFERENCE:
+        if (REFERENCE_DIR / name).exists() and not (target / name).exists():
+            (target / name).symlink_to(REFERENCE_DIR / name)
+    return target
+
+
+def cnidrive_path() -> str:
+    exe = os.environ.get("CNIDRIVE") or str(ROOT / ".build" / "cnidrive")
+    if not os.access(exe, os.X_OK):
+        raise RuntimeError(f"cnidrive not built at {exe}: run `make cnidrive`")
+    return exe
+
+
+@dataclass
+class Netns:
+    name: str
+
+    @property
+    def path(self) -> str:
+        return f"/run/netns/{self.name}"
+
+    def run(self, *cmd: str, input: str | bytes | None = None, env: dict[str, str] | None = None,
+            check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        text = not isinstance(input, bytes)
+        p = subprocess.run(["ip", "netns", "exec", self.name, *cmd], input=input, env=env, capture_output=True,
+                           text=text, check=False, timeout=timeout)
+        if text is False:
+            p = subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(errors="replace"),
+                                            p.stderr.decode(errors="replace"))
+        if check and p.returncode != 0:
+            raise AssertionError(f"{' '.join(cmd)} in {self.name} failed ({p.returncode}): {p.stdout}{p.stderr}")
+        return p
+
+    def ip_json(self, *args: str) -> Any:
+        return json.loads(self.run("ip", "-j", *args).stdout or "[]")
+
+    def links(self) -> dict[str, dict[str, Any]]:
+        return {link["ifname"]: link for link in self.ip_json("-d", "link", "show")}
+
+
+@dataclass
+class Outcome:
+    rc: int
+    stdout: str
+    stderr: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+@dataclass
+class Node:
+    """A simulated node: a netns where the runtime runs plugins, with its own state directories."""
+
+    ns: Netns
+    dir: Path
+    bin: Path
+    lab: Lab
+
+    @property
+    def data_dir(self) -> Path:
+        return self.dir / "ipam"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"), "CNI_PATH": str(self.bin),
+               "CNI_CACHE": str(self.cache_dir)}
+        env.update(extra)
+        return env
+
+    def plugin(self, command: str, conf: dict[str, Any] | str | bytes, plugin: str = "weft", cid: str = "",
+               netns: str = "", ifname: str = "eth0", args: str = "", **extra: str) -> Outcome:
+        """Execs one plugin directly, as the runtime does, with the full CNI_* environment."""
+        data = conf if isinstance(conf, (str, bytes)) else json.dumps(conf)
+        env = self.env(CNI_COMMAND=command, CNI_CONTAINERID=cid, CNI_NETNS=netns, CNI_IFNAME=ifname,
+                       CNI_ARGS=args, **extra)
+        p = self.ns.run(str(self.bin / plugin), input=data, env=env, check=False)
+        return Outcome(p.returncode, p.stdout, p.stderr)
+
+    def drive(self, verb: str, conflist: Path, cid: str, netns: str, ifname: str = "eth0",
+              check: bool = True, **extra: str) -> Outcome:
+        """Runs a conflist through libcni (cnidrive), exactly as containerd would."""
+        p = self.ns.run(cnidrive_path(), verb, str(conflist), cid, netns, ifname, env=self.env(**extra), check=False)
+        out = Outcome(p.returncode, p.stdout, p.stderr)
+        if check and p.returncode != 0:
+            raise AssertionError(f"cnidrive {verb} {cid} failed: {p.stdout}{p.stderr}")
+        return out
+
+    def pod(self, label: str = "pod") -> Netns:
+        ns = self.lab.netns(label)
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    def write_conflist(self, name: str, plugins: list[dict[str, Any]], version: str = "1.0.0") -> Path:
+        path = self.dir / f"{name}.conflist"
+        path.write_text(json.dumps({"cniVersion": version, "name": name, "plugins": plugins}))
+        return path
+
+    def leases(self, network: str) -> dict[str, str]:
+        d = self.data_dir / network
+        if not d.exists():
+            return {}
+        return {p.name: p.read_bytes().decode() for p in d.iterdir() if p.name != "lock" and not p.name.startswith("last_")}
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything a plugin run could change on this node: links, addresses, routes, rules, files."""
+        links = {name: (link.get("linkinfo", {}).get("info_kind"), link.get("master"), link.get("operstate"))
+                 for name, link in self.ns.links().items()}
+        addrs = sorted((a["ifname"], i["local"], i["prefixlen"]) for a in self.ns.ip_json("addr", "show")
+                       for i in a.get("addr_info", []) if i.get("scope") != "link")
+        routes = sorted(json.dumps(r, sort_keys=True) for fam in ("-4", "-6")
+                        for r in self.ns.ip_json(fam, "route", "show", "table", "all"))
+        rules = self.ns.run("nft", "list", "ruleset").stdout
+        files = sorted(str(p.relative_to(self.dir)) + ":" + (p.read_text() if p.is_file() else "")
+                       for p in self.dir.rglob("*") if p.is_file() and not p.name.endswith(".conflist"))
+        return {"links": links, "addrs": addrs, "routes": routes, "rules": rules, "files": files}
+
+
+@dataclass
+class Lab:
+    base: Path
+    namespaces: list[Netns] = field(default_factory=list)
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+
+    def netns(self, label: str) -> Netns:
+        ns = Netns(f"wt-{self.tag}-{label}-{len(self.namespaces)}"[:60])
+        subprocess.run(["ip", "netns", "add", ns.name], check=True)
+        self.namespaces.append(ns)
+        return ns
+
+    def node(self, label: str = "node") -> Node:
+        ns = self.netns(label)
+        ns.run("ip", "link", "set", "lo", "up")
+        d = self.base / ns.name
+        d.mkdir(parents=True)
+        return Node(ns, d, plugin_dir(self.base / "bin"), self)
+
+    def close(self) -> None:
+        for ns in reversed(self.namespaces):
+            pids = subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True, text=True).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), 9)
+                except (ProcessLookupError, ValueError):
+                    pass
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+        self.namespaces.clear()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def weft_conf(network: str = "weftnet", subnet: str = "10.22.0.0/24", version: str = "1.0.0",
+              data_dir: str | Path = "", **opts: Any) -> dict[str, Any]:
+    """One `weft` plugin config with weft-ipam, as a conflist entry or a bare .conf."""
+    ipam: dict[str, Any] = {"type": "weft-ipam", "subnet": subnet}
+    if data_dir:
+        ipam["dataDir"] = str(data_dir)
+    ipam.update(opts.pop("ipam", {}))
+    conf: dict[str, Any] = {"cniVersion": version, "name": network, "type": "weft", "bridge": "cni0",
+                            "isGateway": True, "isDefaultGateway": True, "ipam": ipam}
+    conf.update(opts)
+    return conf
