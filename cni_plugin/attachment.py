@@ -96,14 +96,24 @@ def bridge_conflicts(ipr: IPRoute, index: int, gateways: list[IPInterface]) -> l
     return clash
 
 
-def ensure_bridge_addresses(ipr: IPRoute, br: Any, gateways: list[IPInterface], force: bool, name: str) -> None:
+def preflight_bridge(ipr: IPRoute, name: str, gateways: list[IPInterface], force: bool) -> None:
+    """Refuses, before anything changes, a bridge name taken by another kind of link or clashing addresses."""
+    br = get_link(ipr, name)
+    if br is None:
+        return
+    if kind(br) != "bridge":
+        raise CniError(errors.INVALID_CONFIG, f"{name!r} already exists but is not a bridge")
     clash = bridge_conflicts(ipr, br["index"], gateways)
     if clash and not force:
         raise CniError(errors.INVALID_CONFIG,
                        f"{name!r} already has an IP address different from "
                        f"{', '.join(map(str, gateways))}: {', '.join(map(str, clash))} (set forceAddress to replace it)",
                        msg="bridge address conflict")
-    for a in clash:
+
+
+def ensure_bridge_addresses(ipr: IPRoute, br: Any, gateways: list[IPInterface], force: bool, name: str) -> None:
+    preflight_bridge(ipr, name, gateways, force)
+    for a in bridge_conflicts(ipr, br["index"], gateways):
         _ignore(ipr.addr, "del", index=br["index"], address=str(a.ip), prefixlen=a.network.prefixlen,
                 codes=(errno.EADDRNOTAVAIL,))
     for gw in gateways:

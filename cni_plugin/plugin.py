@@ -61,16 +61,30 @@ def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interfa
     return gateways, programmed, reported
 
 
+def planned_gateways(conf: NetConf, args: skel.Args, raw: dict[str, Any]) -> list[Any]:
+    """The bridge addresses an in-process weft-ipam allocation will need, known before allocating."""
+    if not conf.is_gateway or conf.ipam_type != delegate.IN_PROCESS:
+        return []
+    from ipam.config import IPAMConfig
+
+    cfg = IPAMConfig.parse(raw, args)
+    return [ipaddress.ip_interface(f"{rs[0].gateway}/{rs[0].subnet.prefixlen}") for rs in cfg.range_sets
+            if rs[0].gateway is not None]
+
+
 def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
     conf = NetConf.parse(raw)
+    gateways = planned_gateways(conf, args, raw)
     from pyroute2 import IPRoute
 
     from cni_plugin import attachment, masq
 
-    with open_netns(args.netns) as ns:
+    with open_netns(args.netns) as ns, IPRoute() as ipr:
+        # Read-only checks first, so that refused input changes nothing on the node.
         with ns.entered(), IPRoute() as pod:
             if attachment.get_link(pod, args.ifname) is not None:
                 raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
+        attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
         undo: list[Callable[[], object]] = []
         try:
             ipam = delegate.ipam("ADD", args, raw, conf.ipam_type)
@@ -79,22 +93,22 @@ def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
             if not ipam.ips:
                 raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
             gateways, programmed, reported = plan_routes(conf, ipam)
-            with IPRoute() as ipr:
-                br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
-                if created:
-                    undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
-                if conf.is_gateway:  # before the veth, so a conflict leaves nothing behind
-                    attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
-                host_name = attachment.host_veth_name(args.container_id, args.ifname)
-                veth = attachment.create_veth(ipr, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
-                                              attachment.alias(conf.name, args.container_id, args.ifname))
-                undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
-                attachment.configure_container(ns, args.ifname, [ip.address for ip in ipam.ips], programmed,
-                                               conf.enable_dad)
-                if conf.ip_masq:
-                    undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
-                    masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
-                bridge = attachment.Interface(conf.bridge, ipr.link("get", index=br["index"])[0].get("IFLA_ADDRESS"))
+            attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
+            br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
+            if created:
+                undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
+            if conf.is_gateway:
+                attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
+            host_name = attachment.host_veth_name(args.container_id, args.ifname)
+            undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
+            veth = attachment.create_veth(ipr, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
+                                          attachment.alias(conf.name, args.container_id, args.ifname))
+            attachment.configure_container(ns, args.ifname, [ip.address for ip in ipam.ips], programmed,
+                                           conf.enable_dad)
+            if conf.ip_masq:
+                undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
+                masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
+            bridge = attachment.Interface(conf.bridge, ipr.link("get", index=br["index"])[0].get("IFLA_ADDRESS"))
         except BaseException:
             for step in reversed(undo):
                 try:
