@@ -22,21 +22,23 @@ $(BUILD)/.debs:
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	@touch $@
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml | $(BUILD)/.debs
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
 cnidrive: $(CNIDRIVE)
-$(CNIDRIVE): deps
+$(CNIDRIVE): | $(BUILD)/.debs
 	@test -n "$(SHARED)" || { echo "../shared/tools/cnidrive not found"; exit 1; }
 	bash $(SHARED)/tools/cnidrive/build.sh $(CURDIR)/$(CNIDRIVE) >/dev/null
 
-test: deps venv cnidrive
+test: deps venv cnidrive lint
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m pytest -q tests
 
 lint: venv

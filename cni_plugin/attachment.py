@@ -107,7 +107,8 @@ def preflight_bridge(ipr: IPRoute, name: str, gateways: list[IPInterface], force
     if clash and not force:
         raise CniError(errors.INVALID_CONFIG,
                        f"{name!r} already has an IP address different from "
-                       f"{', '.join(map(str, gateways))}: {', '.join(map(str, clash))} (set forceAddress to replace it)",
+                       f"{', '.join(map(str, gateways))}: {', '.join(map(str, clash))} "
+                       "(set forceAddress to replace it)",
                        msg="bridge address conflict")
 
 

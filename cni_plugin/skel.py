@@ -98,7 +98,8 @@ def read_env(environ: Mapping[str, str]) -> Args:
     cid = environ.get("CNI_CONTAINERID", "")
     if cid and not _valid_id(cid):
         raise CniError(errors.INVALID_ENV,
-                       f"CNI_CONTAINERID {cid[:80]!r} must match {_ID_RE.pattern} and be at most {MAX_ID} characters")
+                       f"CNI_CONTAINERID {cid[:80]!r} must match {_ID_RE.pattern} "
+                       f"and be at most {MAX_ID} characters")
     ifname = environ.get("CNI_IFNAME", "")
     if ifname and (why := validate_ifname(ifname)):
         raise CniError(errors.INVALID_ENV, f"CNI_IFNAME {ifname[:80]!r} {why}")
@@ -137,7 +138,8 @@ def check_name(conf: Mapping[str, Any]) -> str:
     name = conf.get("name")
     if not isinstance(name, str) or not _valid_id(name):
         raise CniError(errors.INVALID_CONFIG,
-                       f"network name {str(name)[:80]!r} must match {_ID_RE.pattern} and be at most {MAX_ID} characters")
+                       f"network name {str(name)[:80]!r} must match {_ID_RE.pattern} "
+                       f"and be at most {MAX_ID} characters")
     return name
 
 

@@ -35,7 +35,7 @@ class Range:
 
     def __contains__(self, ip: object) -> bool:
         return (isinstance(ip, (ipaddress.IPv4Address, ipaddress.IPv6Address))
-                and ip.version == self.subnet.version and self.start <= ip <= self.end)
+                and ip.version == self.subnet.version and int(self.start) <= int(ip) <= int(self.end))
 
     def size(self) -> int:
         return int(self.end) - int(self.start) + 1 - (1 if self.gateway in self else 0)
@@ -62,9 +62,10 @@ class Range:
         last = subnet.broadcast_address - 1 if subnet.version == 4 else subnet.broadcast_address
         start = _addr_in(d, "rangeStart", subnet) or first
         end = _addr_in(d, "rangeEnd", subnet) or last
-        if not first <= start <= last or not first <= end <= last:
-            raise _invalid(f"range {start}-{end} must lie inside {subnet}, excluding its network and broadcast addresses")
-        if start > end:
+        if not int(first) <= int(start) <= int(last) or not int(first) <= int(end) <= int(last):
+            raise _invalid(f"range {start}-{end} must lie inside {subnet}, "
+                           "excluding its network and broadcast addresses")
+        if int(start) > int(end):
             raise _invalid(f"rangeStart {start} is after rangeEnd {end}")
         gw_raw = _opt_str(d, "gateway")
         try:
@@ -77,7 +78,7 @@ class Range:
 
     def overlaps(self, other: Range) -> bool:
         return (self.subnet.version == other.subnet.version
-                and self.start <= other.end and other.start <= self.end)
+                and int(self.start) <= int(other.end) and int(other.start) <= int(self.end))
 
 
 def _opt_str(d: Mapping[str, Any], key: str) -> str:

@@ -136,7 +136,8 @@ class Node:
         d = self.data_dir / network
         if not d.exists():
             return {}
-        return {p.name: p.read_bytes().decode() for p in d.iterdir() if p.name != "lock" and not p.name.startswith("last_")}
+        return {p.name: p.read_bytes().decode() for p in d.iterdir()
+                if p.name != "lock" and not p.name.startswith("last_")}
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a plugin run could change on this node: links, addresses, routes, rules, files."""
