@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from tests.lab import Node, weft_conf
+import json
+
+from tests.lab import ROOT, Node, weft_conf
 
 
 def test_lifecycle_through_libcni(node: Node) -> None:
@@ -61,3 +63,27 @@ def test_del_after_netns_is_gone(node: Node) -> None:
     assert node.leases("weftnet") == {}
     assert "masquerade" not in node.ns.run("nft", "list", "ruleset").stdout
     assert not any(n.startswith("weft") for n in node.ns.links())
+
+
+def test_bare_conf_file(node: Node) -> None:
+    """A legacy single-plugin .conf, which libcni and containerd up-convert to a list."""
+    path = node.dir / "10-weft.conf"
+    path.write_text(json.dumps(weft_conf(version="0.4.0", data_dir=node.data_dir)))
+    pod = node.pod()
+    res = node.drive("add", path, "conf1", pod.path).json
+    assert res["cniVersion"] == "0.4.0" and res["ips"][0]["version"] == "4"
+    node.drive("check", path, "conf1", pod.path)
+    node.drive("del", path, "conf1", pod.path)
+    assert node.leases("weftnet") == {}
+
+
+def test_shipped_example_conflist(node: Node) -> None:
+    example = json.loads((ROOT / "conf" / "10-weft.conflist").read_text())
+    example["plugins"][0]["ipam"]["dataDir"] = str(node.data_dir)
+    path = node.dir / "example.conflist"
+    path.write_text(json.dumps(example))
+    pod = node.pod()
+    res = node.drive("add", path, "ex", pod.path).json
+    assert res["ips"][0]["address"] == "10.244.1.2/24"
+    node.drive("del", path, "ex", pod.path)
+    assert node.leases("weft") == {}
