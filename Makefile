@@ -8,7 +8,7 @@ BUILD := .build
 SHARED ?= $(firstword $(wildcard ../shared $(CURDIR)/../shared /work/shared))
 CNIDRIVE := $(BUILD)/cnidrive
 DEBS := iproute2 nftables iptables containernetworking-plugins golang-go golang-github-appc-cni-dev \
-        iputils-ping procps
+        iputils-ping procps etcd-server iperf3
 
 .PHONY: all deps venv cnidrive test lint demo clean
 
@@ -42,8 +42,8 @@ test: deps venv cnidrive lint
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check cni_plugin ipam tests
-	$(VENV)/bin/mypy cni_plugin ipam
+	$(VENV)/bin/ruff check cni_plugin ipam weftd tests
+	$(VENV)/bin/mypy cni_plugin ipam weftd
 
 demo: deps venv cnidrive
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo

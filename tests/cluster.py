@@ -1,0 +1,204 @@
+"""Several simulated nodes on one machine, each running weftd, connected by an underlay.
+
+Topology (every box is a network namespace this module creates):
+
+    [node n1] eth0 ─┐                ┌─ eth0 [node n3]   segment B (192.168.78.0/24), only with two segments
+    [node n2] eth0 ─┤ br0  [underlay] br1 ┤
+    [etcd]    eth0 ─┤                └─ [router] (192.168.77.1 / 192.168.78.1)
+    [outside] eth0 ─┘                    segment A (192.168.77.0/24)
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.lab import Lab, Netns, Node
+
+SEGMENTS = {"A": ("br0", "192.168.77"), "B": ("br1", "192.168.78")}
+ETCD_IP = "192.168.77.2"
+OUTSIDE_IP = "192.168.77.200"
+
+
+@dataclass
+class ClusterNode:
+    name: str
+    node: Node
+    ip: str
+    segment: str
+    proc: subprocess.Popen[bytes] | None = None
+    pods: dict[str, tuple[Netns, str]] = field(default_factory=dict)
+
+    @property
+    def ns(self) -> Netns:
+        return self.node.ns
+
+    @property
+    def conflist(self) -> Path:
+        return self.node.dir / "net.d" / "10-weft.conflist"
+
+    @property
+    def subnet_file(self) -> Path:
+        return self.node.dir / "run" / "subnet.env"
+
+    @property
+    def log(self) -> Path:
+        return self.node.dir / "weftd.log"
+
+    def state(self) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
+
+    def routes(self) -> list[dict[str, Any]]:
+        return self.ns.ip_json("-4", "route", "show", "proto", "119")
+
+    def http(self, path: str) -> tuple[int, str]:
+        code = ("import urllib.request,urllib.error,sys\n"
+                f"try: r=urllib.request.urlopen('http://127.0.0.1:9808{path}',timeout=3); print(r.status); "
+                "print(r.read().decode())\n"
+                "except urllib.error.HTTPError as e: print(e.code); print(e.read().decode())\n")
+        p = self.ns.run(sys.executable, "-c", code, check=False)
+        if p.returncode != 0 or not p.stdout:
+            return 0, p.stderr
+        status, _, body = p.stdout.partition("\n")
+        return int(status), body
+
+
+class Cluster:
+    def __init__(self, lab: Lab, net_conf: dict[str, Any], store: str = "file", two_segments: bool = False) -> None:
+        self.lab = lab
+        self.net_conf = net_conf
+        self.store = store
+        self.nodes: dict[str, ClusterNode] = {}
+        self.dir = lab.base / "cluster"
+        self.dir.mkdir()
+        (self.dir / "net-conf.json").write_text(json.dumps(net_conf))
+        self.underlay = lab.netns("underlay")
+        self._ports = 0
+        self.etcd: subprocess.Popen[bytes] | None = None
+        self.etcd_ns: Netns | None = None
+        segments = ["A", "B"] if two_segments else ["A"]
+        for seg in segments:
+            br = SEGMENTS[seg][0]
+            self.underlay.run("ip", "link", "add", br, "type", "bridge")
+            self.underlay.run("ip", "link", "set", br, "up")
+        if two_segments:
+            router = lab.netns("router")
+            for seg in segments:
+                self._uplink(router, f"eth{seg}", seg, f"{SEGMENTS[seg][1]}.1/24")
+            router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.outside = lab.netns("outside")
+        self._uplink(self.outside, "eth0", "A", f"{OUTSIDE_IP}/24")
+
+    def _uplink(self, ns: Netns, ifname: str, segment: str, cidr: str) -> None:
+        """A veth from `ns` to the segment's bridge in the underlay namespace."""
+        self._ports += 1
+        port = f"p{self._ports}"
+        ns.run("ip", "link", "add", ifname, "type", "veth", "peer", "name", port, "netns", self.underlay.name)
+        self.underlay.run("ip", "link", "set", port, "master", SEGMENTS[segment][0], "up")
+        ns.run("ip", "addr", "add", cidr, "dev", ifname)
+        ns.run("ip", "link", "set", ifname, "up")
+        ns.run("ip", "link", "set", "lo", "up")
+
+    def add_node(self, name: str, segment: str = "A") -> ClusterNode:
+        node = self.lab.node(name)
+        host = 10 + len(self.nodes)
+        ip = f"{SEGMENTS[segment][1]}.{host}"
+        self._uplink(node.ns, "eth0", segment, f"{ip}/24")
+        if len(SEGMENTS) and self._has_router():
+            node.ns.run("ip", "route", "add", "default", "via", f"{SEGMENTS[segment][1]}.1")
+        cn = ClusterNode(name, node, ip, segment)
+        self.nodes[name] = cn
+        return cn
+
+    def _has_router(self) -> bool:
+        return any("router" in ns.name for ns in self.lab.namespaces)
+
+    def store_args(self) -> list[str]:
+        if self.store == "etcd":
+            return ["--store", "etcd", "--etcd-endpoint", f"http://{ETCD_IP}:2379", "--etcd-ttl",
+                    str(self.etcd_ttl)]
+        return ["--store", "file", "--store-path", str(self.dir / "store.json")]
+
+    etcd_ttl = 30
+
+    def start_etcd(self) -> None:
+        if self.etcd_ns is None:
+            self.etcd_ns = self.lab.netns("etcd")
+            self._uplink(self.etcd_ns, "eth0", "A", f"{ETCD_IP}/24")
+        data = self.dir / "etcd-data"
+        url = f"http://{ETCD_IP}:2379"
+        self.etcd = subprocess.Popen(
+            ["ip", "netns", "exec", self.etcd_ns.name, "etcd", "--name", "weft", "--data-dir", str(data),
+             "--listen-client-urls", url, "--advertise-client-urls", url,
+             "--listen-peer-urls", "http://127.0.0.1:2380", "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+             "--initial-cluster", "weft=http://127.0.0.1:2380"],
+            stdout=subprocess.DEVNULL, stderr=open(self.dir / "etcd.log", "ab"))
+        code = ("import urllib.request,sys\n"
+                f"sys.exit(0 if b'true' in urllib.request.urlopen('{url}/health',timeout=1).read() else 1)")
+        self.until(lambda: self.etcd_ns is not None and
+                   self.etcd_ns.run(sys.executable, "-c", code, check=False).returncode == 0, 30, "etcd healthy")
+
+    def stop_etcd(self) -> None:
+        if self.etcd is not None:
+            self.etcd.terminate()
+            self.etcd.wait(10)
+            self.etcd = None
+
+    def start(self, cn: ClusterNode, *extra: str) -> None:
+        cmd = ["ip", "netns", "exec", cn.ns.name, sys.executable, "-m", "weftd", "run", "--node-name", cn.name,
+               *self.store_args(), "--net-conf", str(self.dir / "net-conf.json"), "--iface", "eth0",
+               "--subnet-file", str(cn.subnet_file), "--cni-conf-dir", str(cn.conflist.parent),
+               "--ipam-data-dir", str(cn.node.data_dir), "--listen", "127.0.0.1:9808", "--resync", "1",
+               "--log-level", "debug", *extra]
+        cn.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(cn.log, "ab"))
+
+    def stop(self, cn: ClusterNode, sig: int = signal.SIGTERM) -> None:
+        if cn.proc is not None:
+            cn.proc.send_signal(sig)
+            cn.proc.wait(15)
+            cn.proc = None
+
+    def wait_ready(self, cn: ClusterNode, timeout: float = 30) -> None:
+        self.until(lambda: cn.conflist.exists() and cn.http("/healthz")[0] == 200, timeout,
+                   f"{cn.name} ready", cn)
+
+    def until(self, cond: Any, timeout: float, what: str, cn: ClusterNode | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cond():
+                return
+            time.sleep(0.1)
+        logs = "".join(f"\n--- {n.name} ---\n" + n.log.read_text()[-3000:] for n in self.nodes.values()
+                       if n.log.exists() and (cn is None or n is cn))
+        raise AssertionError(f"timed out waiting for {what}{logs}")
+
+    def boot(self, names: list[str] | None = None, segments: dict[str, str] | None = None) -> list[ClusterNode]:
+        names = names or ["n1", "n2", "n3"]
+        out = [self.add_node(n, (segments or {}).get(n, "A")) for n in names]
+        for cn in out:
+            self.start(cn)
+        for cn in out:
+            self.wait_ready(cn)
+        for cn in out:
+            self.until(lambda cn=cn: len(cn.routes()) == len(out) - 1, 20, f"{cn.name} routes to all peers", cn)
+        return out
+
+    def pod(self, cn: ClusterNode, cid: str) -> tuple[Netns, str]:
+        ns = cn.node.pod(cid)
+        res = cn.node.drive("add", cn.conflist, cid, ns.path).json
+        ip = res["ips"][0]["address"].split("/")[0]
+        cn.pods[cid] = (ns, ip)
+        return ns, ip
+
+    def close(self) -> None:
+        for cn in self.nodes.values():
+            if cn.proc is not None:
+                cn.proc.kill()
+                cn.proc.wait(10)
+        self.stop_etcd()

@@ -1,0 +1,1 @@
+"""weftd: the node daemon that connects every node's pod network."""

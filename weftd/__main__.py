@@ -1,0 +1,3 @@
+from weftd.main import main
+
+main()

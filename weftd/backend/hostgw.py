@@ -1,0 +1,25 @@
+"""host-gw: one route per peer subnet, via the peer's underlay address. Peers must be on-link."""
+
+from __future__ import annotations
+
+from weftd.backend import Backend, Stats, log, sync_routes
+from weftd.lease import Attrs, Lease
+
+
+class HostGW(Backend):
+    type = "host-gw"
+
+    def attrs(self) -> Attrs:
+        return Attrs(self.underlay.ip, self.type)
+
+    def mtu(self) -> int:
+        return self.cfg.mtu or self.underlay.mtu
+
+    def reconcile(self, own: Lease, peers: list[Lease]) -> Stats:
+        stats = Stats(peers=len(peers))
+        routes = self.hostgw_routes(peers, stats)
+        for node in stats.unreachable:
+            log.error("host-gw: peer %s is not on-link from %s; it cannot be reached without an overlay "
+                      "(use the vxlan backend, or vxlan with DirectRouting)", node, self.underlay.ifname)
+        sync_routes(self.ipr, routes, stats)
+        return stats

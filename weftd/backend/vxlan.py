@@ -1,0 +1,154 @@
+"""vxlan: a VTEP `weft.<VNI>`, and per peer a permanent neighbour, an FDB entry and an onlink route.
+
+With DirectRouting, on-link peers get a host-gw route instead. The VTEP MAC is
+kept across restarts (read back from the device or the published lease), so
+peers' entries stay valid and a restart does not interrupt traffic.
+"""
+
+from __future__ import annotations
+
+import errno
+import random
+import socket
+from typing import Any
+
+import netaddr
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
+
+from cni_plugin.attachment import GROUP, get_link
+from weftd.backend import Backend, BackendError, RouteSpec, Stats, _quiet, log, sync_routes
+from weftd.lease import Attrs, Lease
+
+OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
+
+
+def random_mac() -> str:
+    octets = [random.randint(0, 255) for _ in range(6)]
+    octets[0] = (octets[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{o:02x}" for o in octets)
+
+
+class VXLAN(Backend):
+    type = "vxlan"
+
+    def __init__(self, *args: Any, stored_mac: str | None = None) -> None:
+        super().__init__(*args)
+        self.name = f"weft.{self.cfg.vni}"
+        link = get_link(self.ipr, self.name)
+        self.mac = (link.get("IFLA_ADDRESS") if link is not None and link.get("group") == GROUP
+                    else stored_mac or random_mac())
+        self.index = -1
+
+    def attrs(self) -> Attrs:
+        return Attrs(self.underlay.ip, self.type, self.mac, self.cfg.vni)
+
+    def mtu(self) -> int:
+        return (self.cfg.mtu or self.underlay.mtu) - OVERHEAD
+
+    def _compatible(self, link: Any) -> bool:
+        info = link.get_nested("IFLA_LINKINFO", "IFLA_INFO_DATA")
+        return (info is not None and info.get("IFLA_VXLAN_ID") == self.cfg.vni
+                and info.get("IFLA_VXLAN_PORT") == self.cfg.port
+                and info.get("IFLA_VXLAN_LOCAL") == str(self.underlay.ip)
+                and info.get("IFLA_VXLAN_LINK") == self.underlay.index
+                and link.get("IFLA_ADDRESS") == self.mac)
+
+    def setup(self, own: Lease) -> None:
+        link = get_link(self.ipr, self.name)
+        if link is not None and link.get("group") != GROUP:
+            raise BackendError(f"{self.name} exists and was not created by weft; not touching it")
+        if link is not None and not self._compatible(link):
+            log.warning("%s does not match the config; recreating it", self.name)
+            _quiet(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+            link = None
+        if link is None:
+            self.ipr.link("add", ifname=self.name, kind="vxlan", vxlan_id=self.cfg.vni,
+                          vxlan_local=str(self.underlay.ip), vxlan_port=self.cfg.port, vxlan_learning=0,
+                          vxlan_link=self.underlay.index, address=self.mac, mtu=self.mtu(), group=GROUP)
+            log.info("created %s (VNI %d, port %d, MAC %s, MTU %d)", self.name, self.cfg.vni, self.cfg.port,
+                     self.mac, self.mtu())
+            link = get_link(self.ipr, self.name)
+        self.index = link["index"]
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{self.name}/accept_ra", "w") as f:
+                f.write("0")
+        except OSError:
+            pass
+        if link.get("IFLA_MTU") != self.mtu():
+            self.ipr.link("set", index=self.index, mtu=self.mtu())
+        self.ipr.link("set", index=self.index, state="up")
+        # The subnet's network address as a /32: a source address for host-to-pod traffic, no broadcast routes.
+        want = str(own.subnet.network)
+        for a in self.ipr.get_addr(family=socket.AF_INET, index=self.index):
+            if a.get("IFA_ADDRESS") != want or a["prefixlen"] != 32:
+                _quiet(self.ipr.addr, "del", index=self.index, address=a.get("IFA_ADDRESS"),
+                       prefixlen=a["prefixlen"], codes=(errno.EADDRNOTAVAIL,))
+        _quiet(self.ipr.addr, "add", index=self.index, address=want, prefixlen=32, codes=(errno.EEXIST,))
+
+    def reconcile(self, own: Lease, peers: list[Lease]) -> Stats:
+        self.setup(own)  # a VTEP deleted behind our back comes back, and the diff below refills it
+        stats = Stats(peers=len(peers))
+        routes: dict[netaddr.IPNetwork, RouteSpec] = {}
+        overlay = peers
+        if self.cfg.direct_routing:
+            routes = self.hostgw_routes(peers, stats)
+            overlay = [p for p in peers if p.subnet not in routes]
+            stats.unreachable = []
+        neigh: dict[str, str] = {}
+        fdb: dict[str, str] = {}
+        for p in overlay:
+            if p.attrs.vtep_mac is None:
+                log.warning("peer %s publishes no VTEP MAC (backend %s); skipping it", p.node, p.attrs.backend_type)
+                stats.unreachable.append(p.node)
+                continue
+            neigh[str(p.subnet.network)] = p.attrs.vtep_mac
+            fdb[p.attrs.vtep_mac] = str(p.public_ip)
+            routes[p.subnet] = RouteSpec(str(p.subnet.network), self.index, onlink=True)
+        # Neighbours and FDB first: the kernel would ARP for the onlink gateway otherwise.
+        self._sync_neighbours(neigh, stats)
+        self._sync_fdb(fdb, stats)
+        sync_routes(self.ipr, routes, stats)
+        return stats
+
+    def _sync_neighbours(self, desired: dict[str, str], stats: Stats) -> None:
+        actual = {n.get("NDA_DST"): n for n in self.ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET)}
+        for ip in actual:
+            if ip not in desired:
+                _quiet(self.ipr.neigh, "del", dst=ip, ifindex=self.index, codes=(errno.ENOENT,))
+                stats.changes += 1
+        for ip, mac in desired.items():
+            have = actual.get(ip)
+            if have is not None and have.get("NDA_LLADDR") == mac and have["state"] & NUD_PERMANENT:
+                continue
+            self.ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=self.index, state=NUD_PERMANENT)
+            stats.changes += 1
+        stats.neighbours = len(desired)
+
+    def _sync_fdb(self, desired: dict[str, str], stats: Stats) -> None:
+        actual: dict[str, list[str]] = {}
+        for e in self.ipr.fdb("dump", ifindex=self.index):
+            if e.get("NDA_DST") is not None:
+                actual.setdefault(e.get("NDA_LLADDR"), []).append(e.get("NDA_DST"))
+        for mac, dsts in actual.items():
+            for dst in dsts:
+                if desired.get(mac) != dst:
+                    try:
+                        self.ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=dst, state=NUD_PERMANENT,
+                                     flags=NTF_SELF)
+                    except NetlinkError as e:
+                        if e.code not in (errno.ENOENT,):
+                            raise
+                    stats.changes += 1
+        for mac, dst in desired.items():
+            if actual.get(mac) == [dst]:
+                continue
+            self.ipr.fdb("replace", ifindex=self.index, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
+            stats.changes += 1
+        stats.fdb = len(desired)
+
+    def teardown(self) -> None:
+        super().teardown()
+        link = get_link(self.ipr, self.name)
+        if link is not None and link.get("group") == GROUP:
+            _quiet(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))

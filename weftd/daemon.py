@@ -1,0 +1,124 @@
+"""weftd's loop: acquire this node's lease, set up the backend and NAT, write the node config, then
+keep the kernel converged to the store's view: on every change, and every `resync` seconds."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pyroute2 import IPRoute
+
+from weftd import nodeconf
+from weftd.backend import Backend
+from weftd.config import Paths
+from weftd.lease import Lease
+from weftd.metrics import Health, Metrics
+from weftd.netfilter import Rules
+from weftd.subnet import StoreError, SubnetManager
+
+log = logging.getLogger("weftd")
+
+
+class Daemon:
+    def __init__(self, node: str, ipr: IPRoute, manager: SubnetManager, backend: Backend, rules: Rules,
+                 paths: Paths, metrics: Metrics, health: Health, resync: float = 10.0, portmap: bool = True) -> None:
+        self.node = node
+        self.ipr = ipr
+        self.manager = manager
+        self.backend = backend
+        self.rules = rules
+        self.paths = paths
+        self.metrics = metrics
+        self.health = health
+        self.resync = resync
+        self.portmap = portmap
+        self.stop = threading.Event()
+        self.own: Lease | None = None
+        self.peers: list[Lease] = []
+
+    def start(self) -> None:
+        """Blocks until the node is ready: lease, backend, NAT, peers programmed, config written."""
+        while not self.stop.is_set():
+            try:
+                self.own = self.manager.acquire(self.node, self.backend.attrs())
+                break
+            except StoreError as e:
+                self.health.failed(str(e))
+                log.error("acquiring a lease: %s; retrying", e)
+                self.stop.wait(1.0)
+        if self.own is None:
+            return
+        log.info("node %s: subnet %s, backend %s, MTU %d", self.node, self.own.subnet, self.backend.type,
+                 self.backend.mtu())
+        self.backend.setup(self.own)
+        self._sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        while not self.stop.is_set() and not self.reconcile():
+            self.stop.wait(1.0)
+        nodeconf.fix_bridge(self.ipr, self.manager.network, self.own.subnet)
+        nodeconf.write(self.paths, self.manager.network, self.own.subnet, self.backend.mtu(), self.portmap)
+        self.health.ready = True
+        log.info("ready: wrote %s and %s", self.paths.subnet_file, self.paths.conflist)
+
+    @staticmethod
+    def _sysctl(path: str, value: str) -> None:
+        with open(path, "r+") as f:
+            if f.read().strip() != value:
+                f.seek(0)
+                f.write(value)
+
+    def reconcile(self) -> bool:
+        assert self.own is not None
+        t = time.perf_counter()
+        try:
+            leases = self.manager.leases()
+            self.metrics.store_up.set(1)
+            self.peers = [le for n, le in sorted(leases.items()) if n != self.node]
+            if self.node not in leases:
+                log.warning("own lease vanished from the store; publishing it again")
+                self.own = self.manager.acquire(self.node, self.backend.attrs())
+        except StoreError as e:
+            # Keep the last good state: routes of live peers are never removed for lack of news.
+            self.metrics.store_up.set(0)
+            self.metrics.reconcile_errors.labels("store").inc()
+            self.health.failed(str(e))
+            log.error("store: %s; keeping the last good state", e)
+            return False
+        try:
+            stats = self.backend.reconcile(self.own, self.peers)
+            if self.rules.ensure():
+                log.info("netfilter rules restored")
+        except Exception as e:  # noqa: BLE001 - log, count, retry at the next round
+            self.metrics.reconcile_errors.labels("kernel").inc()
+            self.health.failed(f"kernel: {e}")
+            log.error("reconcile: %s", e)
+            return False
+        took = time.perf_counter() - t
+        m = self.metrics
+        m.reconcile.observe(took)
+        m.peers.set(stats.peers)
+        m.routes.set(stats.routes)
+        m.neighbours.set(stats.neighbours)
+        m.fdb.set(stats.fdb)
+        m.unreachable.set(len(stats.unreachable))
+        m.changes.inc(stats.changes)
+        if stats.changes:
+            log.info("reconciled %d peers in %.3fs: %d changes", stats.peers, took, stats.changes)
+        self.health.ok()
+        return True
+
+    def run(self) -> None:
+        self.start()
+        while not self.stop.is_set():
+            self.manager.wait(self.resync)
+            if self.stop.is_set():
+                break
+            try:
+                if self.manager.renew():
+                    self.metrics.renewals.inc()
+            except StoreError as e:
+                self.metrics.reconcile_errors.labels("renew").inc()
+                log.error("renewing the lease: %s", e)
+            self.reconcile()
+        self.manager.close()
+        log.info("stopped; kernel state left in place so pod traffic keeps flowing")

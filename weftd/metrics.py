@@ -1,0 +1,82 @@
+"""Prometheus metrics and the /healthz endpoint."""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.peers = Gauge("weft_peers", "Peers known from the store", registry=r)
+        self.routes = Gauge("weft_routes", "Routes to peer subnets programmed by weftd", registry=r)
+        self.neighbours = Gauge("weft_neighbours", "Permanent neighbour entries on the VTEP", registry=r)
+        self.fdb = Gauge("weft_fdb_entries", "FDB entries on the VTEP", registry=r)
+        self.unreachable = Gauge("weft_peers_unreachable", "Peers that cannot be routed to (not on-link)",
+                                 registry=r)
+        self.reconcile = Histogram("weft_reconcile_duration_seconds", "Time of one reconciliation", registry=r,
+                                   buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.reconcile_errors = Counter("weft_reconcile_errors_total", "Failed reconciliations", ["stage"],
+                                        registry=r)
+        self.changes = Counter("weft_kernel_changes_total", "Kernel entries added, fixed or removed", registry=r)
+        self.renewals = Counter("weft_lease_renewals_total", "Lease renewals in the store", registry=r)
+        self.store_up = Gauge("weft_store_up", "1 if the last read of the store succeeded", registry=r)
+
+
+class Health:
+    """Ready once the node config is written; healthy while reconciliations keep succeeding."""
+
+    def __init__(self, max_age: float) -> None:
+        self.max_age = max_age
+        self.ready = False
+        self.last_ok = 0.0
+        self.reason = "starting"
+        self._lock = threading.Lock()
+
+    def ok(self) -> None:
+        with self._lock:
+            self.last_ok, self.reason = time.monotonic(), ""
+
+    def failed(self, reason: str) -> None:
+        with self._lock:
+            self.reason = reason
+
+    def status(self) -> tuple[bool, str]:
+        with self._lock:
+            if not self.ready:
+                return False, self.reason or "not ready"
+            age = time.monotonic() - self.last_ok
+            if age > self.max_age:
+                return False, f"no successful reconciliation for {age:.0f}s: {self.reason}"
+            return True, "ok"
+
+
+def serve(addr: str, metrics: Metrics, health: Health) -> ThreadingHTTPServer:
+    host, _, port = addr.rpartition(":")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                body, code, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
+            elif self.path in ("/healthz", "/readyz"):
+                good, why = health.status()
+                body, code, ctype = (why + "\n").encode(), 200 if good else 503, "text/plain"
+            else:
+                body, code, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server

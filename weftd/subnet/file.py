@@ -1,0 +1,124 @@
+"""The embedded store: one JSON file shared by several nodes simulated on one machine.
+
+Writers hold an flock and replace the file atomically, so readers never see it half-written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from weftd.config import ConfigError, NetworkConfig
+from weftd.lease import Attrs, Lease, LeaseError
+from weftd.subnet import StoreError, SubnetManager, log, pick_subnet, valid_for
+
+
+class FileManager(SubnetManager):
+    def __init__(self, path: str | Path, network: NetworkConfig | None = None) -> None:
+        self.path = Path(path)
+        self._seen: tuple[int, int, int] | None = None
+        with self._locked():
+            data = self._read()
+            if "config" not in data:
+                if network is None:
+                    raise StoreError(f"{self.path} holds no network config and none was given")
+                data["config"] = network.to_json()
+                data.setdefault("leases", {})
+                self._write(data)
+        try:
+            self.network = NetworkConfig.parse(data["config"])
+        except ConfigError as e:
+            raise StoreError(f"{self.path}: {e}") from None
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            data = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            raise StoreError(f"reading {self.path}: {e}") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"{self.path} is not a JSON object")
+        return data
+
+    def _write(self, data: dict[str, Any]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, self.path)
+
+    def acquire(self, node: str, attrs: Attrs) -> Lease:
+        with self._locked():
+            data = self._read()
+            leases: dict[str, Any] = data.setdefault("leases", {})
+            mine = self._parse(node, leases.get(node))
+            if mine is not None and valid_for(self.network, mine.subnet):
+                subnet = mine.subnet
+            else:
+                taken = {lease.subnet for n, raw in leases.items() if n != node
+                         if (lease := self._parse(n, raw)) is not None}
+                subnet = pick_subnet(self.network, taken)
+            lease = Lease(node, subnet, attrs)
+            leases[node] = lease.to_json()
+            self._write(data)
+        return lease
+
+    def remove(self, node: str) -> bool:
+        with self._locked():
+            data = self._read()
+            gone = data.get("leases", {}).pop(node, None) is not None
+            if gone:
+                self._write(data)
+        return gone
+
+    @staticmethod
+    def _parse(node: str, raw: Any) -> Lease | None:
+        if raw is None:
+            return None
+        try:
+            lease = Lease.from_json(raw)
+        except LeaseError as e:
+            log.warning("ignoring lease of %s: %s", node, e)
+            return None
+        return Lease(node, lease.subnet, lease.attrs)
+
+    def leases(self) -> dict[str, Lease]:
+        out = {}
+        for node, raw in self._read().get("leases", {}).items():
+            if (lease := self._parse(node, raw)) is not None:
+                out[node] = lease
+        return out
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        if self._seen is None:
+            self._seen = self._stamp()
+        while time.monotonic() < deadline:
+            now = self._stamp()
+            if now != self._seen:
+                self._seen = now
+                return
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
