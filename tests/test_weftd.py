@@ -1,0 +1,265 @@
+"""weftd on several simulated nodes: vxlan, host-gw and direct routing, reconciliation, restarts, NAT."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster import OUTSIDE_IP, Cluster, ClusterNode
+from tests.lab import Lab, Netns
+
+MakeCluster = Callable[..., Cluster]
+
+
+@pytest.fixture
+def make_cluster(lab: Lab) -> Iterator[MakeCluster]:
+    made: list[Cluster] = []
+
+    def make(backend: str = "vxlan", store: str = "file", two_segments: bool = False, **opts: Any) -> Cluster:
+        c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend, **opts}}, store, two_segments)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+def ping(ns: Netns, ip: str, *extra: str) -> bool:
+    return ns.run("ping", "-c1", "-W2", *extra, ip, check=False).returncode == 0
+
+
+def all_pods_reach_each_other(c: Cluster) -> None:
+    pods = [pod for cn in c.nodes.values() for pod in cn.pods.values()]
+    for ns, _ in pods:
+        for _, ip in pods:
+            assert ping(ns, ip), f"{ns.name} cannot reach {ip}"
+
+
+def peer_address(server: Netns, server_ip: str, client: Netns) -> str:
+    """The source address `server` sees when `client` connects to it."""
+    code = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+            f"s.bind(('{server_ip}',7000));s.listen();print('up',flush=True);c,a=s.accept();print(a[0])")
+    srv = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", code],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "up"
+        client.run(sys.executable, "-c", f"import socket;socket.create_connection(('{server_ip}',7000),3).close()")
+        return srv.stdout.readline().strip()
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def test_vxlan_three_nodes(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1, n2, n3 = c.boot()
+    vtep = n1.ns.ip_json("-d", "link", "show", "weft.1")[0]
+    data = vtep["linkinfo"]["info_data"]
+    assert (data["id"], data["port"], data["learning"], vtep["mtu"]) == (1, 8472, False, 1450)
+    assert n1.state()["WEFT_MTU"] == "1450"
+    routes = {r["dst"]: r for r in n1.routes()}
+    for peer in (n2, n3):
+        subnet = peer.state()["WEFT_SUBNET"].replace(".1/", ".0/")
+        r = routes[subnet]
+        assert r["dev"] == "weft.1" and r["gateway"] == subnet.split("/")[0] and "onlink" in r["flags"]
+    neigh = n1.ns.ip_json("neigh", "show", "dev", "weft.1")
+    assert len(neigh) == 2 and all("PERMANENT" in n["state"] for n in neigh)
+    fdb = n1.ns.run("bridge", "fdb", "show", "dev", "weft.1").stdout
+    assert fdb.count("permanent") == 2 and "192.168.77.11" in fdb and "192.168.77.12" in fdb
+    for cn in (n1, n2, n3):
+        c.pod(cn, f"pod-{cn.name}")
+    all_pods_reach_each_other(c)
+    a, _ = n1.pods["pod-n1"]
+    _, b_ip = n2.pods["pod-n2"]
+    assert a.links()["eth0"]["mtu"] == 1450
+    assert ping(a, b_ip, "-M", "do", "-s", "1422")  # 1422 + 28 = the full 1450-byte pod MTU, DF set
+    assert not ping(a, b_ip, "-M", "do", "-s", "1423")
+
+
+def test_host_gw_three_nodes(make_cluster: MakeCluster) -> None:
+    c = make_cluster("host-gw")
+    n1, n2, n3 = c.boot()
+    assert "weft.1" not in n1.ns.links()
+    assert {r["gateway"] for r in n1.routes()} == {n2.ip, n3.ip}
+    assert all(r["dev"] == "eth0" for r in n1.routes())
+    assert n1.state()["WEFT_MTU"] == "1500"
+    for cn in (n1, n2, n3):
+        c.pod(cn, f"pod-{cn.name}")
+    all_pods_reach_each_other(c)
+
+
+def test_direct_routing_uses_host_gw_on_link_and_vxlan_beyond(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan", two_segments=True, DirectRouting=True)
+    n1, n2, n3 = c.boot(segments={"n3": "B"})
+    by_gw = {r["dst"]: (r.get("gateway"), r["dev"]) for r in n1.routes()}
+    sub2 = n2.state()["WEFT_SUBNET"].replace(".1/", ".0/")
+    sub3 = n3.state()["WEFT_SUBNET"].replace(".1/", ".0/")
+    assert by_gw[sub2] == (n2.ip, "eth0")
+    assert by_gw[sub3] == (sub3.split("/")[0], "weft.1")
+    assert len(n1.ns.ip_json("neigh", "show", "dev", "weft.1")) == 1
+    for cn in (n1, n2, n3):
+        c.pod(cn, f"pod-{cn.name}")
+    all_pods_reach_each_other(c)
+
+
+def test_host_gw_peer_not_on_link_is_reported(make_cluster: MakeCluster) -> None:
+    c = make_cluster("host-gw", two_segments=True)
+    n1 = c.add_node("n1")
+    n3 = c.add_node("n3", "B")
+    for cn in (n1, n3):
+        c.start(cn)
+    for cn in (n1, n3):
+        c.wait_ready(cn)
+    c.until(lambda: "weft_peers_unreachable 1.0" in n1.http("/metrics")[1], 10, "unreachable metric", n1)
+    assert "is not on-link" in n1.log.read_text()
+    assert n1.routes() == []
+
+
+def test_removed_node_disappears_everywhere(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1, n2, n3 = c.boot()
+    c.stop(n3)
+    subprocess.run([sys.executable, "-m", "weftd", "remove-node", "--node-name", "n3", *c.store_args()], check=True,
+                   capture_output=True)
+    for cn in (n1, n2):
+        c.until(lambda cn=cn: len(cn.routes()) == 1, 10, f"{cn.name} drops n3", cn)
+        assert n3.ip not in cn.ns.run("bridge", "fdb", "show", "dev", "weft.1").stdout
+        assert len(cn.ns.ip_json("neigh", "show", "dev", "weft.1")) == 1
+
+
+def test_restart_keeps_pod_traffic_flowing(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1, n2, _ = c.boot()
+    a, _ = c.pod(n1, "a")
+    _, b_ip = c.pod(n2, "b")
+    pinger = subprocess.Popen(["ip", "netns", "exec", a.name, "ping", "-i", "0.01", "-c", "600", "-W", "1", b_ip],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    c.stop(n1, signal.SIGKILL)
+    c.stop(n2, signal.SIGTERM)
+    c.start(n1)
+    c.start(n2)
+    c.wait_ready(n1)
+    c.wait_ready(n2)
+    out, _ = pinger.communicate(timeout=60)
+    assert " 0% packet loss" in out, out[-300:]
+    assert "600 received" in out
+
+
+def test_reconciliation_repairs_drift_and_leaves_foreign_entries(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1, n2, n3 = c.boot()
+    a, _ = c.pod(n1, "a")
+    _, b_ip = c.pod(n2, "b")
+    sub2 = n2.state()["WEFT_SUBNET"].replace(".1/", ".0/")
+    # Foreign state: a static route, a neighbour on eth0. Weft must not touch them.
+    n1.ns.run("ip", "route", "add", "198.51.100.0/24", "via", "192.168.77.200")
+    n1.ns.run("ip", "neigh", "add", "192.168.77.99", "lladdr", "02:00:00:00:00:99", "dev", "eth0")
+    n1.ns.run("ip", "route", "del", sub2)
+    c.until(lambda: any(r["dst"] == sub2 for r in n1.routes()), 10, "route restored", n1)
+    # A stray route of Weft's own protocol, for a subnet no peer has, goes away.
+    n1.ns.run("ip", "route", "add", "10.244.200.0/24", "via", "192.168.77.11", "proto", "119")
+    c.until(lambda: all(r["dst"] != "10.244.200.0/24" for r in n1.routes()), 10, "stray route removed", n1)
+    # A VTEP deleted behind weftd's back comes back with every entry.
+    n1.ns.run("ip", "link", "del", "weft.1")
+    c.until(lambda: len(n1.routes()) == 2 and len(n1.ns.ip_json("neigh", "show", "dev", "weft.1")) == 2,
+            10, "VTEP refilled", n1)
+    assert ping(a, b_ip)
+    assert "198.51.100.0/24" in n1.ns.run("ip", "route").stdout
+    assert "192.168.77.99" in n1.ns.run("ip", "neigh", "show", "dev", "eth0").stdout
+
+
+def test_node_that_vanished_while_weftd_was_down(make_cluster: MakeCluster) -> None:
+    c = make_cluster("host-gw")
+    n1, _, n3 = c.boot()
+    c.stop(n1)
+    c.stop(n3)
+    subprocess.run([sys.executable, "-m", "weftd", "remove-node", "--node-name", "n3", *c.store_args()], check=True,
+                   capture_output=True)
+    assert len(n1.routes()) == 2  # stopping weftd left the routes in place
+    c.start(n1)
+    c.wait_ready(n1)
+    assert len(n1.routes()) == 1
+
+
+def test_outbound_nat_but_never_between_pods(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1, n2, _ = c.boot()
+    a, a_ip = c.pod(n1, "a")
+    b, b_ip = c.pod(n2, "b")
+    assert peer_address(c.outside, OUTSIDE_IP, a) == n1.ip
+    assert peer_address(b, b_ip, a) == a_ip
+    rules = n1.ns.run("nft", "list", "table", "ip", "weft").stdout
+    assert "masquerade" in rules and "10.244.0.0/16" in rules
+
+
+def test_legacy_iptables_node_uses_python_iptables_and_uninstall_cleans_up(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1 = c.add_node("n1")
+    n2 = c.add_node("n2")
+    # kubelet on a legacy-mode node leaves this hint chain (KEP-3178); weftd must follow it.
+    n1.ns.run("iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT")
+    for cn in (n1, n2):
+        c.start(cn)
+    for cn in (n1, n2):
+        c.wait_ready(cn)
+    legacy = n1.ns.run("iptables-legacy-save", "-t", "nat").stdout
+    assert ":WEFT-POSTRTG" in legacy and "MASQUERADE" in legacy and "-j WEFT-POSTRTG" in legacy
+    assert "-j WEFT-FWD" in n1.ns.run("iptables-legacy-save", "-t", "filter").stdout
+    assert n1.ns.run("nft", "list", "table", "ip", "weft", check=False).returncode != 0
+    a, _ = c.pod(n1, "a")
+    assert peer_address(c.outside, OUTSIDE_IP, a) == n1.ip
+    # Drift in the legacy chains is repaired too.
+    n1.ns.run("iptables-legacy", "-t", "nat", "-F", "WEFT-POSTRTG")
+    c.until(lambda: "MASQUERADE" in n1.ns.run("iptables-legacy-save", "-t", "nat").stdout, 10, "chain refilled", n1)
+
+    c.stop(n1)
+    n1.node.drive("del", n1.conflist, "a", a.path)
+    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
+                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
+                   check=True, capture_output=True)
+    assert "WEFT" not in n1.ns.run("iptables-legacy-save").stdout
+    assert "weft.1" not in n1.ns.links()
+    assert n1.routes() == []
+    assert not n1.conflist.exists() and not n1.subnet_file.exists()
+    assert ":KUBE-IPTABLES-HINT" in n1.ns.run("iptables-legacy-save", "-t", "mangle").stdout
+
+
+def test_health_and_metrics(make_cluster: MakeCluster) -> None:
+    c = make_cluster("vxlan")
+    n1, _, _ = c.boot()
+    code, body = n1.http("/healthz")
+    assert code == 200 and body.strip() == "ok"
+    _, metrics = n1.http("/metrics")
+    for line in ("weft_peers 2.0", "weft_routes 2.0", "weft_neighbours 2.0", "weft_fdb_entries 2.0",
+                 "weft_store_up 1.0", "weft_peers_unreachable 0.0"):
+        assert line in metrics
+    assert "weft_reconcile_duration_seconds_count" in metrics
+
+
+def test_subnet_change_fixes_the_bridge_address(make_cluster: MakeCluster) -> None:
+    import json
+
+    c = make_cluster("host-gw")
+    n1, _, _ = c.boot()
+    c.pod(n1, "old")
+    old_gw = n1.state()["WEFT_SUBNET"]
+    c.stop(n1)
+    store = c.dir / "store.json"
+    data = json.loads(store.read_text())
+    data["leases"]["n1"]["Subnet"] = "10.244.77.0/24"
+    store.write_text(json.dumps(data))
+    c.start(n1)
+    c.wait_ready(n1)
+    assert n1.state()["WEFT_SUBNET"] == "10.244.77.1/24"
+    addrs = n1.ns.run("ip", "-4", "addr", "show", "cni0").stdout
+    assert "10.244.77.1/24" in addrs and old_gw not in addrs
+    _, ip = c.pod(n1, "new")
+    assert ip.startswith("10.244.77.")
