@@ -55,10 +55,15 @@ class Daemon:
         self._sysctl("/proc/sys/net/ipv4/ip_forward", "1")
         while not self.stop.is_set() and not self.reconcile():
             self.stop.wait(1.0)
-        nodeconf.fix_bridge(self.ipr, self.manager.network, self.own.subnet)
-        nodeconf.write(self.paths, self.manager.network, self.own.subnet, self.backend.mtu(), self.portmap)
+        self.publish()
         self.health.ready = True
         log.info("ready: wrote %s and %s", self.paths.subnet_file, self.paths.conflist)
+
+    def publish(self) -> None:
+        """The node config, for the bridge and for the runtime: only once the backend is programmed."""
+        assert self.own is not None
+        nodeconf.fix_bridge(self.ipr, self.manager.network, self.own.subnet)
+        nodeconf.write(self.paths, self.manager.network, self.own.subnet, self.backend.mtu(), self.portmap)
 
     @staticmethod
     def _sysctl(path: str, value: str) -> None:
@@ -76,7 +81,12 @@ class Daemon:
             self.peers = [le for n, le in sorted(leases.items()) if n != self.node]
             if self.node not in leases:
                 log.warning("own lease vanished from the store; publishing it again")
+                before = self.own.subnet
                 self.own = self.manager.acquire(self.node, self.backend.attrs())
+                if self.own.subnet != before:
+                    log.warning("this node's subnet changed from %s to %s", before, self.own.subnet)
+                    self.backend.setup(self.own)
+                    self.publish()
         except StoreError as e:
             # Keep the last good state: routes of live peers are never removed for lack of news.
             self.metrics.store_up.set(0)

@@ -108,27 +108,34 @@ class KubeManager(SubnetManager):
             self._thread = threading.Thread(target=self._watch, name="kube-watch", daemon=True)
             self._thread.start()
 
+    def replace_all(self, nodes: list[Any]) -> None:
+        """The result of a LIST: the whole cache."""
+        with self._lock:
+            self._nodes = {n["metadata"]["name"]: n for n in map(self._dict, nodes)}
+            self._synced = True
+        self._changed.set()
+
+    def apply(self, event_type: str, node: Any) -> None:
+        """One WATCH event."""
+        obj = self._dict(node)
+        with self._lock:
+            if event_type == "DELETED":
+                self._nodes.pop(obj["metadata"]["name"], None)
+            else:
+                self._nodes[obj["metadata"]["name"]] = obj
+        self._changed.set()
+
     def _watch(self) -> None:
         from kubernetes import watch
 
         while not self._stop.is_set():
             try:
                 listed = self.api.list_node()
-                with self._lock:
-                    self._nodes = {n["metadata"]["name"]: n for n in map(self._dict, listed.items)}
-                    self._synced = True
-                self._changed.set()
+                self.replace_all(listed.items)
                 w = watch.Watch()
                 for ev in w.stream(self.api.list_node, resource_version=listed.metadata.resource_version,
                                    timeout_seconds=300):
-                    obj = self._dict(ev["object"])
-                    name = obj["metadata"]["name"]
-                    with self._lock:
-                        if ev["type"] == "DELETED":
-                            self._nodes.pop(name, None)
-                        else:
-                            self._nodes[name] = obj
-                    self._changed.set()
+                    self.apply(ev["type"], ev["object"])
                     if self._stop.is_set():
                         w.stop()
             except Exception as e:  # noqa: BLE001 - relist after any watch failure

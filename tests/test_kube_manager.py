@@ -1,0 +1,102 @@
+"""The kube subnet manager's logic, against Node objects recorded from a kind cluster.
+
+The API server itself is not here; what is covered is everything weftd does with
+what it reads and what it sends: podCIDR handling, annotations, the watch cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import netaddr
+import pytest
+from kubernetes import client
+
+from weftd.config import NetworkConfig
+from weftd.lease import Attrs
+from weftd.subnet import StoreError
+from weftd.subnet.kube import ANN_DATA, ANN_IP, ANN_MANAGED, KubeManager, lease_from_node
+
+RECORDED = json.loads((Path(__file__).parent / "data" / "kind-nodes.json").read_text())
+NET = NetworkConfig.parse({"Network": "10.244.0.0/16"})
+
+
+def model(obj: dict[str, Any], kind: str = "V1Node") -> Any:
+    return client.ApiClient().deserialize(json.dumps(obj), kind, "application/json")
+
+
+class StubAPI:
+    """Returns recorded objects and records what weftd sends."""
+
+    def __init__(self) -> None:
+        self.api_client = client.ApiClient()
+        self.patches: list[tuple[str, dict[str, Any]]] = []
+
+    def read_node(self, name: str) -> Any:
+        for n in RECORDED["items"]:
+            if n["metadata"]["name"] == name:
+                return model(n)
+        raise client.ApiException(status=404, reason="Not Found")
+
+    def patch_node_status(self, name: str, body: dict[str, Any]) -> Any:
+        self.patches.append((name, body))
+        return self.read_node(name)
+
+
+def test_recorded_objects_are_valid_nodes() -> None:
+    nodes = model(RECORDED, "V1NodeList")
+    assert [n.metadata.name for n in nodes.items] == ["weft-control-plane", "weft-worker", "weft-worker2",
+                                                      "weft-worker3"]
+
+
+def test_leases_from_recorded_nodes() -> None:
+    by_name = {n["metadata"]["name"]: lease_from_node(n, NET) for n in RECORDED["items"]}
+    cp = by_name["weft-control-plane"]
+    assert cp is not None and str(cp.subnet) == "10.244.0.0/24" and str(cp.public_ip) == "172.18.0.3"
+    assert cp.attrs.vtep_mac == "0a:58:0a:f4:00:01" and cp.attrs.vni == 1
+    worker = by_name["weft-worker"]
+    # Dual-stack podCIDRs: the IPv4 one; an operator's public-ip-overwrite wins; MACs are normalised.
+    assert worker is not None and str(worker.subnet) == "10.244.1.0/24"
+    assert str(worker.public_ip) == "203.0.113.7" and worker.attrs.vtep_mac == "0a:58:0a:f4:01:01"
+    assert by_name["weft-worker2"] is None  # not (yet) running weftd
+    assert by_name["weft-worker3"] is None  # no podCIDR allocated yet
+
+
+def test_acquire_patches_status_annotations() -> None:
+    api = StubAPI()
+    mgr = KubeManager(NET, api=api)
+    mgr._start = lambda: None  # type: ignore[method-assign]  # no watch thread against the stub
+    attrs = Attrs(netaddr.IPAddress("172.18.0.4"), "vxlan", "0a:58:0a:f4:02:01", 1)
+    lease = mgr.acquire("weft-worker2", attrs)
+    assert str(lease.subnet) == "10.244.2.0/24"
+    (name, body), = api.patches
+    ann = body["metadata"]["annotations"]
+    assert name == "weft-worker2" and ann[ANN_MANAGED] == "true" and ann[ANN_IP] == "172.18.0.4"
+    assert json.loads(ann[ANN_DATA]) == {"VNI": 1, "VtepMAC": "0a:58:0a:f4:02:01"}
+
+
+def test_acquire_without_pod_cidr_or_outside_the_network() -> None:
+    mgr = KubeManager(NET, api=StubAPI())
+    with pytest.raises(StoreError, match="pod cidr not assigned"):
+        mgr.acquire("weft-worker3", Attrs(netaddr.IPAddress("172.18.0.5"), "vxlan", "0a:58:0a:f4:03:01", 1))
+    other = KubeManager(NetworkConfig.parse({"Network": "10.0.0.0/16"}), api=StubAPI())
+    with pytest.raises(StoreError, match="outside the cluster network"):
+        other.acquire("weft-worker", Attrs(netaddr.IPAddress("172.18.0.2"), "vxlan", "0a:58:0a:f4:01:01", 1))
+
+
+def test_watch_cache_follows_events() -> None:
+    mgr = KubeManager(NET, api=StubAPI())
+    with pytest.raises(StoreError, match="not synced"):
+        mgr.leases()
+    mgr.replace_all([model(n) for n in RECORDED["items"]])
+    assert sorted(mgr.leases()) == ["weft-control-plane", "weft-worker"]
+    joined = json.loads(json.dumps(RECORDED["items"][2]))
+    joined["metadata"]["annotations"].update({ANN_MANAGED: "true", "weft.dev/backend-type": "vxlan",
+                                              ANN_DATA: '{"VNI": 1, "VtepMAC": "0a:58:0a:f4:02:01"}',
+                                              ANN_IP: "172.18.0.4"})
+    mgr.apply("MODIFIED", model(joined))
+    assert sorted(mgr.leases()) == ["weft-control-plane", "weft-worker", "weft-worker2"]
+    mgr.apply("DELETED", model(RECORDED["items"][1]))
+    assert sorted(mgr.leases()) == ["weft-control-plane", "weft-worker2"]
