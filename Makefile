@@ -10,7 +10,7 @@ CNIDRIVE := $(BUILD)/cnidrive
 DEBS := iproute2 nftables iptables containernetworking-plugins golang-go golang-github-appc-cni-dev \
         iputils-ping procps etcd-server iperf3
 
-.PHONY: all deps venv cnidrive test lint demo clean
+.PHONY: all deps venv cnidrive test lint demo bench clean
 
 all: venv
 
@@ -42,11 +42,14 @@ test: deps venv cnidrive lint
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check cni_plugin ipam weftd tests
+	$(VENV)/bin/ruff check cni_plugin ipam weftd tests bench
 	$(VENV)/bin/mypy cni_plugin ipam weftd
 
 demo: deps venv cnidrive
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
+
+bench: deps venv cnidrive
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.weftd_bench
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

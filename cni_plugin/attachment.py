@@ -115,10 +115,10 @@ def preflight_bridge(ipr: IPRoute, name: str, gateways: list[IPInterface], force
 def ensure_bridge_addresses(ipr: IPRoute, br: Any, gateways: list[IPInterface], force: bool, name: str) -> None:
     preflight_bridge(ipr, name, gateways, force)
     for a in bridge_conflicts(ipr, br["index"], gateways):
-        _ignore(ipr.addr, "del", index=br["index"], address=str(a.ip), prefixlen=a.network.prefixlen,
+        ignore_errno(ipr.addr, "del", index=br["index"], address=str(a.ip), prefixlen=a.network.prefixlen,
                 codes=(errno.EADDRNOTAVAIL,))
     for gw in gateways:
-        _ignore(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.network.prefixlen,
+        ignore_errno(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.network.prefixlen,
                 codes=(errno.EEXIST,))
     # Pin the MAC so the bridge does not take its lowest port's MAC as ports come and go.
     ipr.link("set", index=br["index"], address=br.get("IFLA_ADDRESS"))
@@ -128,7 +128,8 @@ def ensure_bridge_addresses(ipr: IPRoute, br: Any, gateways: list[IPInterface], 
         _sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
 
 
-def _ignore(fn: Any, *argv: Any, codes: tuple[int, ...], **kw: Any) -> None:
+def ignore_errno(fn: Any, *argv: Any, codes: tuple[int, ...], **kw: Any) -> None:
+    """Calls a pyroute2 method, treating the netlink errors in `codes` as success (idempotence)."""
     try:
         fn(*argv, **kw)
     except NetlinkError as e:
@@ -150,7 +151,7 @@ def create_veth(ipr: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int |
     if stale is not None:  # left by an ADD that was killed before it finished
         if stale.get("group") != GROUP:
             raise CniError(errors.INVALID_CONFIG, f"host interface {host_name} exists and was not created by weft")
-        _ignore(ipr.link, "del", index=stale["index"], codes=(errno.ENODEV,))
+        ignore_errno(ipr.link, "del", index=stale["index"], codes=(errno.ENODEV,))
     peer: dict[str, Any] = {"ifname": ifname, "net_ns_fd": ns.fd, "group": GROUP}
     spec: dict[str, Any] = {"ifname": host_name, "kind": "veth", "group": GROUP, "peer": peer}
     if mtu:
@@ -181,7 +182,7 @@ def configure_container(ns: NetNS, ifname: str, addresses: list[IPInterface], ro
             _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
         _sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify", "1")
         for a in addresses:
-            _ignore(pod.addr, "add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen,
+            ignore_errno(pod.addr, "add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen,
                     codes=(errno.EEXIST,))
         pod.link("set", index=idx, state="up")
         for r in routes:
@@ -202,7 +203,7 @@ def delete_host_veth(ipr: IPRoute, host_name: str) -> bool:
     link = get_link(ipr, host_name)
     if link is None or link.get("group") != GROUP:
         return False
-    _ignore(ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+    ignore_errno(ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
     return True
 
 
@@ -211,7 +212,7 @@ def delete_bridge_if_unused(ipr: IPRoute, index: int) -> None:
     if link.get("group") != GROUP:
         return
     if not any(p.get("master") == index for p in ipr.get_links()):
-        _ignore(ipr.link, "del", index=index, codes=(errno.ENODEV,))
+        ignore_errno(ipr.link, "del", index=index, codes=(errno.ENODEV,))
 
 
 def weft_veths(ipr: IPRoute, network: str) -> list[tuple[int, str, str]]:

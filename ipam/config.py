@@ -128,12 +128,12 @@ def parse_range_sets(raw: Any, where: str) -> list[RangeSet]:
     return sets
 
 
-def _lookup_ci(d: Mapping[str, Any], key: str) -> Any:
-    """containerd writes capability args with Go field names, so match keys case-insensitively."""
+def lookup_ci(d: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """Go decodes JSON keys case-insensitively (containerd's capability args, Flannel's net-conf); so do we."""
     for k, v in d.items():
         if k.lower() == key.lower():
             return v
-    return None
+    return default
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class IPAMConfig:
             raise _invalid("IPAM config missing 'ipam' key")
         sets: list[RangeSet] = []
         rc = conf.get("runtimeConfig")
-        if isinstance(rc, dict) and (extra := _lookup_ci(rc, "ipRanges")):
+        if isinstance(rc, dict) and (extra := lookup_ci(rc, "ipRanges")):
             sets += parse_range_sets(extra, "runtimeConfig.ipRanges")
         if ipam.get("subnet"):
             sets.append((Range.parse(ipam),))
@@ -187,8 +187,8 @@ def _requested_ips(conf: Mapping[str, Any], args: Args | None) -> list[IPAddress
     raw: list[Any] = []
     rc = conf.get("runtimeConfig")
     cni_args = conf.get("args", {}).get("cni", {}) if isinstance(conf.get("args"), dict) else {}
-    if isinstance(rc, dict) and _lookup_ci(rc, "ips"):
-        raw = _lookup_ci(rc, "ips")
+    if isinstance(rc, dict) and lookup_ci(rc, "ips"):
+        raw = lookup_ci(rc, "ips")
     elif isinstance(cni_args, dict) and cni_args.get("ips"):
         raw = cni_args["ips"]
     elif args is not None and args.args.get("IP"):

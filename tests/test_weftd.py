@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import OUTSIDE_IP, Cluster, ClusterNode
+from tests.cluster import OUTSIDE_IP, Cluster
 from tests.lab import Lab, Netns
 
 MakeCluster = Callable[..., Cluster]
@@ -155,7 +155,7 @@ def test_restart_keeps_pod_traffic_flowing(make_cluster: MakeCluster) -> None:
 
 def test_reconciliation_repairs_drift_and_leaves_foreign_entries(make_cluster: MakeCluster) -> None:
     c = make_cluster("vxlan")
-    n1, n2, n3 = c.boot()
+    n1, n2, _ = c.boot()
     a, _ = c.pod(n1, "a")
     _, b_ip = c.pod(n2, "b")
     sub2 = n2.state()["WEFT_SUBNET"].replace(".1/", ".0/")

@@ -9,19 +9,13 @@ from typing import Any
 
 import netaddr
 
+from ipam.config import lookup_ci
+
 BACKENDS = ("vxlan", "host-gw")
 
 
 class ConfigError(Exception):
     pass
-
-
-def _get(d: dict[str, Any], key: str, default: Any = None) -> Any:
-    """Flannel's keys are Go field names, matched case-insensitively."""
-    for k, v in d.items():
-        if k.lower() == key.lower():
-            return v
-    return default
 
 
 @dataclass(frozen=True)
@@ -35,17 +29,17 @@ class BackendConfig:
     @classmethod
     def parse(cls, d: dict[str, Any] | None) -> BackendConfig:
         d = d or {}
-        kind = _get(d, "Type", "vxlan")
+        kind = lookup_ci(d, "Type", "vxlan")
         if kind not in BACKENDS:
             raise ConfigError(f"Backend.Type {kind!r} must be one of {BACKENDS}")
-        vni, port, mtu = _get(d, "VNI", 1), _get(d, "Port", 8472) or 8472, _get(d, "MTU")
+        vni, port, mtu = lookup_ci(d, "VNI", 1), lookup_ci(d, "Port", 8472) or 8472, lookup_ci(d, "MTU")
         if not isinstance(vni, int) or not 1 <= vni < 1 << 24:
             raise ConfigError(f"Backend.VNI {vni!r} must be an integer from 1 to 16777215")
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise ConfigError(f"Backend.Port {port!r} must be a UDP port")
         if mtu is not None and (not isinstance(mtu, int) or not 576 <= mtu <= 65535):
             raise ConfigError(f"Backend.MTU {mtu!r} must be an integer from 576 to 65535")
-        direct = _get(d, "DirectRouting", False)
+        direct = lookup_ci(d, "DirectRouting", False)
         if not isinstance(direct, bool):
             raise ConfigError("Backend.DirectRouting must be true or false")
         return cls(kind, vni, port, mtu, direct)
@@ -63,9 +57,9 @@ class NetworkConfig:
         if not isinstance(d, dict):
             raise ConfigError("network config must be a JSON object")
         try:
-            network = netaddr.IPNetwork(_get(d, "Network", ""))
+            network = netaddr.IPNetwork(lookup_ci(d, "Network", ""))
         except (netaddr.AddrFormatError, TypeError, ValueError) as e:
-            raise ConfigError(f"Network {_get(d, 'Network')!r} is not a CIDR: {e}") from None
+            raise ConfigError(f"Network {lookup_ci(d, 'Network')!r} is not a CIDR: {e}") from None
         if network.version != 4:
             raise ConfigError("Network must be an IPv4 CIDR")
         if network.network != network.ip:
@@ -73,13 +67,13 @@ class NetworkConfig:
         if network.prefixlen > 28:
             raise ConfigError(f"Network {network} is too small; it must be /28 or larger")
         default_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
-        subnet_len = _get(d, "SubnetLen", default_len)
+        subnet_len = lookup_ci(d, "SubnetLen", default_len)
         if not isinstance(subnet_len, int) or not network.prefixlen < subnet_len <= 30:
             raise ConfigError(f"SubnetLen {subnet_len!r} must be longer than /{network.prefixlen} and at most 30")
-        masq = _get(d, "IPMasq", True)
+        masq = lookup_ci(d, "IPMasq", True)
         if not isinstance(masq, bool):
             raise ConfigError("IPMasq must be true or false")
-        return cls(network.cidr, subnet_len, BackendConfig.parse(_get(d, "Backend")), masq)
+        return cls(network.cidr, subnet_len, BackendConfig.parse(lookup_ci(d, "Backend")), masq)
 
     @classmethod
     def load(cls, path: str | Path) -> NetworkConfig:

@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import pyroute2.config.log  # noqa: F401 - it resets the "pyroute2" logger's level when imported
+
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     from weftd.backend import BackendError
     from weftd.subnet import StoreError

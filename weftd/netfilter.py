@@ -161,9 +161,10 @@ class LegacyRules(Rules):
         return changed
 
     def present(self) -> bool:
-        # Asked through the CLI: importing python-iptables loads the legacy ip_tables module.
-        return f":{self.NAT_CHAIN} " in _save("iptables-legacy-save", "-t", "nat") \
-            or f":{self.FWD_CHAIN} " in _save("iptables-legacy-save", "-t", "filter")
+        # Asked through the CLI, with no -t: importing python-iptables, or naming a table, would load
+        # legacy x_tables modules on a node that does not use them.
+        saved = _save("iptables-legacy-save")
+        return f":{self.NAT_CHAIN} " in saved or f":{self.FWD_CHAIN} " in saved
 
     def remove(self) -> None:
         from iptc import easy

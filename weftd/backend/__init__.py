@@ -18,6 +18,7 @@ import netaddr
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_plugin.attachment import ignore_errno
 from weftd.config import BackendConfig
 from weftd.lease import Attrs, Lease
 
@@ -106,7 +107,7 @@ def sync_routes(ipr: IPRoute, desired: dict[netaddr.IPNetwork, RouteSpec], stats
             actual[netaddr.IPNetwork(f"{r.get('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")] = r
     for dst in actual:
         if dst not in desired:
-            _quiet(ipr.route, "del", dst=str(dst), table=MAIN_TABLE, proto=PROTO, codes=(errno.ESRCH,))
+            ignore_errno(ipr.route, "del", dst=str(dst), table=MAIN_TABLE, proto=PROTO, codes=(errno.ESRCH,))
             stats.changes += 1
     for dst, spec in desired.items():
         have = actual.get(dst)
@@ -119,14 +120,6 @@ def sync_routes(ipr: IPRoute, desired: dict[netaddr.IPNetwork, RouteSpec], stats
         except NetlinkError as e:
             raise BackendError(f"route {dst} via {spec.gateway}: {e}") from None
     stats.routes = len(desired)
-
-
-def _quiet(fn: Any, *argv: Any, codes: tuple[int, ...], **kw: Any) -> None:
-    try:
-        fn(*argv, **kw)
-    except NetlinkError as e:
-        if e.code not in codes:
-            raise
 
 
 class Backend(ABC):

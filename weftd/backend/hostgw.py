@@ -8,6 +8,7 @@ from weftd.lease import Attrs, Lease
 
 class HostGW(Backend):
     type = "host-gw"
+    _reported: frozenset[str] | set[str] = frozenset()
 
     def attrs(self) -> Attrs:
         return Attrs(self.underlay.ip, self.type)
@@ -18,8 +19,10 @@ class HostGW(Backend):
     def reconcile(self, own: Lease, peers: list[Lease]) -> Stats:
         stats = Stats(peers=len(peers))
         routes = self.hostgw_routes(peers, stats)
-        for node in stats.unreachable:
-            log.error("host-gw: peer %s is not on-link from %s; it cannot be reached without an overlay "
-                      "(use the vxlan backend, or vxlan with DirectRouting)", node, self.underlay.ifname)
+        if set(stats.unreachable) != self._reported:  # say it when it changes, not every round
+            self._reported = set(stats.unreachable)
+            for node in stats.unreachable:
+                log.error("host-gw: peer %s is not on-link from %s; it cannot be reached without an overlay "
+                          "(use the vxlan backend, or vxlan with DirectRouting)", node, self.underlay.ifname)
         sync_routes(self.ipr, routes, stats)
         return stats

@@ -16,8 +16,8 @@ import netaddr
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
-from cni_plugin.attachment import GROUP, get_link
-from weftd.backend import Backend, BackendError, RouteSpec, Stats, _quiet, log, sync_routes
+from cni_plugin.attachment import GROUP, get_link, ignore_errno
+from weftd.backend import Backend, BackendError, RouteSpec, Stats, log, sync_routes
 from weftd.lease import Attrs, Lease
 
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
@@ -60,7 +60,7 @@ class VXLAN(Backend):
             raise BackendError(f"{self.name} exists and was not created by weft; not touching it")
         if link is not None and not self._compatible(link):
             log.warning("%s does not match the config; recreating it", self.name)
-            _quiet(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+            ignore_errno(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
             link = None
         if link is None:
             self.ipr.link("add", ifname=self.name, kind="vxlan", vxlan_id=self.cfg.vni,
@@ -82,9 +82,9 @@ class VXLAN(Backend):
         want = str(own.subnet.network)
         for a in self.ipr.get_addr(family=socket.AF_INET, index=self.index):
             if a.get("IFA_ADDRESS") != want or a["prefixlen"] != 32:
-                _quiet(self.ipr.addr, "del", index=self.index, address=a.get("IFA_ADDRESS"),
+                ignore_errno(self.ipr.addr, "del", index=self.index, address=a.get("IFA_ADDRESS"),
                        prefixlen=a["prefixlen"], codes=(errno.EADDRNOTAVAIL,))
-        _quiet(self.ipr.addr, "add", index=self.index, address=want, prefixlen=32, codes=(errno.EEXIST,))
+        ignore_errno(self.ipr.addr, "add", index=self.index, address=want, prefixlen=32, codes=(errno.EEXIST,))
 
     def reconcile(self, own: Lease, peers: list[Lease]) -> Stats:
         self.setup(own)  # a VTEP deleted behind our back comes back, and the diff below refills it
@@ -115,7 +115,7 @@ class VXLAN(Backend):
         actual = {n.get("NDA_DST"): n for n in self.ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET)}
         for ip in actual:
             if ip not in desired:
-                _quiet(self.ipr.neigh, "del", dst=ip, ifindex=self.index, codes=(errno.ENOENT,))
+                ignore_errno(self.ipr.neigh, "del", dst=ip, ifindex=self.index, codes=(errno.ENOENT,))
                 stats.changes += 1
         for ip, mac in desired.items():
             have = actual.get(ip)
@@ -151,4 +151,4 @@ class VXLAN(Backend):
         super().teardown()
         link = get_link(self.ipr, self.name)
         if link is not None and link.get("group") == GROUP:
-            _quiet(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+            ignore_errno(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))

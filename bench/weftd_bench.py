@@ -1,0 +1,125 @@
+"""weftd benchmarks: convergence to N peers, memory at 5,000 peers, pod-to-pod throughput.
+
+Run with `make bench`. Each figure is measured in namespaces of its own; nothing here has a pass mark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import netaddr
+
+from tests.cluster import Cluster
+from tests.lab import Lab
+
+SIZES = tuple(int(n) for n in os.environ.get("WEFT_BENCH_SIZES", "100,1000,5000").split(","))
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fake_peers(n: int) -> dict[str, Any]:
+    """N peers as another node would publish them: subnet, underlay address, VTEP MAC."""
+    out = {}
+    subnets = netaddr.IPNetwork("10.0.0.0/8").subnet(24)
+    next(subnets)
+    next(subnets)  # the benchmarked node's own
+    for i in range(n):
+        subnet = next(subnets)
+        ip = netaddr.IPAddress(int(netaddr.IPAddress("192.168.100.0")) + i)
+        mac = f"02:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}:01"
+        out[f"peer{i}"] = {"Node": f"peer{i}", "Subnet": str(subnet), "PublicIP": str(ip), "BackendType": "vxlan",
+                           "BackendData": {"VNI": 1, "VtepMAC": mac}}
+    return out
+
+
+def convergence(backend: str) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for n in SIZES:
+        lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
+        c = Cluster(lab, {"Network": "10.0.0.0/8", "SubnetLen": 24, "Backend": {"Type": backend}})
+        try:
+            cn = c.add_node("n1")
+            cn.ns.run("ip", "addr", "add", "192.168.200.254/16", "dev", "eth0")  # peers' underlay is on-link
+            c.start(cn)
+            c.wait_ready(cn)
+            store = c.dir / "store.json"
+            data = json.loads(store.read_text())
+            data["leases"].update(fake_peers(n))
+            tmp = store.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data))
+            t0 = time.perf_counter()
+            os.replace(tmp, store)
+            c.until(lambda cn=cn, n=n: f"weft_routes {float(n)}" in cn.http("/metrics")[1], 600,
+                    f"{n} routes", cn)
+            took = time.perf_counter() - t0
+            routes = len(cn.routes())
+            assert cn.proc is not None
+            rss = round(rss_kib(cn.proc.pid) / 1024, 1)
+            results[str(n)] = {"seconds": round(took, 3), "routes": routes, "rss_mib": rss}
+            print(f"  {backend:8} N={n:5}: all peers programmed in {took:7.2f} s ({routes} routes), "
+                  f"weftd RSS {results[str(n)]['rss_mib']} MiB", flush=True)
+        finally:
+            c.close()
+            lab.close()
+    return results
+
+
+def iperf(client: Any, server: Any, server_ip: str, seconds: int = 5) -> float:
+    srv = subprocess.Popen(["ip", "netns", "exec", server.name, "iperf3", "-s", "-1", "-B", server_ip],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            p = client.run("iperf3", "-c", server_ip, "-t", str(seconds), "-J", check=False)
+            if p.returncode == 0:
+                return json.loads(p.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+            time.sleep(0.1)
+        raise RuntimeError(f"iperf3 to {server_ip} failed: {p.stdout[-300:]}")
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+def throughput(backend: str) -> dict[str, float]:
+    lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
+    c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
+    try:
+        n1, n2 = c.boot(["n1", "n2"])
+        a, _ = c.pod(n1, "a")
+        b, b_ip = c.pod(n2, "b")
+        node = iperf(n1.ns, n2.ns, n2.ip)
+        pod = iperf(a, b, b_ip)
+        print(f"  {backend:8} node-to-node {node:6.2f} Gbit/s, pod-to-pod {pod:6.2f} Gbit/s, ratio {pod / node:.2f}",
+              flush=True)
+        return {"node_gbps": round(node, 2), "pod_gbps": round(pod, 2), "ratio": round(pod / node, 3)}
+    finally:
+        c.close()
+        lab.close()
+
+
+def main() -> int:
+    out: dict[str, Any] = {"convergence": {}, "throughput": {}}
+    print("convergence: one node, N peers appear in the store at once")
+    for backend in ("vxlan", "host-gw"):
+        out["convergence"][backend] = convergence(backend)
+    out["weftd_rss_mib_at_5000"] = out["convergence"]["vxlan"]["5000"]["rss_mib"]
+    print("throughput: iperf3 TCP, 5 s, pod on node 1 to pod on node 2, against node 1 to node 2")
+    for backend in ("vxlan", "host-gw"):
+        out["throughput"][backend] = throughput(backend)
+    print(json.dumps({"weftd_bench": out}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
