@@ -145,7 +145,13 @@ class Veth:
     container_index: int
 
 
-def create_veth(ipr: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int | None,
+def open_in(ns: NetNS) -> IPRoute:
+    """A netlink socket bound to the pod's namespace; it stays there after this thread returns home."""
+    with ns.entered():
+        return IPRoute()
+
+
+def create_veth(ipr: IPRoute, pod: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int | None,
                 bridge_index: int, hairpin: bool, link_alias: str) -> Veth:
     stale = get_link(ipr, host_name)
     if stale is not None:  # left by an ADD that was killed before it finished
@@ -167,35 +173,34 @@ def create_veth(ipr: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int |
     _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/accept_ra", "0")
     if hairpin:
         ipr.brport("set", index=host["index"], mode=1)
-    with ns.entered(), IPRoute() as pod:
-        c = get_link(pod, ifname)
+    c = get_link(pod, ifname)
     return Veth(Interface(host_name, host.get("IFLA_ADDRESS")), host["index"],
                 Interface(ifname, c.get("IFLA_ADDRESS"), ns.path, mtu), c["index"])
 
 
-def configure_container(ns: NetNS, ifname: str, addresses: list[IPInterface], routes: list[Route],
+def configure_container(pod: IPRoute, ns: NetNS, veth: Veth, addresses: list[IPInterface], routes: list[Route],
                         enable_dad: bool) -> None:
-    with ns.entered(), IPRoute() as pod:
-        idx = pod.link_lookup(ifname=ifname)[0]
+    ifname, idx = veth.container.name, veth.container_index
+    with ns.entered():  # /proc/sys/net is the calling thread's namespace
         if any(a.version == 6 for a in addresses):
             _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "0")
             _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
         _sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify", "1")
-        for a in addresses:
-            ignore_errno(pod.addr, "add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen,
-                    codes=(errno.EEXIST,))
-        pod.link("set", index=idx, state="up")
-        for r in routes:
-            spec: dict[str, Any] = {"dst": str(r.dst), "oif": idx}
-            if r.gw is not None:
-                spec["gateway"] = str(r.gw)
-            else:
-                spec["scope"] = 253  # link
-            if r.priority:
-                spec["priority"] = r.priority
-            if r.table:
-                spec["table"] = r.table
-            pod.route("replace", **spec)
+    for a in addresses:
+        ignore_errno(pod.addr, "add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen,
+                     codes=(errno.EEXIST,))
+    pod.link("set", index=idx, state="up")
+    for r in routes:
+        spec: dict[str, Any] = {"dst": str(r.dst), "oif": idx}
+        if r.gw is not None:
+            spec["gateway"] = str(r.gw)
+        else:
+            spec["scope"] = 253  # link
+        if r.priority:
+            spec["priority"] = r.priority
+        if r.table:
+            spec["table"] = r.table
+        pod.route("replace", **spec)
 
 
 def delete_host_veth(ipr: IPRoute, host_name: str) -> bool:
@@ -239,7 +244,7 @@ def check(ipr: IPRoute, ns: NetNS, bridge: str, host_name: str, container: Inter
         raise fail(f"host veth {host_name} is missing")
     if host.get("master") != br["index"]:
         raise fail(f"host veth {host_name} is not attached to {bridge}")
-    with ns.entered(), IPRoute() as pod:
+    with open_in(ns) as pod:
         link = get_link(pod, container.name)
         if link is None:
             raise fail(f"interface {container.name} is missing from {ns.path}")

@@ -79,11 +79,10 @@ def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
 
     from cni_plugin import attachment, masq
 
-    with open_netns(args.netns) as ns, IPRoute() as ipr:
+    with open_netns(args.netns) as ns, IPRoute() as ipr, attachment.open_in(ns) as pod:
         # Read-only checks first, so that refused input changes nothing on the node.
-        with ns.entered(), IPRoute() as pod:
-            if attachment.get_link(pod, args.ifname) is not None:
-                raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
+        if attachment.get_link(pod, args.ifname) is not None:
+            raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
         attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
         undo: list[Callable[[], object]] = []
         try:
@@ -93,17 +92,16 @@ def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
             if not ipam.ips:
                 raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
             gateways, programmed, reported = plan_routes(conf, ipam)
-            attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
             br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
             if created:
                 undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
-            if conf.is_gateway:
+            if conf.is_gateway:  # checks the addresses again: an exec'd IPAM's gateways are known only now
                 attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
             host_name = attachment.host_veth_name(args.container_id, args.ifname)
             undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
-            veth = attachment.create_veth(ipr, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
+            veth = attachment.create_veth(ipr, pod, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
                                           attachment.alias(conf.name, args.container_id, args.ifname))
-            attachment.configure_container(ns, args.ifname, [ip.address for ip in ipam.ips], programmed,
+            attachment.configure_container(pod, ns, veth, [ip.address for ip in ipam.ips], programmed,
                                            conf.enable_dad)
             if conf.ip_masq:
                 undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
