@@ -220,13 +220,13 @@ def delete_bridge_if_unused(ipr: IPRoute, index: int) -> None:
         ignore_errno(ipr.link, "del", index=index, codes=(errno.ENODEV,))
 
 
-def weft_veths(ipr: IPRoute, network: str) -> list[tuple[int, str, str]]:
-    """(index, container ID, ifname) of every host veth Weft made for `network`."""
+def weft_veths(ipr: IPRoute, network: str) -> list[tuple[str, str]]:
+    """(container ID, ifname) of every host veth Weft made for `network`."""
     out = []
     for link in ipr.get_links():
         words = (link.get("IFLA_IFALIAS") or "").split(" ")
         if link.get("group") == GROUP and len(words) == 4 and words[0] == "weft" and words[1] == network:
-            out.append((link["index"], words[2], words[3]))
+            out.append((words[2], words[3]))
     return out
 
 

@@ -176,7 +176,7 @@ def cmd_gc(args: skel.Args, raw: dict[str, Any]) -> None:
     from cni_plugin import attachment, masq
 
     with IPRoute() as ipr:
-        for _index, cid, ifname in attachment.weft_veths(ipr, conf.name):
+        for cid, ifname in attachment.weft_veths(ipr, conf.name):
             if (cid, ifname) not in valid:
                 attachment.delete_host_veth(ipr, attachment.host_veth_name(cid, ifname))
     try:

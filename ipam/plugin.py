@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import sys
 from collections.abc import Iterable
 from typing import Any
@@ -35,7 +36,7 @@ def cmd_add(args: skel.Args, conf: dict[str, Any]) -> Result:
                 for i, rs in enumerate(cfg.range_sets):
                     ip, r = allocate(store, leases, rs, i, args.container_id, args.ifname, cfg.requested)
                     got.append(ip)
-                    result.ips.append(IPConfig(_with_prefix(ip, r.subnet.prefixlen), r.gateway))
+                    result.ips.append(IPConfig(ipaddress.ip_interface(f"{ip}/{r.subnet.prefixlen}"), r.gateway))
                 unused = [ip for ip in cfg.requested if ip not in got]
                 if unused:
                     raise CniError(errors.INVALID_CONFIG,
@@ -47,12 +48,6 @@ def cmd_add(args: skel.Args, conf: dict[str, Any]) -> Result:
     except OSError as e:
         raise _io(e, cfg) from None
     return result
-
-
-def _with_prefix(ip: IPAddress, prefixlen: int) -> Any:
-    import ipaddress
-
-    return ipaddress.ip_interface(f"{ip}/{prefixlen}")
 
 
 def release(cfg: IPAMConfig, container_id: str, ifname: str) -> None:

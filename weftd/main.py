@@ -136,19 +136,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
+    import netaddr
     from pyroute2 import IPRoute
 
+    from cni_plugin.attachment import GROUP, get_link
     from weftd import netfilter, nodeconf
     from weftd.backend import Stats, sync_routes
+
     with IPRoute() as ipr:
         sync_routes(ipr, {}, Stats())
-        from cni_plugin.attachment import GROUP, get_link
-
         link = get_link(ipr, f"weft.{args.vni}")
         if link is not None and link.get("group") == GROUP:
             ipr.link("del", index=link["index"])
-    import netaddr
-
     for mode in ("nft", "legacy"):
         rules = netfilter.rules_for(mode, netaddr.IPNetwork("0.0.0.0/0"), True)
         if rules.present():
