@@ -1,3 +1,3 @@
-from cni_plugin.plugin import main
+from cni_plugin.main import main
 
 main()

@@ -52,8 +52,9 @@ class NetConf:
             if conf.get(key) not in (None, False, 0, [], ""):
                 raise CniError(errors.UNSUPPORTED_FIELD, f"{key}={conf[key]!r} is not supported by weft"[:200])
         bridge = conf.get("bridge") or "cni0"
-        if not isinstance(bridge, str) or (why := validate_ifname(bridge)):
-            raise _invalid(f"bridge name {str(bridge)[:40]!r} {why or 'must be a string'}")
+        why = validate_ifname(bridge) if isinstance(bridge, str) else "must be a string"
+        if why:
+            raise _invalid(f"bridge name {str(bridge)[:40]!r} {why}")
         mtu = conf.get("mtu")
         if mtu is not None and (isinstance(mtu, bool) or not isinstance(mtu, int) or not 68 <= mtu <= 65535):
             raise _invalid(f"mtu {mtu!r} must be an integer between 68 and 65535"[:200])

@@ -25,10 +25,13 @@ class NotNetNS(Exception):
 
 
 class NetNS:
-    def __init__(self, path: str) -> None:
-        """Raises FileNotFoundError if the path is gone, NotNetNS if it is not a usable netns."""
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        """Opens `path`, or takes a copy of `fd` already opened from it.
+
+        Raises FileNotFoundError if the path is gone, NotNetNS if it is not a usable netns.
+        """
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if fd is None else os.dup(fd)
         try:
             mine = os.stat("/proc/thread-self/ns/net")
             st = os.fstat(self.fd)

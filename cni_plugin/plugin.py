@@ -23,9 +23,10 @@ PLUGIN = "weft"
 
 
 @contextmanager
-def open_netns(path: str) -> Iterator[NetNS]:
+def open_netns(args: skel.Args) -> Iterator[NetNS]:
+    path = args.netns
     try:
-        ns = NetNS(path)
+        ns = NetNS(path, args.netns_fd)
     except FileNotFoundError:
         raise CniError(errors.INVALID_ENV, f"CNI_NETNS {path} does not exist") from None
     except NotNetNS as e:
@@ -75,45 +76,54 @@ def planned_gateways(conf: NetConf, args: skel.Args, raw: dict[str, Any]) -> lis
 def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
     conf = NetConf.parse(raw)
     gateways = planned_gateways(conf, args, raw)
-    from pyroute2 import IPRoute
+    with open_netns(args) as ns:
+        from pyroute2 import IPRoute
 
+        from cni_plugin import attachment
+
+        with IPRoute() as ipr, attachment.open_in(ns) as pod:
+            return _attach(conf, args, raw, ns, ipr, pod, gateways)
+
+
+def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ns: NetNS, ipr: Any, pod: Any,
+            gateways: list[Any]) -> Result:
+    """ADD's changes, each with its undo, after the read-only checks that refuse bad input."""
     from cni_plugin import attachment, masq
 
-    with open_netns(args.netns) as ns, IPRoute() as ipr, attachment.open_in(ns) as pod:
-        # Read-only checks first, so that refused input changes nothing on the node.
-        if attachment.get_link(pod, args.ifname) is not None:
-            raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
-        attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
-        undo: list[Callable[[], object]] = []
-        try:
-            ipam = delegate.ipam("ADD", args, raw, conf.ipam_type)
-            assert ipam is not None
-            undo.append(lambda: delegate.ipam("DEL", args, raw, conf.ipam_type))
-            if not ipam.ips:
-                raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
-            gateways, programmed, reported = plan_routes(conf, ipam)
-            br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
-            if created:
-                undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
-            if conf.is_gateway:  # checks the addresses again: an exec'd IPAM's gateways are known only now
-                attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
-            host_name = attachment.host_veth_name(args.container_id, args.ifname)
-            undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
-            veth = attachment.create_veth(ipr, pod, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
-                                          attachment.alias(conf.name, args.container_id, args.ifname))
-            attachment.configure_container(pod, ns, veth, [ip.address for ip in ipam.ips], programmed,
-                                           conf.enable_dad)
-            if conf.ip_masq:
-                undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
-                masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
-            bridge = attachment.Interface(conf.bridge, ipr.link("get", index=br["index"])[0].get("IFLA_ADDRESS"))
-        except BaseException:
-            for step in reversed(undo):
-                try:
-                    step()
-                except Exception as e:  # noqa: BLE001 - keep undoing; the first error is what matters
-                    sys.stderr.write(f"{PLUGIN}: rollback step failed: {e}\n")
-            raise
+    # Read-only checks first, so that refused input changes nothing on the node.
+    if attachment.get_link(pod, args.ifname) is not None:
+        raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
+    attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
+    undo: list[Callable[[], object]] = []
+    try:
+        ipam = delegate.ipam("ADD", args, raw, conf.ipam_type)
+        assert ipam is not None
+        undo.append(lambda: delegate.ipam("DEL", args, raw, conf.ipam_type))
+        if not ipam.ips:
+            raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
+        gateways, programmed, reported = plan_routes(conf, ipam)
+        br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
+        if created:
+            undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
+        if conf.is_gateway:  # checks the addresses again: an exec'd IPAM's gateways are known only now
+            attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
+        host_name = attachment.host_veth_name(args.container_id, args.ifname)
+        undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
+        veth = attachment.create_veth(ipr, pod, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
+                                      attachment.alias(conf.name, args.container_id, args.ifname))
+        attachment.configure_container(pod, ns, veth, [ip.address for ip in ipam.ips], programmed,
+                                       conf.enable_dad)
+        if conf.ip_masq:
+            undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
+            masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
+        bridge = attachment.Interface(conf.bridge, ipr.link("get", index=br["index"])[0].get("IFLA_ADDRESS"))
+    except BaseException:
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - keep undoing; the first error is what matters
+                sys.stderr.write(f"{PLUGIN}: rollback step failed: {e}\n")
+        raise
     result = conf.prev_result or Result()
     base = len(result.interfaces)
     result.interfaces += [bridge, veth.host, veth.container]
@@ -153,7 +163,7 @@ def cmd_check(args: skel.Args, raw: dict[str, Any]) -> None:
 
     from cni_plugin import attachment, masq
 
-    with open_netns(args.netns) as ns, IPRoute() as ipr:
+    with open_netns(args) as ns, IPRoute() as ipr:
         attachment.check(ipr, ns, conf.bridge, attachment.host_veth_name(args.container_id, args.ifname),
                          container, addresses, prev.routes)
     if conf.ip_masq and not masq.owned(conf.name, args.container_id, args.ifname):

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from cni_plugin import errors
@@ -44,6 +44,9 @@ class Args:
     path: tuple[str, ...] = ()
     args: Mapping[str, str] = field(default_factory=dict)
     environ: Mapping[str, str] = field(default_factory=dict)
+    # weftd serves requests with the pod's netns opened by the calling plugin, whose paths
+    # (/proc/<pid>/ns/net in particular) may not be visible in weftd's own mount namespace.
+    netns_fd: int | None = None
 
 
 class Emittable(Protocol):
@@ -152,14 +155,12 @@ def version_reply(conf_raw: bytes) -> dict[str, Any]:
             "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-def _emit(obj: Mapping[str, Any]) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
+def _json_line(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
-def log_failure(plugin: str, exc: BaseException, log_file: str | None) -> None:
-    """One line on stderr; the traceback only into the log file, if there is one."""
-    sys.stderr.write(f"{plugin}: {exc}\n")
+def log_failure(plugin: str, exc: BaseException, log_file: str | None) -> str:
+    """The line for stderr; the traceback goes only into the log file, if there is one."""
     if log_file:
         try:
             import traceback
@@ -168,34 +169,54 @@ def log_failure(plugin: str, exc: BaseException, log_file: str | None) -> None:
                 f.write(f"{plugin}: {''.join(traceback.format_exception(exc))}")
         except OSError:
             pass
+    return f"{plugin}: {exc}\n"
 
 
-def run(plugin: str, handlers: Mapping[str, Handler], stdin: bytes | None = None,
-        environ: Mapping[str, str] | None = None) -> int:
-    """Runs one CNI invocation; returns the exit status."""
-    environ = os.environ if environ is None else environ
+@dataclass(frozen=True)
+class Outcome:
+    """What one invocation prints and returns: the same whether run here or by weftd."""
+
+    status: int
+    stdout: str
+    stderr: str = ""
+
+    def deliver(self) -> int:
+        sys.stdout.write(self.stdout)
+        sys.stdout.flush()
+        if self.stderr:
+            sys.stderr.write(self.stderr)
+        return self.status
+
+
+def invoke(plugin: str, handlers: Mapping[str, Handler], raw: bytes, environ: Mapping[str, str],
+           netns_fd: int | None = None) -> Outcome:
+    """Runs one CNI invocation without touching the process's stdin, stdout or environment."""
     version = LATEST
     log_file = environ.get("WEFT_LOG_FILE")
     try:
-        raw = sys.stdin.buffer.read(MAX_STDIN + 1) if stdin is None else stdin
-        args = read_env(environ)
-        if args.command == "VERSION":
-            _emit(version_reply(raw))
-            return 0
+        if environ.get("CNI_COMMAND") == "VERSION":
+            return Outcome(0, _json_line(version_reply(raw)))
         conf = parse_config(raw)
         if isinstance(conf.get("cniVersion"), str) and conf["cniVersion"] in SUPPORTED_VERSIONS:
-            version = conf["cniVersion"]
+            version = conf["cniVersion"]  # errors are reported in the config's version from here on
+        args = read_env(environ)
+        if netns_fd is not None:
+            args = replace(args, netns_fd=netns_fd)
         check_version(conf, args.command)
         check_name(conf)
         result = handlers[args.command](args, conf)
-        if result is not None:
-            _emit(result.to_json(version))
-        return 0
+        return Outcome(0, _json_line(result.to_json(version)) if result is not None else "")
     except CniError as e:
-        _emit(e.to_json(version))
-        log_failure(plugin, e, log_file)
-        return 1
+        return Outcome(1, _json_line(e.to_json(version)), log_failure(plugin, e, log_file))
     except Exception as e:  # noqa: BLE001 - the runtime must get JSON, never a traceback
-        _emit(CniError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_json(version))
-        log_failure(plugin, e, log_file)
-        return 1
+        return Outcome(1, _json_line(CniError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_json(version)),
+                       log_failure(plugin, e, log_file))
+
+
+def read_stdin() -> bytes:
+    return sys.stdin.buffer.read(MAX_STDIN + 1)
+
+
+def run(plugin: str, handlers: Mapping[str, Handler]) -> int:
+    """Runs the invocation this process was started for; returns the exit status."""
+    return invoke(plugin, handlers, read_stdin(), os.environ).deliver()

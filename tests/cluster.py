@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,7 @@ class Cluster:
                *self.store_args(), "--net-conf", str(self.dir / "net-conf.json"), "--iface", "eth0",
                "--subnet-file", str(cn.subnet_file), "--cni-conf-dir", str(cn.conflist.parent),
                "--ipam-data-dir", str(cn.node.data_dir), "--listen", "127.0.0.1:9808", "--resync", "1",
-               "--log-level", "debug", *extra]
+               "--cni-socket", str(cn.node.socket), "--log-level", "debug", *extra]
         cn.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(cn.log, "ab"))
 
     def stop(self, cn: ClusterNode, sig: int = signal.SIGTERM) -> None:
@@ -202,3 +203,6 @@ class Cluster:
                 cn.proc.kill()
                 cn.proc.wait(10)
         self.stop_etcd()
+
+
+MakeCluster = Callable[..., Cluster]

@@ -4,9 +4,11 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.cluster import Cluster, MakeCluster
 from tests.lab import Lab, Node
 
 ROOT_MARKERS = ("cni0", "weft")
@@ -42,3 +44,17 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
 @pytest.fixture
 def node(lab: Lab) -> Node:
     return lab.node()
+
+
+@pytest.fixture
+def make_cluster(lab: Lab) -> Iterator[MakeCluster]:
+    made: list[Cluster] = []
+
+    def make(backend: str = "vxlan", store: str = "file", two_segments: bool = False, **opts: Any) -> Cluster:
+        c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend, **opts}}, store, two_segments)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()

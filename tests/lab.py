@@ -20,6 +20,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path("/usr/lib/cni")
 REFERENCE = ("bridge", "host-local", "portmap", "loopback", "static")
+# weftd's CNI sockets: short paths, since a unix socket path is limited to 107 bytes.
+SOCKET_DIR = Path("/run/weft-tests")
 
 
 def plugin_dir(target: Path) -> Path:
@@ -89,6 +91,10 @@ class Node:
     dir: Path
     bin: Path
     lab: Lab
+
+    @property
+    def socket(self) -> Path:
+        return SOCKET_DIR / f"{self.ns.name}.sock"
 
     @property
     def data_dir(self) -> Path:
@@ -181,6 +187,7 @@ class Lab:
                 except (ProcessLookupError, ValueError):
                     pass
             subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+            (SOCKET_DIR / f"{ns.name}.sock").unlink(missing_ok=True)
         self.namespaces.clear()
         shutil.rmtree(self.base, ignore_errors=True)
 

@@ -6,29 +6,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
 
-import pytest
-
-from tests.cluster import OUTSIDE_IP, Cluster
-from tests.lab import Lab, Netns
-
-MakeCluster = Callable[..., Cluster]
-
-
-@pytest.fixture
-def make_cluster(lab: Lab) -> Iterator[MakeCluster]:
-    made: list[Cluster] = []
-
-    def make(backend: str = "vxlan", store: str = "file", two_segments: bool = False, **opts: Any) -> Cluster:
-        c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend, **opts}}, store, two_segments)
-        made.append(c)
-        return c
-
-    yield make
-    for c in made:
-        c.close()
+from tests.cluster import OUTSIDE_IP, Cluster, MakeCluster
+from tests.lab import Netns
 
 
 def ping(ns: Netns, ip: str, *extra: str) -> bool:

@@ -101,6 +101,8 @@ class Paths:
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     cni_conf_name: str = "10-weft.conflist"
     ipam_data_dir: Path = Path("/var/lib/cni/networks")
+    # Where weftd serves the weft plugin's invocations; None: the plugin always runs them itself.
+    cni_socket: Path | None = Path("/run/weft/cni.sock")
 
     @property
     def conflist(self) -> Path:

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cni-conf-dir", default=_env("cni-conf-dir", str(Paths.cni_conf_dir)))
     run.add_argument("--cni-conf-name", default=_env("cni-conf-name", Paths.cni_conf_name))
     run.add_argument("--ipam-data-dir", default=_env("ipam-data-dir", str(Paths.ipam_data_dir)))
+    run.add_argument("--cni-socket", default=_env("cni-socket", str(Paths.cni_socket)),
+                     help="serve the weft plugin's invocations here ('' to let it run them itself)")
     run.add_argument("--listen", default=_env("listen", "127.0.0.1:9808"), help="health and metrics address")
     run.add_argument("--resync", type=float, default=float(_env("resync", 10)), help="seconds between full checks")
     run.add_argument("--iptables-mode", choices=("auto", "nft", "legacy"), default=_env("iptables-mode", "auto"))
@@ -88,8 +90,9 @@ def _manager(args: argparse.Namespace) -> Any:
 
 
 def _paths(args: argparse.Namespace) -> Paths:
+    sock = getattr(args, "cni_socket", "")
     return Paths(Path(args.subnet_file), Path(args.cni_conf_dir), args.cni_conf_name,
-                 Path(getattr(args, "ipam_data_dir", Paths.ipam_data_dir)))
+                 Path(getattr(args, "ipam_data_dir", Paths.ipam_data_dir)), Path(sock) if sock else None)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,7 +124,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     rules = netfilter.install(net.network, net.ip_masq, None if args.iptables_mode == "auto" else args.iptables_mode)
     metrics, health = Metrics(), Health(max_age=max(30.0, 3 * args.resync))
     server = serve(args.listen, metrics, health)
-    daemon = Daemon(args.node_name, ipr, manager, backend, rules, _paths(args), metrics, health, args.resync,
+    paths = _paths(args)
+    cni = None
+    if paths.cni_socket is not None:
+        from weftd.cniserver import CniServer
+
+        cni = CniServer(paths.cni_socket, metrics)
+        cni.start()
+    daemon = Daemon(args.node_name, ipr, manager, backend, rules, paths, metrics, health, args.resync,
                     portmap=not args.no_portmap)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
@@ -130,6 +140,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         daemon.run()
     finally:
+        if cni is not None:
+            cni.stop()
         server.shutdown()
         ipr.close()
     return 0

@@ -26,6 +26,11 @@ class Metrics:
         self.changes = Counter("weft_kernel_changes_total", "Kernel entries added, fixed or removed", registry=r)
         self.renewals = Counter("weft_lease_renewals_total", "Lease renewals in the store", registry=r)
         self.store_up = Gauge("weft_store_up", "1 if the last read of the store succeeded", registry=r)
+        self.cni_requests = Counter("weft_cni_requests_total", "CNI invocations handed over by the weft plugin",
+                                    ["command", "result"], registry=r)
+        self.cni_seconds = Histogram("weft_cni_request_seconds", "Time weftd spent on one handed-over invocation",
+                                     ["command"], registry=r,
+                                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
 
 
 class Health:

@@ -18,6 +18,7 @@ import netaddr
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from cni_plugin import handoff
 from cni_plugin.attachment import GROUP, get_link
 from weftd.config import NetworkConfig, Paths
 
@@ -62,6 +63,8 @@ def conflist(network: NetworkConfig, subnet: netaddr.IPNetwork, mtu: int, paths:
         "ipam": {"type": "weft-ipam", "subnet": str(subnet), "dataDir": str(paths.ipam_data_dir),
                  "routes": [{"dst": str(network.network)}]},
     }]
+    if paths.cni_socket is not None:
+        plugins[0][handoff.SOCKET_KEY] = str(paths.cni_socket)
     if portmap:
         plugins.append({"type": "portmap", "capabilities": {"portMappings": True}})
     return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}

@@ -1,0 +1,13 @@
+"""One frozen program for every Weft command, chosen by the name it is run as."""
+
+import os
+import sys
+
+name = os.path.basename(sys.argv[0])
+if name == "weft-ipam":
+    from ipam.plugin import main
+elif name == "weftd":
+    from weftd.main import main
+else:
+    from cni_plugin.main import main
+main()
