@@ -155,7 +155,7 @@ def version_reply(conf_raw: bytes) -> dict[str, Any]:
             "supportedVersions": list(SUPPORTED_VERSIONS)}
 
 
-def _json_line(obj: Mapping[str, Any]) -> str:
+def json_line(obj: Mapping[str, Any]) -> str:
     return json.dumps(obj, separators=(",", ":")) + "\n"
 
 
@@ -195,7 +195,7 @@ def invoke(plugin: str, handlers: Mapping[str, Handler], raw: bytes, environ: Ma
     log_file = environ.get("WEFT_LOG_FILE")
     try:
         if environ.get("CNI_COMMAND") == "VERSION":
-            return Outcome(0, _json_line(version_reply(raw)))
+            return Outcome(0, json_line(version_reply(raw)))
         conf = parse_config(raw)
         if isinstance(conf.get("cniVersion"), str) and conf["cniVersion"] in SUPPORTED_VERSIONS:
             version = conf["cniVersion"]  # errors are reported in the config's version from here on
@@ -205,11 +205,11 @@ def invoke(plugin: str, handlers: Mapping[str, Handler], raw: bytes, environ: Ma
         check_version(conf, args.command)
         check_name(conf)
         result = handlers[args.command](args, conf)
-        return Outcome(0, _json_line(result.to_json(version)) if result is not None else "")
+        return Outcome(0, json_line(result.to_json(version)) if result is not None else "")
     except CniError as e:
-        return Outcome(1, _json_line(e.to_json(version)), log_failure(plugin, e, log_file))
+        return Outcome(1, json_line(e.to_json(version)), log_failure(plugin, e, log_file))
     except Exception as e:  # noqa: BLE001 - the runtime must get JSON, never a traceback
-        return Outcome(1, _json_line(CniError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_json(version)),
+        return Outcome(1, json_line(CniError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_json(version)),
                        log_failure(plugin, e, log_file))
 
 

@@ -87,7 +87,7 @@ class CniServer:
                     return
                 conn.settimeout(handoff.TIMEOUT)
                 environ, raw, fds = handoff.read_request(conn)
-            except (OSError, ValueError, EOFError) as e:
+            except (OSError, ValueError, EOFError, struct.error) as e:
                 log.warning("unreadable CNI request: %s", e)
                 return
             command = environ.get("CNI_COMMAND", "?")

@@ -1,0 +1,118 @@
+"""The frozen bundle (`make build`) as operators install it: no Python on the node.
+
+The chroot test runs the installed binaries in a root that holds the bundle and
+glibc's shared objects and nothing else (no interpreter, no shell), and attaches
+a real pod from there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.lab import ROOT, Node
+
+INSTALL = ROOT / "packaging" / "install.sh"
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    path = Path(os.environ.get("WEFT_BUNDLE", ROOT / ".build" / "dist" / "weft"))
+    if not (path / "weft").exists():
+        pytest.fail(f"no frozen bundle at {path}: run `make build`")
+    return path
+
+
+def install(bundle: Path, libdir: Path, cnibin: Path, bindir: Path | None = None) -> str:
+    cmd = ["sh", str(INSTALL), "install", str(bundle), str(libdir), str(cnibin)]
+    if bindir is not None:
+        cmd.append(str(bindir))
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
+def run(exe: Path | str, command: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(exe)], input=stdin, capture_output=True, text=True,
+                          env={"CNI_COMMAND": command, **env}, check=False)
+
+
+def test_install_is_idempotent_and_uninstall_removes_only_its_own(bundle: Path, tmp_path: Path) -> None:
+    lib, cnibin, bindir = tmp_path / "lib" / "weft", tmp_path / "opt" / "cni" / "bin", tmp_path / "bin"
+    cnibin.mkdir(parents=True)
+    (cnibin / "bridge").symlink_to("/usr/lib/cni/bridge")  # someone else's plugin
+    first = install(bundle, lib, cnibin, bindir)
+    assert install(bundle, lib, cnibin, bindir) == first
+    assert [p.name for p in lib.iterdir() if p.name.startswith("bundle-")] == [first.split()[1].rstrip(":")]
+    for name in ("weft", "weft-ipam"):
+        link = cnibin / name
+        assert link.is_symlink() and not os.readlink(link).startswith("/")  # relative: survives host mounts
+    assert json.loads(run(cnibin / "weft", "VERSION").stdout)["supportedVersions"][-1] == "1.1.0"
+    # weft-ipam is the same program under another name: it answers as the IPAM plugin.
+    out = run(cnibin / "weft-ipam", "ADD", json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {}}),
+              CNI_CONTAINERID="c", CNI_NETNS="/proc/self/ns/net", CNI_IFNAME="eth0")
+    assert out.returncode == 1 and "range" in json.loads(out.stdout)["details"].lower()
+    assert "usage: weftd" in subprocess.run([str(bindir / "weftd"), "--help"], capture_output=True, text=True).stdout
+
+    subprocess.run(["sh", str(INSTALL), "remove", str(lib), str(cnibin), str(bindir)], check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in cnibin.iterdir()) == ["bridge"]
+    assert not lib.exists() and not (bindir / "weftd").exists()
+
+
+def _glibc_for(bundle: Path) -> set[Path]:
+    """The shared objects from the system that the bundle's ELF files load: glibc's, and zlib for the
+    bootloader, which starts before it points the loader at the bundle."""
+    libs: set[Path] = set()
+    for f in [bundle / "weft", *bundle.rglob("*.so*")]:
+        if not f.is_file() or f.is_symlink():
+            continue
+        env = {} if f == bundle / "weft" else {"LD_LIBRARY_PATH": str(bundle / "_internal")}
+        out = subprocess.run(["ldd", str(f)], capture_output=True, text=True, env=env).stdout
+        for line in out.splitlines():
+            parts = line.split()
+            path = next((Path(p) for p in parts if p.startswith("/")), None)
+            if path is not None and not str(path).startswith(str(bundle)):
+                libs.add(path)
+    return libs
+
+
+def test_frozen_plugin_attaches_a_pod_from_a_root_without_python(bundle: Path, node: Node, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    install(bundle, root / "usr" / "lib" / "weft", root / "opt" / "cni" / "bin")
+    for lib in _glibc_for(bundle):
+        dest = root / str(lib).lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(lib.resolve(), dest)
+    for d in ("proc", "run/netns", "var/lib/cni", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    others = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink() and "/usr/lib/weft/" not in str(p)]
+    assert others and not [p for p in others if ".so" not in p.name]  # only shared objects beside the bundle
+    assert not [p for p in root.rglob("python*") if p.is_file() and os.access(p, os.X_OK)]
+    assert not (root / "bin").exists() and not (root / "usr" / "bin").exists()
+
+    pod = node.pod("chrooted")
+    conf = json.dumps({"cniVersion": "1.0.0", "name": "frozen", "type": "weft", "bridge": "cni0",
+                       "isGateway": True, "ipam": {"type": "weft-ipam", "subnet": "10.33.0.0/24"}})
+    enter = ('mount --bind /proc "$R/proc" && mount --rbind /run/netns "$R/run/netns" && '
+             'exec chroot "$R" /opt/cni/bin/weft')
+
+    def chrooted(command: str) -> subprocess.CompletedProcess[str]:
+        return node.ns.run("unshare", "-m", "sh", "-c", enter, input=conf, check=False,
+                           env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "R": str(root), "CNI_COMMAND": command,
+                                "CNI_CONTAINERID": "frozen1", "CNI_NETNS": pod.path, "CNI_IFNAME": "eth0",
+                                "CNI_PATH": "/opt/cni/bin"})
+
+    add = chrooted("ADD")
+    assert add.returncode == 0, add.stdout + add.stderr
+    ip = json.loads(add.stdout)["ips"][0]["address"]
+    assert ip == "10.33.0.2/24"
+    assert (root / "var/lib/cni/networks/frozen/10.33.0.2").read_text().startswith("frozen1")
+    assert pod.run("ping", "-c1", "-W2", "10.33.0.1", check=False).returncode == 0
+    assert chrooted("CHECK").returncode == 1  # a CHECK without prevResult is refused, as the spec says
+    dele = chrooted("DEL")
+    assert dele.returncode == 0, dele.stdout + dele.stderr
+    assert "eth0" not in pod.links() and not (root / "var/lib/cni/networks/frozen/10.33.0.2").exists()
