@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster, MakeCluster
-from tests.lab import Lab, Node
+from tests.lab import ROOT, Lab, Node
 
 ROOT_MARKERS = ("cni0", "weft")
 
@@ -58,3 +58,12 @@ def make_cluster(lab: Lab) -> Iterator[MakeCluster]:
     yield make
     for c in made:
         c.close()
+
+
+@pytest.fixture(scope="session")
+def bundle() -> Path:
+    """The frozen bundle from `make build`."""
+    path = Path(os.environ.get("WEFT_BUNDLE", ROOT / ".build" / "dist" / "weft"))
+    if not (path / "weft").exists():
+        pytest.fail(f"no frozen bundle at {path}: run `make build`")
+    return path

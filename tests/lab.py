@@ -38,6 +38,14 @@ def plugin_dir(target: Path) -> Path:
     return target
 
 
+def install_bundle(bundle: Path, libdir: Path, cnibin: Path, bindir: Path | None = None) -> str:
+    """packaging/install.sh, as `make install` and the kind init container run it."""
+    cmd = ["sh", str(ROOT / "packaging" / "install.sh"), "install", str(bundle), str(libdir), str(cnibin)]
+    if bindir is not None:
+        cmd.append(str(bindir))
+    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+
+
 def cnidrive_path() -> str:
     exe = os.environ.get("CNIDRIVE") or str(ROOT / ".build" / "cnidrive")
     if not os.access(exe, os.X_OK):

@@ -13,26 +13,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.lab import ROOT, Node
+from tests.lab import ROOT, Node, install_bundle
 
 INSTALL = ROOT / "packaging" / "install.sh"
-
-
-@pytest.fixture(scope="module")
-def bundle() -> Path:
-    path = Path(os.environ.get("WEFT_BUNDLE", ROOT / ".build" / "dist" / "weft"))
-    if not (path / "weft").exists():
-        pytest.fail(f"no frozen bundle at {path}: run `make build`")
-    return path
-
-
-def install(bundle: Path, libdir: Path, cnibin: Path, bindir: Path | None = None) -> str:
-    cmd = ["sh", str(INSTALL), "install", str(bundle), str(libdir), str(cnibin)]
-    if bindir is not None:
-        cmd.append(str(bindir))
-    return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
 def run(exe: Path | str, command: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
@@ -44,8 +27,8 @@ def test_install_is_idempotent_and_uninstall_removes_only_its_own(bundle: Path, 
     lib, cnibin, bindir = tmp_path / "lib" / "weft", tmp_path / "opt" / "cni" / "bin", tmp_path / "bin"
     cnibin.mkdir(parents=True)
     (cnibin / "bridge").symlink_to("/usr/lib/cni/bridge")  # someone else's plugin
-    first = install(bundle, lib, cnibin, bindir)
-    assert install(bundle, lib, cnibin, bindir) == first
+    first = install_bundle(bundle, lib, cnibin, bindir)
+    assert install_bundle(bundle, lib, cnibin, bindir) == first
     assert [p.name for p in lib.iterdir() if p.name.startswith("bundle-")] == [first.split()[1].rstrip(":")]
     for name in ("weft", "weft-ipam"):
         link = cnibin / name
@@ -82,7 +65,7 @@ def _glibc_for(bundle: Path) -> set[Path]:
 
 def test_frozen_plugin_attaches_a_pod_from_a_root_without_python(bundle: Path, node: Node, tmp_path: Path) -> None:
     root = tmp_path / "root"
-    install(bundle, root / "usr" / "lib" / "weft", root / "opt" / "cni" / "bin")
+    install_bundle(bundle, root / "usr" / "lib" / "weft", root / "opt" / "cni" / "bin")
     for lib in _glibc_for(bundle):
         dest = root / str(lib).lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
