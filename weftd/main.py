@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -95,6 +96,16 @@ def _paths(args: argparse.Namespace) -> Paths:
                  Path(getattr(args, "ipam_data_dir", Paths.ipam_data_dir)), Path(sock) if sock else None)
 
 
+def can_enter_netns() -> bool:
+    """Serving the plugin means setns() into pod namespaces, which needs CAP_SYS_ADMIN."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line.split()[1] for line in f if line.startswith("CapEff:"))
+        return bool(int(caps, 16) & (1 << 21))
+    except (OSError, StopIteration, ValueError):
+        return False
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pyroute2 import IPRoute
 
@@ -126,6 +137,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     server = serve(args.listen, metrics, health)
     paths = _paths(args)
     cni = None
+    if paths.cni_socket is not None and not can_enter_netns():
+        log.warning("no CAP_SYS_ADMIN: not serving the plugin; it runs each invocation itself")
+        paths = dataclasses.replace(paths, cni_socket=None)
     if paths.cni_socket is not None:
         from weftd.cniserver import CniServer
 

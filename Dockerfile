@@ -1,0 +1,11 @@
+# The Weft image: the frozen bundle from `make build` (no Python inside), and the nftables and
+# iptables tools weftd's NAT rules and the reference plugins expect on a node.
+#   make build && docker build -t weft:0.1.0 .
+FROM debian:bookworm-slim
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends nftables iptables \
+ && rm -rf /var/lib/apt/lists/*
+COPY .build/dist/weft /opt/weft/bundle
+COPY packaging/install.sh /opt/weft/install.sh
+ENTRYPOINT ["/opt/weft/bundle/weftd"]
+CMD ["run"]
