@@ -75,6 +75,7 @@ demo: deps venv cnidrive
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
 
 bench: deps venv cnidrive build
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.plugin_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.weftd_bench
 
 clean:

@@ -1,0 +1,259 @@
+"""Pod set-up and tear-down: Weft against Debian's reference Go plugins, side by side.
+
+Every variant gets a node namespace of its own with two networks, "plain" (bridge + IPAM) and
+"masq" (the same with ipMasq, chained with the reference portmap), on the same subnets. The
+operations run through `cnidrive` (libcni, as containerd does), interleaved: one round is ADD,
+CHECK, DEL of a fresh pod on every variant in turn, so drift on the machine hits all alike.
+
+Weft variants: the frozen bundle (`make build`) and the source tree (the venv's scripts), each
+served by a weftd on the node (the production set-up) and on its own (no weftd).
+
+Run with `make bench`. This is a benchmark, not a test: nothing here has a pass mark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cni_plugin.netns import NetNS
+from tests.lab import REFERENCE_DIR, ROOT, SOCKET_DIR, Lab, Node, cnidrive_path, install_bundle
+
+ROUNDS = int(os.environ.get("WEFT_BENCH_ROUNDS", "30"))
+BURST = int(os.environ.get("WEFT_BENCH_BURST", "100"))
+BUNDLE = Path(os.environ.get("WEFT_BUNDLE", ROOT / ".build" / "dist" / "weft"))
+NETWORKS = {"plain": ("cni0", "10.77.0.0/24"), "masq": ("cni1", "10.78.0.0/24")}
+
+
+@dataclass
+class Variant:
+    name: str
+    node: Node
+    weft: str | None  # None: the reference plugins; else "frozen" or "source"
+    weftd: subprocess.Popen[bytes] | None = None
+    socket: Path | None = None
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    def conflist(self, network: str) -> Path:
+        bridge, subnet = NETWORKS[network]
+        data = str(self.node.dir / "ipam")
+        if self.weft is None:
+            main: dict[str, Any] = {"type": "bridge", "ipam": {"type": "host-local", "subnet": subnet,
+                                                                "dataDir": data}}
+        else:
+            main = {"type": "weft", "ipam": {"type": "weft-ipam", "subnet": subnet, "dataDir": data}}
+            if self.socket is not None:
+                main["daemonSocket"] = str(self.socket)
+        main.update({"bridge": bridge, "isGateway": True, "ipMasq": network == "masq"})
+        plugins = [main] + ([{"type": "portmap", "capabilities": {"portMappings": True}}] if network == "masq" else [])
+        return self.node.write_conflist(f"bench-{network}", plugins)
+
+
+Completed = subprocess.CompletedProcess[str]
+
+
+def drive(v: Variant, verb: str, conflist: Path, cid: str, netns: str) -> tuple[float, Completed]:
+    """One libcni operation from inside the node's namespace; returns its wall time in ms."""
+    with NetNS(v.node.ns.path).entered():  # this thread only; the child inherits it
+        t = time.perf_counter()
+        p = subprocess.run([cnidrive_path(), verb, str(conflist), cid, netns, "eth0"], capture_output=True, text=True,
+                           env=v.node.env())
+        took = (time.perf_counter() - t) * 1000
+    if p.returncode != 0:
+        raise RuntimeError(f"{v.name} {verb} {cid}: {p.stdout}{p.stderr}")
+    return took, p
+
+
+def start_weftd(lab: Lab, v: Variant) -> None:
+    peer = lab.netns("underlay")
+    ns = v.node.ns
+    ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name)
+    ns.run("ip", "addr", "add", "192.168.91.1/24", "dev", "eth0")
+    ns.run("ip", "link", "set", "eth0", "up")
+    (v.node.dir / "net-conf.json").write_text(json.dumps({"Network": "10.90.0.0/16",
+                                                          "Backend": {"Type": "host-gw"}}))
+    v.socket = SOCKET_DIR / f"{lab.tag}-{v.name}.sock"
+    exe = [str(BUNDLE / "weftd")] if v.weft == "frozen" else [sys.executable, "-m", "weftd"]
+    v.weftd = subprocess.Popen(
+        ["ip", "netns", "exec", ns.name, *exe, "run", "--node-name", v.name, "--store", "file",
+         "--store-path", str(v.node.dir / "store.json"), "--net-conf", str(v.node.dir / "net-conf.json"),
+         "--iface", "eth0", "--subnet-file", str(v.node.dir / "subnet.env"), "--cni-conf-dir",
+         str(v.node.dir / "weftd-net.d"), "--listen", "127.0.0.1:9808", "--cni-socket", str(v.socket)],
+        stdout=subprocess.DEVNULL, stderr=open(v.node.dir / "weftd.log", "ab"))
+    deadline = time.monotonic() + 60
+    while not (v.node.dir / "weftd-net.d" / "10-weft.conflist").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"weftd on {v.name} did not start: {(v.node.dir / 'weftd.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+
+
+def make_variants(lab: Lab) -> list[Variant]:
+    frozen_bin = lab.base / "frozen-bin"
+    install_bundle(BUNDLE, frozen_bin / ".weft", frozen_bin)
+    for name in ("portmap", "bridge", "host-local"):
+        (frozen_bin / name).symlink_to(REFERENCE_DIR / name)
+    variants = [Variant("reference", lab.node("ref"), None)]
+    for build in ("frozen", "source"):
+        for served in (True, False):
+            node = lab.node(f"{build[:3]}{'d' if served else 'a'}")
+            if build == "frozen":
+                node = Node(node.ns, node.dir, frozen_bin, lab)
+            v = Variant(f"weft-{build}{'+weftd' if served else ''}", node, build)
+            if served:
+                start_weftd(lab, v)
+            variants.append(v)
+    return variants
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
+
+
+def rounds(lab: Lab, variants: list[Variant]) -> None:
+    conflists = {(v.name, n): v.conflist(n) for v in variants for n in NETWORKS}
+    for r in range(ROUNDS):
+        for network in NETWORKS:
+            for v in variants:
+                pod = lab.netns("p")
+                cid = f"r{r}{network}"
+                for verb in ("add", "check", "del"):
+                    took, _ = drive(v, verb, conflists[(v.name, network)], cid, pod.path)
+                    v.times.setdefault(f"{network}:{verb}", []).append(took)
+                subprocess.run(["ip", "netns", "del", pod.name], check=True)
+                lab.namespaces.remove(pod)
+        if r % 10 == 9:
+            print(f"  {r + 1}/{ROUNDS} rounds", flush=True)
+
+
+def burst(lab: Lab, v: Variant) -> dict[str, Any]:
+    conflist = v.conflist("plain")
+    pods = [lab.netns("b") for _ in range(BURST)]
+    out: dict[str, Any] = {}
+    lock = threading.Lock()
+    for verb in ("add", "del"):
+        failures: list[str] = []
+        ips: list[str] = []
+
+        def one(i: int, verb: str = verb, failures: list[str] = failures, ips: list[str] = ips) -> None:
+            try:
+                _, p = drive(v, verb, conflist, f"burst{i}", pods[i].path)
+                if verb == "add":
+                    with lock:
+                        ips.append(json.loads(p.stdout)["ips"][0]["address"])
+            except RuntimeError as e:
+                with lock:
+                    failures.append(str(e)[:200])
+
+        t = time.perf_counter()
+        with ThreadPoolExecutor(BURST) as pool:
+            list(pool.map(one, range(BURST)))
+        out[verb] = {"wall_s": round(time.perf_counter() - t, 3), "failures": len(failures)}
+        if verb == "add":
+            out[verb]["distinct_addresses"] = len(set(ips))
+        if failures:
+            print(f"    {v.name} burst {verb}: {failures[0]}")
+    for pod in pods:
+        subprocess.run(["ip", "netns", "del", pod.name], check=True)
+        lab.namespaces.remove(pod)
+    return out
+
+
+def plugin_rss(v: Variant) -> int:
+    """Peak RSS (KiB) of one direct ADD+DEL of the `weft` executable, or of bridge for the reference."""
+    conf = json.loads(v.conflist("plain").read_text())
+    one = {"cniVersion": conf["cniVersion"], "name": conf["name"], **conf["plugins"][0]}
+    exe = str(v.node.bin / ("bridge" if v.weft is None else "weft"))
+    pod = v.node.lab.netns("rss")
+    peak = 0
+    for command in ("ADD", "DEL"):
+        env = v.node.env(CNI_COMMAND=command, CNI_CONTAINERID="rss", CNI_NETNS=pod.path, CNI_IFNAME="eth0")
+        with NetNS(v.node.ns.path).entered():
+            p = subprocess.run(["/usr/bin/time", "-f", "%M", exe], input=json.dumps(one), capture_output=True,
+                               text=True, env=env)
+        peak = max(peak, int(p.stderr.strip().splitlines()[-1]))
+    return peak
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def weftd_pid(v: Variant) -> int | None:
+    """The weftd process under `ip netns exec`: the child that carries the socket flag."""
+    out = subprocess.run(["pgrep", "-f", f"--cni-socket {v.socket}"], capture_output=True, text=True).stdout.split()
+    pids = [int(p) for p in out if Path(f"/proc/{p}/exe").resolve().name != "ip"]
+    return pids[0] if pids else None
+
+
+def report(variants: list[Variant], bursts: dict[str, Any], rss: dict[str, Any]) -> dict[str, Any]:
+    ref = variants[0]
+    out: dict[str, Any] = {"rounds": ROUNDS, "ops": {}, "burst": bursts, "rss_kib": rss}
+    print(f"\n{'variant':22} {'op':12} {'p50 ms':>8} {'p95 ms':>8} {'ratio p50':>10} {'ratio p95':>10}")
+    for v in variants:
+        for key, xs in v.times.items():
+            p50, p95 = statistics.median(xs), percentile(xs, 0.95)
+            r50, r95 = p50 / statistics.median(ref.times[key]), p95 / percentile(ref.times[key], 0.95)
+            out["ops"].setdefault(v.name, {})[key] = {"p50_ms": round(p50, 2), "p95_ms": round(p95, 2),
+                                                      "ratio_p50": round(r50, 2), "ratio_p95": round(r95, 2)}
+            print(f"{v.name:22} {key:12} {p50:8.1f} {p95:8.1f} {r50:10.2f} {r95:10.2f}")
+    print(f"\nburst of {BURST} concurrent ADDs, then {BURST} concurrent DELs (plain network)")
+    for name, b in bursts.items():
+        ra = b["add"]["wall_s"] / bursts["reference"]["add"]["wall_s"]
+        rd = b["del"]["wall_s"] / bursts["reference"]["del"]["wall_s"]
+        b["ratio_add"], b["ratio_del"] = round(ra, 2), round(rd, 2)
+        print(f"{name:22} ADD {b['add']['wall_s']:6.2f} s (ratio {ra:.2f}, failures {b['add']['failures']}, "
+              f"distinct {b['add']['distinct_addresses']})  DEL {b['del']['wall_s']:6.2f} s (ratio {rd:.2f}, "
+              f"failures {b['del']['failures']})")
+    print("\npeak RSS, KiB:", ", ".join(f"{k} {v}" for k, v in rss.items()))
+    return out
+
+
+def main() -> int:
+    if not (BUNDLE / "weft").exists():
+        print(f"no frozen bundle at {BUNDLE}: run `make build`", file=sys.stderr)
+        return 2
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+    lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
+    try:
+        variants = make_variants(lab)
+        print(f"plugin bench: {ROUNDS} interleaved rounds of ADD, CHECK, DEL per variant and network")
+        rounds(lab, variants)
+        bursts = {}
+        for v in variants:
+            if v.name in ("reference", "weft-frozen+weftd", "weft-frozen"):
+                bursts[v.name] = burst(lab, v)
+        rss: dict[str, Any] = {v.name: plugin_rss(v) for v in variants if v.name in ("reference", "weft-frozen+weftd",
+                                                                                     "weft-frozen", "weft-source")}
+        for v in variants:
+            pid = weftd_pid(v) if v.weftd is not None else None
+            if pid is not None:
+                rss[f"{v.name} (weftd peak)"] = rss_kib(pid)
+        out = report(variants, bursts, rss)
+        print(json.dumps({"plugin_bench": out}, sort_keys=True))
+    finally:
+        for v in locals().get("variants", []):
+            if v.weftd is not None:
+                v.weftd.terminate()
+                v.weftd.wait(15)
+        lab.close()
+        shutil.rmtree(lab.base, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
