@@ -195,7 +195,8 @@ def rss_kib(pid: int) -> int:
 
 def weftd_pid(v: Variant) -> int | None:
     """The weftd process under `ip netns exec`: the child that carries the socket flag."""
-    out = subprocess.run(["pgrep", "-f", f"--cni-socket {v.socket}"], capture_output=True, text=True).stdout.split()
+    out = subprocess.run(["pgrep", "-f", "--", f"--cni-socket {v.socket}"], capture_output=True,
+                         text=True).stdout.split()
     pids = [int(p) for p in out if Path(f"/proc/{p}/exe").resolve().name != "ip"]
     return pids[0] if pids else None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,21 @@ def _sysctl(path: str, value: str, missing_ok: bool = True) -> None:
             raise
 
 
+def random_mac() -> str:
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
+    return ":".join(f"{x:02x}" for x in b)
+
+
 def ensure_bridge(ipr: IPRoute, name: str, mtu: int | None, promisc: bool) -> tuple[Any, bool]:
     """The bridge, created if missing (concurrent ADDs may race: EEXIST is fine)."""
     created = False
     if get_link(ipr, name) is None:
         try:
-            spec: dict[str, Any] = {"ifname": name, "kind": "bridge", "group": GROUP, "br_forward_delay": 0}
+            # An address of its own: otherwise the kernel gives the bridge its lowest port's, and the
+            # gateway's MAC changes under every pod whenever that port comes or goes.
+            spec: dict[str, Any] = {"ifname": name, "kind": "bridge", "group": GROUP, "br_forward_delay": 0,
+                                    "address": random_mac()}
             if mtu:
                 spec["mtu"] = mtu
             ipr.link("add", **spec)

@@ -64,7 +64,11 @@ def validate_ifname(name: str) -> str | None:
     """Why `name` cannot be a Linux interface name, or None if it can."""
     if not name:
         return "is empty"
-    if len(name.encode()) > 15:
+    try:
+        encoded = name.encode()
+    except UnicodeEncodeError:  # bytes from the environment that are not UTF-8
+        return "is not valid UTF-8"
+    if len(encoded) > 15:
         return "is longer than 15 bytes"
     if name in (".", ".."):
         return "is . or .."
