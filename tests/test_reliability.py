@@ -352,3 +352,40 @@ def test_fuzzed_input_gets_an_error_and_changes_nothing(node: Node) -> None:
         p = node.ns.run(str(node.bin / "weft"), input=raw, env=node.env(**full), check=False)
         assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr and json.loads(p.stdout)["code"]
     assert _state(node) == before
+
+
+def test_weftd_killed_and_stopped_mid_iperf3_stream(make_cluster: MakeCluster) -> None:
+    """A TCP stream across nodes survives weftd's SIGKILL on one end and SIGTERM on the other, and the
+    route to the live peer is never withdrawn meanwhile."""
+    c = make_cluster("vxlan")
+    n1, n2 = c.boot(["n1", "n2"])
+    a, _ = c.pod(n1, "a")
+    b, b_ip = c.pod(n2, "b")
+    server = subprocess.Popen(["ip", "netns", "exec", b.name, "iperf3", "-s", "-1", "-B", b_ip],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        client = subprocess.Popen(["ip", "netns", "exec", a.name, "iperf3", "-c", b_ip, "-t", "8", "-J"],
+                                  stdout=subprocess.PIPE, text=True)
+        time.sleep(2)
+        c.stop(n1, signal.SIGKILL)
+        c.stop(n2, signal.SIGTERM)
+        seen = []
+        for _ in range(20):  # both daemons down: the kernel state they left must stay
+            seen.append(len(n1.routes()) == 1 and len(n2.routes()) == 1)
+            time.sleep(0.1)
+        c.start(n1)
+        c.start(n2)
+        c.wait_ready(n1)
+        c.wait_ready(n2)
+        out, _ = client.communicate(timeout=60)
+    finally:
+        server.kill()
+        server.wait()
+    assert all(seen)
+    report = json.loads(out)
+    assert client.returncode == 0 and "error" not in report, out[-500:]
+    intervals = [i["sum"]["bytes"] for i in report["intervals"]]
+    assert len(intervals) >= 8 and min(intervals) > 0, intervals  # no second without data
+    print(f"iperf3 across the restarts: {report['end']['sum_received']['bits_per_second'] / 1e9:.2f} Gbit/s, "
+          f"{report['end']['sum_sent'].get('retransmits', 0)} retransmits")
