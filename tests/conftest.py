@@ -19,13 +19,19 @@ def _root_links() -> set[str]:
     return {line.split(": ")[1].split("@")[0] for line in out.splitlines() if ": " in line}
 
 
+def _machine_cni_files() -> list[str]:
+    """What the machine's own CNI directories hold: tests keep their stores and caches elsewhere."""
+    return sorted(str(p) for d in ("/var/lib/cni", "/etc/cni", "/opt/cni") for p in Path(d).rglob("*"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def root_namespace_untouched() -> Iterator[None]:
     """The machine's own network namespace must look the same after the whole run."""
     if os.geteuid() != 0:
         pytest.exit("Weft's tests build network namespaces and must run as root", returncode=2)
-    before = _root_links()
+    before, files_before = _root_links(), _machine_cni_files()
     yield
+    assert _machine_cni_files() == files_before, "the machine's own CNI state directories changed"
     after = _root_links()
     assert after == before, f"root namespace links changed: +{after - before} -{before - after}"
     assert not any(n.startswith(ROOT_MARKERS) for n in after)

@@ -3,8 +3,9 @@
 containerd gets its own root, state, config and socket. It runs under `nsenter --net` in a private
 mount namespace rather than `ip netns exec`, so it keeps the machine's cgroup mounts (v1, hybrid or
 v2) instead of a fresh sysfs without them. `ctr run --cni` reads the fixed paths /etc/cni/net.d and
-/opt/cni/bin, so ctr runs in a private mount namespace where a throw-away overlay on /etc and a tmpfs
-on /opt put the test's directories there; nothing on the machine itself changes.
+/opt/cni/bin and caches results in /var/lib/cni, so ctr runs in a private mount namespace where
+throw-away overlays on /etc and /var/lib and a tmpfs on /opt put the test's directories there;
+nothing on the machine itself changes.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ ENTER = """
 set -e
 d=$1; shift
 mount -t overlay overlay -o lowerdir=/etc,upperdir=$d/ovl/upper,workdir=$d/ovl/work /etc
+mount -t overlay overlay -o lowerdir=/var/lib,upperdir=$d/ovl/var-upper,workdir=$d/ovl/var-work /var/lib
 mkdir -p /etc/cni/net.d
 mount --bind $d/net.d /etc/cni/net.d
 mount -t tmpfs tmpfs /opt
@@ -48,7 +50,8 @@ class Containerd:
         self.namespace = namespace
         self.socket = SOCKET_DIR / f"{namespace}.sock"
         self.cni = workdir / "cni"
-        for d in ("root", "state", "cni/bin", "cni/net.d", "cni/ovl/upper", "cni/ovl/work"):
+        for d in ("root", "state", "cni/bin", "cni/net.d", "cni/ovl/upper", "cni/ovl/work", "cni/ovl/var-upper",
+                  "cni/ovl/var-work"):
             (workdir / d).mkdir(parents=True, exist_ok=True)
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
         self.config = workdir / "config.toml"

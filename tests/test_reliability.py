@@ -257,8 +257,10 @@ JSONISH = st.recursive(SCALARS, lambda kids: st.lists(kids, max_size=4) | st.dic
                                                                                           max_size=4), max_leaves=12)
 ODD = st.sampled_from(["", "../../etc/passwd", "a/b", "..", ".", "x" * 300, "eth0\n", "e\x00th0", "ééé", " ", "-x",
                        "weft0; rm -rf /", "\udcff"])
-KEYS = ["cniVersion", "name", "type", "bridge", "mtu", "ipMasq", "isGateway", "ipam", "dataDir", "subnet",
-        "ranges", "rangeStart", "rangeEnd", "gateway", "routes", "prevResult", "vlan"]
+# Random values for these keys. Not for "name" or "dataDir": a random valid one picks another store,
+# where the ADD would rightly succeed (and, for dataDir, write outside the test's directory).
+KEYS = ["cniVersion", "type", "bridge", "mtu", "ipMasq", "isGateway", "ipam", "subnet", "ranges", "rangeStart",
+        "rangeEnd", "gateway", "routes", "prevResult", "vlan"]
 
 
 def _base(node: Node) -> dict[str, Any]:
