@@ -230,14 +230,21 @@ def delete_bridge_if_unused(ipr: IPRoute, index: int) -> None:
         ignore_errno(ipr.link, "del", index=index, codes=(errno.ENODEV,))
 
 
-def weft_veths(ipr: IPRoute, network: str) -> list[tuple[str, str]]:
-    """(container ID, ifname) of every host veth Weft made for `network`."""
-    out = []
+def weft_veths(ipr: IPRoute, network: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(container ID, ifname) of every host veth Weft made for `network`, and the names of Weft's
+    veths without a label: the kernel ignores an alias in the creating message, so an ADD killed
+    between creating the veth and labelling it leaves one, which only GC can find."""
+    labelled, unlabelled = [], []
     for link in ipr.get_links():
-        words = (link.get("IFLA_IFALIAS") or "").split(" ")
-        if link.get("group") == GROUP and len(words) == 4 and words[0] == "weft" and words[1] == network:
-            out.append((words[2], words[3]))
-    return out
+        if link.get("group") != GROUP or kind(link) != "veth":
+            continue
+        alias = link.get("IFLA_IFALIAS") or ""
+        words = alias.split(" ")
+        if len(words) == 4 and words[0] == "weft" and words[1] == network:
+            labelled.append((words[2], words[3]))
+        elif not alias:
+            unlabelled.append(link.get("IFLA_IFNAME"))
+    return labelled, unlabelled
 
 
 def check(ipr: IPRoute, ns: NetNS, bridge: str, host_name: str, container: Interface,

@@ -186,9 +186,12 @@ def cmd_gc(args: skel.Args, raw: dict[str, Any]) -> None:
     from cni_plugin import attachment, masq
 
     with IPRoute() as ipr:
-        for cid, ifname in attachment.weft_veths(ipr, conf.name):
+        labelled, unlabelled = attachment.weft_veths(ipr, conf.name)
+        for cid, ifname in labelled:
             if (cid, ifname) not in valid:
                 attachment.delete_host_veth(ipr, attachment.host_veth_name(cid, ifname))
+        for name in unlabelled:
+            attachment.delete_host_veth(ipr, name)
     try:
         masq.collect(conf.name, valid)
     except CniError as e:
