@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cni_plugin.netns import NetNS
-from tests.lab import REFERENCE_DIR, ROOT, SOCKET_DIR, Lab, Node, cnidrive_path, install_bundle
+from tests.lab import REFERENCE_DIR, ROOT, SOCKET_DIR, Lab, Node, cnidrive_path, install_bundle, proc_kib, weftd_pid
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_ROUNDS", "30"))
 BURST = int(os.environ.get("WEFT_BENCH_BURST", "100"))
@@ -186,21 +186,6 @@ def plugin_rss(v: Variant) -> int:
     return peak
 
 
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    return 0
-
-
-def weftd_pid(v: Variant) -> int | None:
-    """The weftd process under `ip netns exec`: the child that carries the socket flag."""
-    out = subprocess.run(["pgrep", "-f", "--", f"--cni-socket {v.socket}"], capture_output=True,
-                         text=True).stdout.split()
-    pids = [int(p) for p in out if Path(f"/proc/{p}/exe").resolve().name != "ip"]
-    return pids[0] if pids else None
-
-
 def report(variants: list[Variant], bursts: dict[str, Any], rss: dict[str, Any]) -> dict[str, Any]:
     ref = variants[0]
     out: dict[str, Any] = {"rounds": ROUNDS, "ops": {}, "burst": bursts, "rss_kib": rss}
@@ -230,8 +215,9 @@ def main() -> int:
         return 2
     SOCKET_DIR.mkdir(parents=True, exist_ok=True)
     lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
+    variants: list[Variant] = []
     try:
-        variants = make_variants(lab)
+        variants += make_variants(lab)
         print(f"plugin bench: {ROUNDS} interleaved rounds of ADD, CHECK, DEL per variant and network")
         rounds(lab, variants)
         bursts = {}
@@ -241,13 +227,13 @@ def main() -> int:
         rss: dict[str, Any] = {v.name: plugin_rss(v) for v in variants if v.name in ("reference", "weft-frozen+weftd",
                                                                                      "weft-frozen", "weft-source")}
         for v in variants:
-            pid = weftd_pid(v) if v.weftd is not None else None
+            pid = weftd_pid(v.socket) if v.socket is not None else None
             if pid is not None:
-                rss[f"{v.name} (weftd peak)"] = rss_kib(pid)
+                rss[f"{v.name} (weftd peak)"] = proc_kib(pid, "VmHWM")
         out = report(variants, bursts, rss)
         print(json.dumps({"plugin_bench": out}, sort_keys=True))
     finally:
-        for v in locals().get("variants", []):
+        for v in variants:
             if v.weftd is not None:
                 v.weftd.terminate()
                 v.weftd.wait(15)

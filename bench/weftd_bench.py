@@ -17,16 +17,9 @@ from typing import Any
 import netaddr
 
 from tests.cluster import Cluster
-from tests.lab import Lab
+from tests.lab import Lab, proc_kib
 
 SIZES = tuple(int(n) for n in os.environ.get("WEFT_BENCH_SIZES", "100,1000,5000").split(","))
-
-
-def rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
 
 
 def fake_peers(n: int) -> dict[str, Any]:
@@ -66,7 +59,7 @@ def convergence(backend: str) -> dict[str, Any]:
             took = time.perf_counter() - t0
             routes = len(cn.routes())
             assert cn.proc is not None
-            rss = round(rss_kib(cn.proc.pid) / 1024, 1)
+            rss = round(proc_kib(cn.proc.pid) / 1024, 1)
             results[str(n)] = {"seconds": round(took, 3), "routes": routes, "rss_mib": rss}
             print(f"  {backend:8} N={n:5}: all peers programmed in {took:7.2f} s ({routes} routes), "
                   f"weftd RSS {results[str(n)]['rss_mib']} MiB", flush=True)

@@ -46,6 +46,32 @@ def install_bundle(bundle: Path, libdir: Path, cnibin: Path, bindir: Path | None
     return subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
 
 
+def host_veths(node: Node) -> list[str]:
+    """The host ends of pod veths Weft made on `node` (named weft + hash; the VTEP is weft.<VNI>)."""
+    return sorted(n for n in node.ns.links() if n.startswith("weft") and not n.startswith("weft."))
+
+
+def weftd_pid(socket: Path) -> int | None:
+    """The weftd serving `socket`: the process under `ip netns exec` that carries the flag."""
+    flag = ["--cni-socket", str(socket)]
+    for proc in Path("/proc").iterdir():
+        try:
+            args = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0")]
+            if any(args[i:i + 2] == flag for i in range(len(args))) and (proc / "exe").resolve().name != "ip":
+                return int(proc.name)
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def proc_kib(pid: int, field: str = "VmRSS") -> int:
+    """A memory figure (VmRSS, VmHWM) from /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def cnidrive_path() -> str:
     exe = os.environ.get("CNIDRIVE") or str(ROOT / ".build" / "cnidrive")
     if not os.access(exe, os.X_OK):

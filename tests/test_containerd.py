@@ -34,6 +34,14 @@ def containerd(lab: Lab, node: Node, bundle: Path, tmp_path: Path) -> Iterator[C
         ctrd.stop()
 
 
+def start_server(containerd: Containerd) -> tuple[subprocess.Popen[str], str]:
+    """The `srv` container serving HTTP on 8080, and its address."""
+    server = subprocess.Popen(containerd.run_cni("--rm", IMAGE, "srv", "sh", "-c", SERVE),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=containerd.env)
+    assert server.stdout is not None
+    return server, _address(server.stdout.readline())
+
+
 def _address(line: str) -> str:
     m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", line)
     assert m, line
@@ -48,11 +56,8 @@ def test_containers_on_weft_reach_each_other_and_leave_nothing(containerd: Conta
              "hairpinMode": True, "ipam": {"type": "weft-ipam", "subnet": "10.88.7.0/24", "dataDir": str(data)}},
             {"type": "portmap", "capabilities": {"portMappings": True}}]}))
 
-    server = subprocess.Popen(containerd.run_cni("--rm", IMAGE, "srv", "sh", "-c", SERVE),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=containerd.env)
+    server, srv_ip = start_server(containerd)
     try:
-        assert server.stdout is not None
-        srv_ip = _address(server.stdout.readline())
         client = subprocess.run(
             containerd.run_cni("--rm", IMAGE, "cli", "sh", "-c",
                                f"ip -4 -o addr show eth0 && ping -c1 -W2 {srv_ip} >/dev/null && "
@@ -109,11 +114,8 @@ def test_frozen_weftd_serves_the_frozen_plugin_under_containerd(containerd: Cont
         assert [p["type"] for p in plugins] == ["weft", "portmap"] and plugins[0]["daemonSocket"] == str(sock)
         assert plugins[0]["ipam"]["type"] == "weft-ipam"
 
-        server = subprocess.Popen(containerd.run_cni("--rm", IMAGE, "srv", "sh", "-c", SERVE),
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=containerd.env)
+        server, srv_ip = start_server(containerd)
         try:
-            assert server.stdout is not None
-            srv_ip = _address(server.stdout.readline())
             client = subprocess.run(
                 containerd.run_cni("--rm", IMAGE, "cli", "sh", "-c", f"wget -qO- http://{srv_ip}:8080/"),
                 capture_output=True, text=True, env=containerd.env, timeout=120)

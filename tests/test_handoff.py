@@ -10,17 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.cluster import ClusterNode, MakeCluster
-from tests.lab import cnidrive_path
+from tests.lab import cnidrive_path, host_veths
 
 
 def handed_over(cn: ClusterNode, command: str, result: str = "ok") -> int:
     _, body = cn.http("/metrics")
     m = re.search(rf'^weft_cni_requests_total{{command="{command}",result="{result}"}} (\S+)$', body, re.M)
     return int(float(m.group(1))) if m else 0
-
-
-def weft_links(cn: ClusterNode) -> list[str]:
-    return [n for n in cn.ns.links() if n.startswith("weft") and not n.startswith("weft.")]
 
 
 def test_weftd_serves_the_plugin_and_the_plugin_runs_alone_without_it(make_cluster: MakeCluster) -> None:
@@ -50,7 +46,7 @@ def test_weftd_serves_the_plugin_and_the_plugin_runs_alone_without_it(make_clust
     for cid in ("a", "b"):
         n1.node.drive("del", n1.conflist, cid, n1.pods[cid][0].path)
     assert handed_over(n1, "DEL") == 2 and handed_over(n1, "ADD") == 0  # counters restart with weftd
-    assert weft_links(n1) == [] and n1.node.leases("weft") == {}
+    assert host_veths(n1.node) == [] and n1.node.leases("weft") == {}
 
 
 def test_netns_reaches_weftd_as_a_descriptor(make_cluster: MakeCluster) -> None:
@@ -70,7 +66,7 @@ def test_netns_reaches_weftd_as_a_descriptor(make_cluster: MakeCluster) -> None:
     assert any(a["local"] == ip for a in pod.ip_json("addr", "show", "eth0")[0]["addr_info"])
     assert handed_over(n1, "ADD") == 1
     n1.node.drive("del", n1.conflist, "hid", "")
-    assert weft_links(n1) == [] and n1.node.leases("weft") == {}
+    assert host_veths(n1.node) == [] and n1.node.leases("weft") == {}
 
 
 def _bad_inputs(cn: ClusterNode, sock: str, pod_path: str) -> list[tuple[str, dict[str, object], dict[str, str]]]:
@@ -132,13 +128,13 @@ def test_concurrent_adds_and_dels_through_weftd(make_cluster: MakeCluster) -> No
                              range(n)))
     assert [a.stdout + a.stderr for a in adds if a.rc != 0] == []
     assert len({a.json["ips"][0]["address"] for a in adds}) == n
-    assert handed_over(n1, "ADD") == n and len(weft_links(n1)) == n
+    assert handed_over(n1, "ADD") == n and len(host_veths(n1.node)) == n
     with ThreadPoolExecutor(n) as pool:
         dels = list(pool.map(lambda i: n1.node.drive("del", n1.conflist, f"c{i}", pods[i].path, check=False),
                              range(n)))
     assert [d.stderr for d in dels if d.rc != 0] == []
     assert handed_over(n1, "DEL") == n
-    assert weft_links(n1) == [] and n1.node.leases("weft") == {}
+    assert host_veths(n1.node) == [] and n1.node.leases("weft") == {}
 
 
 def test_socket_is_private_to_root(make_cluster: MakeCluster) -> None:

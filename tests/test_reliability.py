@@ -21,14 +21,10 @@ from hypothesis import strategies as st
 from cni_plugin import skel
 from cni_plugin.netns import NetNS
 from cni_plugin.plugin import HANDLERS, PLUGIN
-from tests.cluster import ClusterNode, MakeCluster
-from tests.lab import Node, weft_conf
+from tests.cluster import MakeCluster
+from tests.lab import Node, host_veths, proc_kib, weft_conf, weftd_pid
 
 SEED = int(os.environ.get("WEFT_FAULT_SEED", "20261122"))
-
-
-def weft_links(node: Node) -> list[str]:
-    return sorted(n for n in node.ns.links() if n.startswith("weft") and not n.startswith("weft."))
 
 
 def lease_files(node: Node, network: str) -> dict[str, str]:
@@ -36,7 +32,7 @@ def lease_files(node: Node, network: str) -> dict[str, str]:
 
 
 def assert_clean(node: Node, network: str) -> None:
-    assert weft_links(node) == []
+    assert host_veths(node) == []
     assert lease_files(node, network) == {}
     assert "masquerade" not in node.ns.run("nft", "list", "ruleset").stdout
     cache = node.cache_dir / "results"
@@ -89,7 +85,7 @@ def test_kill_9_at_random_points_of_add_then_del_or_gc_cleans_up(node: Node) -> 
     assert gc.rc == 0, gc.stdout
     kept = {f.split("\n")[0].strip() for f in lease_files(node, "killnet").values()}
     assert kept == {v["containerID"] for v in valid}
-    assert len(weft_links(node)) == len(valid)
+    assert len(host_veths(node)) == len(valid)
     for v in valid:
         assert node.plugin("DEL", conf, cid=v["containerID"], netns="").rc == 0
     assert_clean(node, "killnet")
@@ -127,26 +123,14 @@ def test_storm_of_200_pods_in_random_order_with_repeats(make_cluster: MakeCluste
             elif rc == 0:
                 attached.add(f"storm{i}")
     assert set(owners) == attached
-    assert len(weft_links(node)) == len(attached)
+    assert len(host_veths(node)) == len(attached)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda i: node.drive("del", n1.conflist, f"storm{i}", pods[i].path), pods))
-    assert weft_links(node) == [] and lease_files(node, "weft") == {}
+    assert host_veths(node) == [] and lease_files(node, "weft") == {}
 
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def weftd_pid(cn: ClusterNode) -> int:
-    out = subprocess.run(["pgrep", "-f", "--", f"--cni-socket {cn.node.socket}"], capture_output=True, text=True).stdout
-    pids = [int(p) for p in out.split() if Path(f"/proc/{p}/exe").resolve().name != "ip"]
-    assert pids
-    return pids[0]
-
-
-def rss_kib(pid: int) -> int:
-    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
-    return int(line.split()[1])
 
 
 def test_soak_1000_add_del_cycles_through_weftd(make_cluster: MakeCluster) -> None:
@@ -155,17 +139,18 @@ def test_soak_1000_add_del_cycles_through_weftd(make_cluster: MakeCluster) -> No
     (n1,) = c.boot(["n1"])
     node = n1.node
     pod = node.pod("soak")
-    pid = weftd_pid(n1)
+    pid = weftd_pid(node.socket)
+    assert pid is not None
     samples = []
     for i in range(cycles):
         node.drive("add", n1.conflist, f"soak{i}", pod.path)
         node.drive("del", n1.conflist, f"soak{i}", pod.path)
         if i in (cycles // 5, cycles - 1):
-            samples.append((fd_count(pid), rss_kib(pid), len(node.ns.links())))
+            samples.append((fd_count(pid), proc_kib(pid), len(node.ns.links())))
     (fd1, rss1, links1), (fd2, rss2, links2) = samples
     assert fd2 <= fd1 and links2 == links1
     assert rss2 - rss1 < 4096, f"weftd grew from {rss1} to {rss2} KiB over {cycles - cycles // 5} cycles"
-    assert weft_links(node) == [] and lease_files(node, "weft") == {}
+    assert host_veths(node) == [] and lease_files(node, "weft") == {}
     print(f"soak: {cycles} cycles, weftd fds {fd1}->{fd2}, RSS {rss1}->{rss2} KiB")
 
 
