@@ -66,39 +66,41 @@ def random_mac() -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
-def ensure_bridge(ipr: IPRoute, name: str, mtu: int | None, promisc: bool) -> tuple[Any, bool]:
-    """The bridge, created if missing (concurrent ADDs may race: EEXIST is fine)."""
-    created = False
-    if get_link(ipr, name) is None:
-        try:
-            # An address of its own: otherwise the kernel gives the bridge its lowest port's, and the
-            # gateway's MAC changes under every pod whenever that port comes or goes.
-            spec: dict[str, Any] = {"ifname": name, "kind": "bridge", "group": GROUP, "br_forward_delay": 0,
-                                    "address": random_mac()}
-            if mtu:
-                spec["mtu"] = mtu
-            ipr.link("add", **spec)
-            created = True
-        except NetlinkError as e:
-            if e.code != errno.EEXIST:
-                raise
-    br = get_link(ipr, name)
-    if br is None or kind(br) != "bridge":
+@dataclass
+class Bridge:
+    """The node bridge as ADD found it (link None if missing), and its addresses."""
+
+    name: str
+    link: Any
+    addresses: list[IPInterface]
+
+    @property
+    def index(self) -> int:
+        return int(self.link["index"])
+
+    @property
+    def mac(self) -> str:
+        return str(self.link.get("IFLA_ADDRESS"))
+
+
+def find_bridge(ipr: IPRoute, name: str) -> Bridge:
+    link = get_link(ipr, name)
+    if link is None:
+        return Bridge(name, None, [])
+    if kind(link) != "bridge":
         raise CniError(errors.INVALID_CONFIG, f"{name!r} already exists but is not a bridge")
-    _sysctl(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "0")
-    ipr.link("set", index=br["index"], state="up", **({"promisc": 1} if promisc else {}))
-    return br, created
+    return Bridge(name, link, [ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
+                               for a in ipr.get_addr(index=link["index"])])
 
 
-def bridge_conflicts(ipr: IPRoute, index: int, gateways: list[IPInterface]) -> list[IPInterface]:
+def conflicts(br: Bridge, gateways: list[IPInterface]) -> list[IPInterface]:
     """Addresses on the bridge that clash with the gateways Weft must put there.
 
     IPv4: any other address is a clash (the bridge plugin's rule). IPv6: only overlapping prefixes.
     """
-    have = [ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") for a in ipr.get_addr(index=index)]
     clash = []
     for gw in gateways:
-        for a in have:
+        for a in br.addresses:
             if a == gw or a.version != gw.version or (a.version == 6 and a.ip.is_link_local):
                 continue
             if a.version == 4 or a.network.overlaps(gw.network):
@@ -106,32 +108,60 @@ def bridge_conflicts(ipr: IPRoute, index: int, gateways: list[IPInterface]) -> l
     return clash
 
 
-def preflight_bridge(ipr: IPRoute, name: str, gateways: list[IPInterface], force: bool) -> None:
-    """Refuses, before anything changes, a bridge name taken by another kind of link or clashing addresses."""
-    br = get_link(ipr, name)
-    if br is None:
-        return
-    if kind(br) != "bridge":
-        raise CniError(errors.INVALID_CONFIG, f"{name!r} already exists but is not a bridge")
-    clash = bridge_conflicts(ipr, br["index"], gateways)
+def refuse_conflicts(br: Bridge, gateways: list[IPInterface], force: bool) -> None:
+    clash = conflicts(br, gateways)
     if clash and not force:
         raise CniError(errors.INVALID_CONFIG,
-                       f"{name!r} already has an IP address different from "
+                       f"{br.name!r} already has an IP address different from "
                        f"{', '.join(map(str, gateways))}: {', '.join(map(str, clash))} "
                        "(set forceAddress to replace it)",
                        msg="bridge address conflict")
 
 
-def ensure_bridge_addresses(ipr: IPRoute, br: Any, gateways: list[IPInterface], force: bool, name: str) -> None:
-    preflight_bridge(ipr, name, gateways, force)
-    for a in bridge_conflicts(ipr, br["index"], gateways):
-        ignore_errno(ipr.addr, "del", index=br["index"], address=str(a.ip), prefixlen=a.network.prefixlen,
-                codes=(errno.EADDRNOTAVAIL,))
+IFF_UP, IFF_PROMISC = 0x1, 0x100
+
+
+def ensure_bridge(ipr: IPRoute, br: Bridge, mtu: int | None, promisc: bool) -> bool:
+    """Creates the bridge if it was missing (concurrent ADDs may race: EEXIST is fine), and brings it up.
+
+    Fills in `br.link`; True if this call created it.
+    """
+    created = False
+    if br.link is None:
+        try:
+            # An address of its own, set at creation: otherwise the kernel gives the bridge its lowest
+            # port's, and the gateway's MAC changes under every pod whenever that port comes or goes.
+            spec: dict[str, Any] = {"ifname": br.name, "kind": "bridge", "group": GROUP, "br_forward_delay": 0,
+                                    "address": random_mac(), "state": "up"}
+            if mtu:
+                spec["mtu"] = mtu
+            if promisc:
+                spec["promisc"] = 1
+            ipr.link("add", **spec)
+            created = True
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+        found = find_bridge(ipr, br.name)
+        if found.link is None:
+            raise CniError(errors.INTERNAL, f"bridge {br.name} vanished while it was being set up")
+        br.link, br.addresses = found.link, found.addresses
+    _sysctl(f"/proc/sys/net/ipv6/conf/{br.name}/accept_ra", "0")
+    flags = br.link["flags"]
+    if not flags & IFF_UP or (promisc and not flags & IFF_PROMISC):
+        ipr.link("set", index=br.index, state="up", **({"promisc": 1} if promisc else {}))
+    return created
+
+
+def ensure_bridge_addresses(ipr: IPRoute, br: Bridge, gateways: list[IPInterface], force: bool) -> None:
+    refuse_conflicts(br, gateways, force)
+    for a in conflicts(br, gateways):
+        ignore_errno(ipr.addr, "del", index=br.index, address=str(a.ip), prefixlen=a.network.prefixlen,
+                     codes=(errno.EADDRNOTAVAIL,))
     for gw in gateways:
-        ignore_errno(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.network.prefixlen,
-                codes=(errno.EEXIST,))
-    # Pin the MAC so the bridge does not take its lowest port's MAC as ports come and go.
-    ipr.link("set", index=br["index"], address=br.get("IFLA_ADDRESS"))
+        if gw not in br.addresses:
+            ignore_errno(ipr.addr, "add", index=br.index, address=str(gw.ip), prefixlen=gw.network.prefixlen,
+                         codes=(errno.EEXIST,))
     if any(g.version == 4 for g in gateways):
         _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
     if any(g.version == 6 for g in gateways):
@@ -163,28 +193,37 @@ def open_in(ns: NetNS) -> IPRoute:
 
 def create_veth(ipr: IPRoute, pod: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int | None,
                 bridge_index: int, hairpin: bool, link_alias: str) -> Veth:
-    stale = get_link(ipr, host_name)
-    if stale is not None:  # left by an ADD that was killed before it finished
-        if stale.get("group") != GROUP:
-            raise CniError(errors.INVALID_CONFIG, f"host interface {host_name} exists and was not created by weft")
-        ignore_errno(ipr.link, "del", index=stale["index"], codes=(errno.ENODEV,))
+    """The pair, its host end up on the bridge and labelled: three netlink requests."""
+    host_mac = random_mac()
     peer: dict[str, Any] = {"ifname": ifname, "net_ns_fd": ns.fd, "group": GROUP}
-    spec: dict[str, Any] = {"ifname": host_name, "kind": "veth", "group": GROUP, "peer": peer}
+    spec: dict[str, Any] = {"ifname": host_name, "kind": "veth", "group": GROUP, "peer": peer,
+                            "address": host_mac, "master": bridge_index, "state": "up"}
     if mtu:
         spec["mtu"] = peer["mtu"] = mtu
-    try:
-        ipr.link("add", **spec)
-    except NetlinkError as e:
-        if e.code == errno.EEXIST:
-            raise CniError(errors.INVALID_ENV, f"interface {ifname} already exists in {ns.path}") from None
-        raise
-    host = get_link(ipr, host_name)
-    ipr.link("set", index=host["index"], master=bridge_index, state="up", ifalias=link_alias)
+    for attempt in (1, 2):
+        try:
+            ipr.link("add", **spec)
+            break
+        except NetlinkError as e:
+            if e.code != errno.EEXIST:
+                raise
+            # The pod's name was checked free before IPAM ran, so this is most likely a host end left
+            # by an ADD that was killed before it finished.
+            stale = get_link(ipr, host_name) if attempt == 1 else None
+            if stale is None:
+                raise CniError(errors.INVALID_ENV, f"interface {ifname} already exists in {ns.path}") from None
+            if stale.get("group") != GROUP:
+                raise CniError(errors.INVALID_CONFIG,
+                               f"host interface {host_name} exists and was not created by weft") from None
+            ignore_errno(ipr.link, "del", index=stale["index"], codes=(errno.ENODEV,))
+    c = get_link(pod, ifname)
+    host_index = c.get("IFLA_LINK")
+    # The kernel ignores an alias in the creating request, so the label is a second one.
+    ipr.link("set", index=host_index, ifalias=link_alias)
     _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/accept_ra", "0")
     if hairpin:
-        ipr.brport("set", index=host["index"], mode=1)
-    c = get_link(pod, ifname)
-    return Veth(Interface(host_name, host.get("IFLA_ADDRESS")), host["index"],
+        ipr.brport("set", index=host_index, mode=1)
+    return Veth(Interface(host_name, host_mac), host_index,
                 Interface(ifname, c.get("IFLA_ADDRESS"), ns.path, mtu), c["index"])
 
 

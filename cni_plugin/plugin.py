@@ -93,7 +93,8 @@ def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ns: NetNS, ipr:
     # Read-only checks first, so that refused input changes nothing on the node.
     if attachment.get_link(pod, args.ifname) is not None:
         raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
-    attachment.preflight_bridge(ipr, conf.bridge, gateways, conf.force_address)
+    br = attachment.find_bridge(ipr, conf.bridge)
+    attachment.refuse_conflicts(br, gateways, conf.force_address)
     undo: list[Callable[[], object]] = []
     try:
         ipam = delegate.ipam("ADD", args, raw, conf.ipam_type)
@@ -102,21 +103,20 @@ def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ns: NetNS, ipr:
         if not ipam.ips:
             raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
         gateways, programmed, reported = plan_routes(conf, ipam)
-        br, created = attachment.ensure_bridge(ipr, conf.bridge, conf.mtu, conf.promisc)
-        if created:
-            undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br["index"]))
+        if attachment.ensure_bridge(ipr, br, conf.mtu, conf.promisc):
+            undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br.index))
         if conf.is_gateway:  # checks the addresses again: an exec'd IPAM's gateways are known only now
-            attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address, conf.bridge)
+            attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address)
         host_name = attachment.host_veth_name(args.container_id, args.ifname)
         undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
-        veth = attachment.create_veth(ipr, pod, ns, args.ifname, host_name, conf.mtu, br["index"], conf.hairpin,
+        veth = attachment.create_veth(ipr, pod, ns, args.ifname, host_name, conf.mtu, br.index, conf.hairpin,
                                       attachment.alias(conf.name, args.container_id, args.ifname))
         attachment.configure_container(pod, ns, veth, [ip.address for ip in ipam.ips], programmed,
                                        conf.enable_dad)
         if conf.ip_masq:
             undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
             masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
-        bridge = attachment.Interface(conf.bridge, ipr.link("get", index=br["index"])[0].get("IFLA_ADDRESS"))
+        bridge = attachment.Interface(conf.bridge, br.mac)
     except BaseException:
         for step in reversed(undo):
             try:
