@@ -316,7 +316,7 @@ def check(ipr: IPRoute, ns: NetNS, bridge: str, host_name: str, container: Inter
             if a not in have:
                 raise fail(f"address {a} is missing from {container.name}")
         table = []
-        for fam in (2, 10):
+        for fam in sorted({2 if r.dst.version == 4 else 10 for r in routes}):
             for r in pod.get_routes(family=fam):
                 dst = r.get("RTA_DST")
                 net = ipaddress.ip_network(f"{dst}/{r['dst_len']}" if dst else
