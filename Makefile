@@ -15,7 +15,7 @@ PREFIX ?= /usr/local
 DESTDIR ?=
 CNI_BIN_DIR ?= /opt/cni/bin
 CNI_CONF_DIR ?= /etc/cni/net.d
-SOURCES := $(wildcard cni_plugin/*.py ipam/*.py weftd/*.py weftd/*/*.py) packaging/entry.py packaging/pyimod03_ctypes_lazy.py packaging/weft.spec
+SOURCES := $(wildcard cni_plugin/*.py ipam/*.py weftd/*.py weftd/*/*.py) packaging/entry.py packaging/bootstrap.py packaging/weft.spec
 DEBS := iproute2 nftables iptables containernetworking-plugins golang-go golang-github-appc-cni-dev \
         iputils-ping procps etcd-server iperf3
 
@@ -68,7 +68,7 @@ test: deps venv cnidrive build lint
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m pytest -q tests
 
 lint: venv
-	$(VENV)/bin/ruff check cni_plugin ipam weftd tests bench
+	$(VENV)/bin/ruff check cni_plugin ipam weftd tests bench packaging/*.py
 	$(VENV)/bin/mypy cni_plugin ipam weftd
 
 demo: deps venv cnidrive

@@ -50,6 +50,23 @@ def test_check_reports_missing_lease_and_rules(node: Node) -> None:
     assert out.rc == 1 and "failed to find address" in out.json["details"]
 
 
+def test_masq_chain_is_declared_again_when_removed(node: Node) -> None:
+    """ADD adds its rule to the existing chain, and declares table and chain only when they are gone."""
+    conf, _ = _added(node, node.pod(), ipMasq=True)
+    node.ns.run("nft", "delete", "table", "inet", "weft_masq")
+    _added(node, node.pod(), cid="c2", ipMasq=True)
+    node.ns.run("nft", "delete", "chain", "inet", "weft_masq", "postrouting")
+    _added(node, node.pod(), cid="c3", ipMasq=True)
+    chain = json.loads(node.ns.run("nft", "-j", "list", "chain", "inet", "weft_masq", "postrouting").stdout)
+    base = next(i["chain"] for i in chain["nftables"] if "chain" in i)
+    assert (base["type"], base["hook"]) == ("nat", "postrouting")
+    rules = [i["rule"] for i in chain["nftables"] if "rule" in i]
+    assert len(rules) == 1 and "10.22.0.4" in json.dumps(rules), rules
+    for cid in ("c2", "c3"):
+        assert node.plugin("DEL", conf, cid=cid, netns="").rc == 0
+    assert "masquerade" not in node.ns.run("nft", "list", "chain", "inet", "weft_masq", "postrouting").stdout
+
+
 def test_check_needs_prev_result(node: Node) -> None:
     pod = node.pod()
     conf, _ = _added(node, pod)
