@@ -186,6 +186,19 @@ def plugin_rss(v: Variant) -> int:
     return peak
 
 
+def weftd_means(v: Variant) -> dict[str, float]:
+    """Mean ms spent inside weftd per served command (both networks), from its own histogram."""
+    import re
+    import urllib.request
+
+    with NetNS(v.node.ns.path).entered():
+        text = urllib.request.urlopen("http://127.0.0.1:9808/metrics", timeout=10).read().decode()
+    found = {(m[1], m[0]): float(m[2]) for m in
+             re.findall(r'^weft_cni_request_seconds_(sum|count)\{command="(\w+)"\} (\S+)$', text, re.M)}
+    return {cmd: round(found[(cmd, "sum")] / found[(cmd, "count")] * 1000, 2)
+            for cmd, kind in found if kind == "count" and found[(cmd, "count")]}
+
+
 def report(variants: list[Variant], bursts: dict[str, Any], rss: dict[str, Any]) -> dict[str, Any]:
     ref = variants[0]
     out: dict[str, Any] = {"rounds": ROUNDS, "ops": {}, "burst": bursts, "rss_kib": rss}
@@ -220,6 +233,7 @@ def main() -> int:
         variants += make_variants(lab)
         print(f"plugin bench: {ROUNDS} interleaved rounds of ADD, CHECK, DEL per variant and network")
         rounds(lab, variants)
+        inside = {v.name: weftd_means(v) for v in variants if v.weftd is not None}
         bursts = {}
         for v in variants:
             if v.name in ("reference", "weft-frozen+weftd", "weft-frozen"):
@@ -231,6 +245,9 @@ def main() -> int:
             if pid is not None:
                 rss[f"{v.name} (weftd peak)"] = proc_kib(pid, "VmHWM")
         out = report(variants, bursts, rss)
+        out["weftd_mean_ms"] = inside
+        print("mean ms inside weftd per command, before the bursts:",
+              "; ".join(f"{k}: {v}" for k, v in inside.items()))
         print(json.dumps({"plugin_bench": out}, sort_keys=True))
     finally:
         for v in variants:
