@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,9 +190,6 @@ def plugin_rss(v: Variant) -> int:
 
 def weftd_means(v: Variant) -> dict[str, float]:
     """Mean ms spent inside weftd per served command (both networks), from its own histogram."""
-    import re
-    import urllib.request
-
     with NetNS(v.node.ns.path).entered():
         text = urllib.request.urlopen("http://127.0.0.1:9808/metrics", timeout=10).read().decode()
     found = {(m[1], m[0]): float(m[2]) for m in

@@ -34,6 +34,13 @@ def owner_tag(network: str, container_id: str, ifname: str) -> str:
     return f"{network_tag(network)}{_h(container_id + '/' + ifname)}"
 
 
+def _nft(script: str, json_output: bool = False) -> tuple[int, str, str]:
+    try:
+        return nft.run(script, json_output)
+    except nft.Unavailable as e:
+        raise CniError(errors.INTERNAL, f"ipMasq: {e}") from None
+
+
 def add(network: str, container_id: str, ifname: str,
         addresses: Iterable[ipaddress.IPv4Interface | ipaddress.IPv6Interface]) -> None:
     tag = owner_tag(network, container_id, ifname)
@@ -44,9 +51,9 @@ def add(network: str, container_id: str, ifname: str,
                      f"{fam} daddr != {_MULTICAST[a.version]} masquerade comment \"{tag}\"\n")
     # Declaring the chain again costs a 12 ms kernel commit even when it exists, so only on the
     # first rule (or after the table was removed); `add` makes racing first ADDs harmless.
-    status, _, err = nft.run("".join(rules))
+    status, _, err = _nft("".join(rules))
     if status != 0:
-        status, _, err = nft.run(f"add table {FAMILY} {TABLE}\n"
+        status, _, err = _nft(f"add table {FAMILY} {TABLE}\n"
                                  f"add chain {FAMILY} {TABLE} {CHAIN} "
                                  "{ type nat hook postrouting priority srcnat; policy accept; }\n" + "".join(rules))
     if status != 0:
@@ -54,7 +61,7 @@ def add(network: str, container_id: str, ifname: str,
 
 
 def _rules() -> list[dict[str, object]]:
-    status, out, _ = nft.run(f"list chain {FAMILY} {TABLE} {CHAIN}", json_output=True)
+    status, out, _ = _nft(f"list chain {FAMILY} {TABLE} {CHAIN}", json_output=True)
     if status != 0:
         return []  # no table or chain: nothing of ours exists
     try:
@@ -68,7 +75,7 @@ def _delete(handles: list[object]) -> None:
     if not handles:
         return
     script = "".join(f"delete rule {FAMILY} {TABLE} {CHAIN} handle {h}\n" for h in handles)
-    status, _, err = nft.run(script)
+    status, _, err = _nft(script)
     if status != 0:
         raise CniError(errors.INTERNAL, f"deleting masquerade rules: {err.strip()}")
 

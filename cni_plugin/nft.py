@@ -10,12 +10,13 @@ from __future__ import annotations
 import ctypes
 import threading
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-
 OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 _lib: ctypes.CDLL | None = None
 _lock = threading.Lock()
+
+
+class Unavailable(RuntimeError):
+    """libnftables cannot be loaded or cannot create a context."""
 
 
 def _library() -> ctypes.CDLL:
@@ -25,7 +26,7 @@ def _library() -> ctypes.CDLL:
             try:
                 lib = ctypes.CDLL("libnftables.so.1")
             except OSError:
-                raise CniError(errors.INTERNAL, "ipMasq needs libnftables.so.1 (Debian: nftables)") from None
+                raise Unavailable("libnftables.so.1 is not installed (Debian: nftables)") from None
             lib.nft_ctx_new.restype = ctypes.c_void_p
             lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
             lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
@@ -41,11 +42,14 @@ def _library() -> ctypes.CDLL:
 
 
 def run(commands: str, json_output: bool = False) -> tuple[int, str, str]:
-    """(status, output, error) of an nft script, as `nft [-j] -f -` would give them."""
+    """(status, output, error) of an nft script, as `nft [-j] -f -` would give them.
+
+    Raises Unavailable without libnftables.
+    """
     lib = _library()
     ctx = lib.nft_ctx_new(0)
     if not ctx:
-        raise CniError(errors.INTERNAL, "libnftables could not create a context")
+        raise Unavailable("libnftables could not create a context")
     try:
         lib.nft_ctx_buffer_output(ctx)
         lib.nft_ctx_buffer_error(ctx)

@@ -4,21 +4,32 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
-from tests.lab import Node, weft_conf
+from tests.lab import Netns, Node, weft_conf
+
+
+def _add_two(node: Node, conflist: Path, prefix: str) -> tuple[list[Netns], list[str]]:
+    """Two pods attached through libcni; their netns and first addresses."""
+    pods = [node.pod(f"p{i}") for i in range(2)]
+    ips = [node.drive("add", conflist, f"{prefix}{i}", p.path).json["ips"][0]["address"] for i, p in enumerate(pods)]
+    return pods, ips
+
+
+def _check_and_delete(node: Node, conflist: Path, prefix: str, pods: list[Netns]) -> None:
+    for i, p in enumerate(pods):
+        node.drive("check", conflist, f"{prefix}{i}", p.path)
+        node.drive("del", conflist, f"{prefix}{i}", p.path)
 
 
 def test_host_local_under_weft(node: Node) -> None:
     conf = weft_conf(data_dir=node.data_dir, ipam={"type": "host-local"})
     conflist = node.write_conflist("weftnet", [conf])
-    pods = [node.pod(f"p{i}") for i in range(2)]
-    ips = [node.drive("add", conflist, f"h{i}", p.path).json["ips"][0]["address"] for i, p in enumerate(pods)]
+    pods, ips = _add_two(node, conflist, "h")
     assert ips == ["10.22.0.2/24", "10.22.0.3/24"]
     assert node.leases("weftnet") == {"10.22.0.2": "h0\r\neth0", "10.22.0.3": "h1\r\neth0"}
     pods[0].run("ping", "-c1", "-W2", "10.22.0.3")
-    for i, p in enumerate(pods):
-        node.drive("check", conflist, f"h{i}", p.path)
-        node.drive("del", conflist, f"h{i}", p.path)
+    _check_and_delete(node, conflist, "h", pods)
     assert node.leases("weftnet") == {}
 
 
@@ -26,13 +37,10 @@ def test_weft_ipam_under_reference_bridge(node: Node) -> None:
     conf = {"type": "bridge", "bridge": "cni0", "isGateway": True, "isDefaultGateway": True,
             "ipam": {"type": "weft-ipam", "subnet": "10.23.0.0/24", "dataDir": str(node.data_dir)}}
     conflist = node.write_conflist("refnet", [conf])
-    pods = [node.pod(f"p{i}") for i in range(2)]
-    res = [node.drive("add", conflist, f"b{i}", p.path).json for i, p in enumerate(pods)]
-    assert [r["ips"][0]["address"] for r in res] == ["10.23.0.2/24", "10.23.0.3/24"]
+    pods, ips = _add_two(node, conflist, "b")
+    assert ips == ["10.23.0.2/24", "10.23.0.3/24"]
     pods[1].run("ping", "-c1", "-W2", "10.23.0.2")
-    for i, p in enumerate(pods):
-        node.drive("check", conflist, f"b{i}", p.path)
-        node.drive("del", conflist, f"b{i}", p.path)
+    _check_and_delete(node, conflist, "b", pods)
     assert node.leases("refnet") == {}
 
 

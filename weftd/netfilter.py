@@ -21,28 +21,34 @@ from typing import Any, ClassVar
 
 import netaddr
 
+from cni_plugin import nft
+
 log = logging.getLogger("weftd.netfilter")
 KUBE_PROXY_MARK = "0x4000"
 _HINT = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)\s", re.M)
 _SEARCH = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
-def _run(*cmd: str, stdin: str | None = None) -> subprocess.CompletedProcess[str] | None:
-    exe = shutil.which(cmd[0], path=_SEARCH)
-    if exe is None:
+def _nft(script: str, json_output: bool = False) -> tuple[int, str, str] | None:
+    """(status, output, error) of an nft script run in-process; None without libnftables."""
+    try:
+        return nft.run(script, json_output)
+    except nft.Unavailable:
         return None
-    return subprocess.run([exe, *cmd[1:]], input=stdin, capture_output=True, text=True, check=False)
 
 
 def _save(cmd: str, *args: str) -> str:
-    p = _run(cmd, *args)
-    return p.stdout if p is not None and p.returncode == 0 else ""
+    exe = shutil.which(cmd, path=_SEARCH)
+    if exe is None:
+        return ""
+    p = subprocess.run([exe, *args], capture_output=True, text=True, check=False)
+    return p.stdout if p.returncode == 0 else ""
 
 
 def detect_mode() -> str:
     """'nft' or 'legacy': the mode kubelet uses, or else the one holding more rules (kind's rule)."""
-    nft = _save("iptables-nft-save", "-t", "mangle")
-    if _HINT.search(nft):
+    mangle = _save("iptables-nft-save", "-t", "mangle")
+    if _HINT.search(mangle):
         return "nft"
     legacy = _save("iptables-legacy-save")  # no -t mangle: that would create the table
     if _HINT.search(legacy):
@@ -87,10 +93,10 @@ class NftRules(Rules):
                 f"  ip saddr {c} accept\n  ip daddr {c} accept\n }}\n}}\n")
 
     def _listing(self) -> Any:
-        p = _run("nft", "-j", "list", "table", "ip", self.TABLE)
-        if p is None or p.returncode != 0:
+        p = _nft(f"list table ip {self.TABLE}", json_output=True)
+        if p is None or p[0] != 0:
             return None
-        items = json.loads(p.stdout).get("nftables", [])
+        items = json.loads(p[1]).get("nftables", [])
         # Handles change on every apply; compare what the rules do.
         return [{k: v for k, v in next(iter(i.values())).items() if k != "handle"} for i in items
                 if "rule" in i or "chain" in i]
@@ -104,20 +110,19 @@ class NftRules(Rules):
         return True
 
     def present(self) -> bool:
-        p = _run("nft", "list", "table", "ip", self.TABLE)
-        return p is not None and p.returncode == 0
+        p = _nft(f"list table ip {self.TABLE}")
+        return p is not None and p[0] == 0
 
     def _apply(self) -> None:
-        p = _run("nft", "-f", "-", stdin=f"add table ip {self.TABLE}\ndelete table ip {self.TABLE}\n"
-                 + self._script())
+        p = _nft(f"add table ip {self.TABLE}\ndelete table ip {self.TABLE}\n" + self._script())
         if p is None:
-            raise RuntimeError("nft is not installed")
-        if p.returncode != 0:
-            raise RuntimeError(f"nft: {p.stderr.strip()}")
+            raise RuntimeError("nftables is not installed (libnftables.so.1)")
+        if p[0] != 0:
+            raise RuntimeError(f"nft: {p[2].strip()}")
         self._applied = self._listing()
 
     def remove(self) -> None:
-        _run("nft", "delete", "table", "ip", self.TABLE)
+        _nft(f"delete table ip {self.TABLE}")
 
 
 class LegacyRules(Rules):
