@@ -1,9 +1,10 @@
 # The Weft image: the frozen bundle from `make build` (no Python inside), and the nftables and
-# iptables tools weftd's NAT rules and the reference plugins expect on a node.
+# iptables tools weftd's NAT rules and the reference plugins expect on a node, and wireguard-go for
+# the wireguard backend on kernels without the module (wireguard-tools: `wg show` for operators).
 #   make build && docker build -t weft:0.1.0 .
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables iptables \
+ && apt-get install -y --no-install-recommends nftables iptables wireguard-go wireguard-tools \
  && rm -rf /var/lib/apt/lists/*
 COPY .build/dist/weft /opt/weft/bundle
 COPY packaging/install.sh /opt/weft/install.sh

@@ -9,30 +9,95 @@ SHARED ?= $(firstword $(wildcard ../shared $(CURDIR)/../shared /work/shared))
 CNIDRIVE := $(BUILD)/cnidrive
 DIST := $(BUILD)/dist
 BUNDLE := $(DIST)/weft
+SHIM := $(BUILD)/weft-shim
+CC := gcc
+SHIM_CFLAGS := -std=c11 -Wall -Wextra -Werror -O2 -static
 # make install: the bundle under $(PREFIX)/lib/weft, weftd in $(PREFIX)/bin, the CNI plugins and an
 # example conflist where containerd looks for them. DESTDIR stages the whole tree elsewhere.
 PREFIX ?= /usr/local
 DESTDIR ?=
 CNI_BIN_DIR ?= /opt/cni/bin
 CNI_CONF_DIR ?= /etc/cni/net.d
-SOURCES := $(wildcard cni_plugin/*.py ipam/*.py weftd/*.py weftd/*/*.py) packaging/entry.py packaging/bootstrap.py packaging/weft.spec
-DEBS := iproute2 nftables iptables containernetworking-plugins golang-go golang-github-appc-cni-dev \
-        iputils-ping procps etcd-server iperf3
+SOURCES := $(wildcard weftlib/*.py weftlib/*/*.py cni_plugin/*.py ipam/*.py weftd/*.py weftd/*/*.py weftd/*/*/*.py) \
+           packaging/entry.py packaging/bootstrap.py packaging/weft.spec
+# Debian packages every target needs, one a line. Installed with --no-install-recommends (without it
+# apt pulls a kernel image for wireguard).
+DEBS := \
+	iproute2 \
+	nftables \
+	iptables \
+	containernetworking-plugins \
+	golang-go \
+	golang-github-appc-cni-dev \
+	golang-github-modern-go-reflect2-dev \
+	iputils-ping \
+	procps \
+	etcd-server \
+	iperf3 \
+	containerd \
+	runc \
+	libpython3.11 \
+	python3-venv \
+	gcc \
+	libc6-dev \
+	valgrind \
+	tcpdump \
+	rsync \
+	dpkg-dev \
+	openssl \
+	wireguard-go \
+	wireguard-tools
+# What the targets run, as program-or-path:package, one a line: checked after installing, so a
+# missing one fails `make deps` naming the package that brings it.
+NEEDS := \
+	ip:iproute2 \
+	nft:nftables \
+	iptables:iptables \
+	/usr/lib/cni/bridge:containernetworking-plugins \
+	/usr/lib/cni/host-local:containernetworking-plugins \
+	go:golang-go \
+	/usr/share/gocode/src/github.com/containernetworking/cni:golang-github-appc-cni-dev \
+	/usr/share/gocode/src/github.com/modern-go/reflect2/go.mod:golang-github-modern-go-reflect2-dev \
+	ping:iputils-ping \
+	sysctl:procps \
+	etcd:etcd-server \
+	iperf3:iperf3 \
+	containerd:containerd \
+	ctr:containerd \
+	runc:runc \
+	/usr/lib/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libpython3.11.so.1.0:libpython3.11 \
+	gcc:gcc \
+	/usr/include/stdio.h:libc6-dev \
+	valgrind:valgrind \
+	tcpdump:tcpdump \
+	rsync:rsync \
+	dpkg-source:dpkg-dev \
+	apt-get:apt \
+	openssl:openssl \
+	wireguard-go:wireguard-go \
+	wg:wireguard-tools
+# The kube-apiserver the tests run: built once per machine from Debian's kubernetes source package
+# (tests/kubeapi/build.sh), or the one WEFT_KUBE_APISERVER names (another checkout's, say).
+KUBE_APISERVER_LINK := $(BUILD)/kube-apiserver/current/kube-apiserver
 
-.PHONY: all deps venv cnidrive build install uninstall test lint demo bench clean
+.PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint demo bench clean fresh-check
 
 all: venv
 
 deps: $(BUILD)/.debs
-$(BUILD)/.debs:
+$(BUILD)/.debs: Makefile
 	@mkdir -p $(BUILD)
 	@missing=$$(for p in $(DEBS); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages: $$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
+	@fail=; for need in $(NEEDS); do what=$${need%:*}; pkg=$${need##*:}; \
+	  case $$what in /*) test -e $$what ;; *) command -v $$what >/dev/null ;; esac || \
+	  { echo "make deps: $$what is missing: install the Debian package $$pkg" >&2; fail=1; }; \
+	done; test -z "$$fail"
+	@$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || \
+	  { echo "make deps: $(PYTHON) cannot create a venv: install the Debian package python3-venv" >&2; exit 1; }
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -47,14 +112,29 @@ $(CNIDRIVE): | $(BUILD)/.debs
 	@test -n "$(SHARED)" || { echo "../shared/tools/cnidrive not found"; exit 1; }
 	bash $(SHARED)/tools/cnidrive/build.sh $(CURDIR)/$(CNIDRIVE) >/dev/null
 
-# Self-contained executables (PyInstaller, onedir): weft-ipam and weftd are names of the one program.
+# The real kube-apiserver the kube tests run (about 5 minutes on 2 cores, once per machine).
+kube-apiserver: | $(BUILD)/.debs
+	@if [ -n "$$WEFT_KUBE_APISERVER" ]; then \
+	  test -x "$$WEFT_KUBE_APISERVER" || { echo "WEFT_KUBE_APISERVER=$$WEFT_KUBE_APISERVER is not executable" >&2; exit 1; }; \
+	else bash tests/kubeapi/build.sh $(BUILD) >/dev/null; fi
+
+# The `weft` executable containerd runs: a static C shim that hands each invocation to weftd and
+# execs `weft-py` beside it when weftd is not there (README, "How a pod is attached").
+shim: $(SHIM)
+$(SHIM): shim/weft-shim.c | $(BUILD)/.debs
+	$(CC) $(SHIM_CFLAGS) -o $@ $<
+
+# Self-contained executables (PyInstaller, onedir): weft-py, weft-ipam and weftd are names of the one
+# Python program, and `weft` is the shim.
 build: $(BUNDLE)/weft
-$(BUNDLE)/weft: $(SOURCES) | $(VENV)/.installed
+$(BUNDLE)/weft-py: $(SOURCES) | $(VENV)/.installed
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(DIST) --workpath $(BUILD)/pyinstaller \
 	  packaging/weft.spec
-	ln -sfn weft $(BUNDLE)/weft-ipam
-	ln -sfn weft $(BUNDLE)/weftd
+	ln -sfn weft-py $(BUNDLE)/weft-ipam
+	ln -sfn weft-py $(BUNDLE)/weftd
 	@touch $@
+$(BUNDLE)/weft: $(SHIM) $(BUNDLE)/weft-py
+	cp $(SHIM) $@.tmp && mv -f $@.tmp $@
 
 install: build
 	sh packaging/install.sh install $(BUNDLE) $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) \
@@ -64,19 +144,32 @@ uninstall:
 	sh packaging/install.sh remove $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(PREFIX)/bin \
 	  10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
 
-test: deps venv cnidrive build lint
-	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m pytest -q tests
+test: deps venv cnidrive build kube-apiserver lint
+	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; fi
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) \
+	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q tests
+
+# Pure logic only: needs neither root nor the namespace lab (as root, it runs them as nobody to prove it).
+unit: venv
+	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; else $(PY) -m pytest -q tests/unit; fi
+
+# A clean clone of this checkout runs .ci/run on a pristine Debian 12 root (not part of `make test`).
+fresh-check:
+	@test -n "$(SHARED)" || { echo "../shared/tools/fresh-root.sh not found"; exit 1; }
+	FRESH_TEST_TIMEOUT=$${FRESH_TEST_TIMEOUT:-5400} bash $(SHARED)/tools/fresh-root.sh $(CURDIR)
 
 lint: venv
-	$(VENV)/bin/ruff check cni_plugin ipam weftd tests bench packaging/*.py
-	$(VENV)/bin/mypy cni_plugin ipam weftd
+	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py
+	$(VENV)/bin/mypy weftlib cni_plugin ipam weftd
+	$(VENV)/bin/lint-imports
 
-demo: deps venv cnidrive
+demo: deps venv cnidrive shim
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
 
 bench: deps venv cnidrive build
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.plugin_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.weftd_bench
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.policy_bench
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

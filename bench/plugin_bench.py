@@ -5,8 +5,10 @@ Every variant gets a node namespace of its own with two networks, "plain" (bridg
 operations run through `cnidrive` (libcni, as containerd does), interleaved: one round is ADD,
 CHECK, DEL of a fresh pod on every variant in turn, so drift on the machine hits all alike.
 
-Weft variants: the frozen bundle (`make build`) and the source tree (the venv's scripts), each
-served by a weftd on the node (the production set-up) and on its own (no weftd).
+Weft runs from the frozen bundle (`make build`) on two paths: the production path, where the `weft`
+shim hands each invocation to a frozen weftd on the node, and the standalone path, with no weftd, where
+the shim execs the Python plugin (`weft-py`) for every invocation. WEFT_BENCH_SOURCE=1 adds the same
+two with the source tree (the shim in front of the venv's scripts and `python -m weftd`).
 
 Run with `make bench`. This is a benchmark, not a test: nothing here has a pass mark.
 """
@@ -29,11 +31,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cni_plugin.netns import NetNS
-from tests.lab import REFERENCE_DIR, ROOT, SOCKET_DIR, Lab, Node, cnidrive_path, install_bundle, proc_kib, weftd_pid
+from tests.lab import (
+    REFERENCE_DIR,
+    ROOT,
+    SOCKET_DIR,
+    Lab,
+    Node,
+    cnidrive_path,
+    file_store,
+    install_bundle,
+    proc_kib,
+    weftd_command,
+    weftd_exe,
+    weftd_pid,
+)
+from weftlib.kernel.netns import NetNS
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_ROUNDS", "30"))
 BURST = int(os.environ.get("WEFT_BENCH_BURST", "100"))
+SOURCE = os.environ.get("WEFT_BENCH_SOURCE", "") == "1"
+PRODUCTION, STANDALONE = "weft-frozen+weftd", "weft-frozen"
 BUNDLE = Path(os.environ.get("WEFT_BUNDLE", ROOT / ".build" / "dist" / "weft"))
 NETWORKS = {"plain": ("cni0", "10.77.0.0/24"), "masq": ("cni1", "10.78.0.0/24")}
 
@@ -86,12 +103,10 @@ def start_weftd(lab: Lab, v: Variant) -> None:
     (v.node.dir / "net-conf.json").write_text(json.dumps({"Network": "10.90.0.0/16",
                                                           "Backend": {"Type": "host-gw"}}))
     v.socket = SOCKET_DIR / f"{lab.tag}-{v.name}.sock"
-    exe = [str(BUNDLE / "weftd")] if v.weft == "frozen" else [sys.executable, "-m", "weftd"]
+    exe = weftd_exe(BUNDLE if v.weft == "frozen" else None)
     v.weftd = subprocess.Popen(
-        ["ip", "netns", "exec", ns.name, *exe, "run", "--node-name", v.name, "--store", "file",
-         "--store-path", str(v.node.dir / "store.json"), "--net-conf", str(v.node.dir / "net-conf.json"),
-         "--iface", "eth0", "--subnet-file", str(v.node.dir / "subnet.env"), "--cni-conf-dir",
-         str(v.node.dir / "weftd-net.d"), "--listen", "127.0.0.1:9808", "--cni-socket", str(v.socket)],
+        weftd_command(ns, exe, v.name, file_store(v.node.dir / "store.json"), v.node.dir / "net-conf.json",
+                      v.node.dir / "subnet.env", v.node.dir / "weftd-net.d", v.socket),
         stdout=subprocess.DEVNULL, stderr=open(v.node.dir / "weftd.log", "ab"))
     deadline = time.monotonic() + 60
     while not (v.node.dir / "weftd-net.d" / "10-weft.conflist").exists():
@@ -106,7 +121,7 @@ def make_variants(lab: Lab) -> list[Variant]:
     for name in ("portmap", "bridge", "host-local"):
         (frozen_bin / name).symlink_to(REFERENCE_DIR / name)
     variants = [Variant("reference", lab.node("ref"), None)]
-    for build in ("frozen", "source"):
+    for build in ("frozen", "source") if SOURCE else ("frozen",):
         for served in (True, False):
             node = lab.node(f"{build[:3]}{'d' if served else 'a'}")
             if build == "frozen":
@@ -218,7 +233,23 @@ def report(variants: list[Variant], bursts: dict[str, Any], rss: dict[str, Any])
               f"distinct {b['add']['distinct_addresses']})  DEL {b['del']['wall_s']:6.2f} s (ratio {rd:.2f}, "
               f"failures {b['del']['failures']})")
     print("\npeak RSS, KiB:", ", ".join(f"{k} {v}" for k, v in rss.items()))
+    summary(out)
     return out
+
+
+def summary(out: dict[str, Any]) -> None:
+    """The two paths side by side, as ratios weft/reference (at or below 1.0: as fast or faster)."""
+    rows = [(f"{label}{verb.upper()}", f"{network}:{verb}") for network, label in (("plain", ""), ("masq", "ipMasq "))
+            for verb in ("add", "check", "del")]
+    print(f"\n{'ratio weft/reference':22} {'production p50':>15} {'p95':>6} {'standalone p50':>15} {'p95':>6}")
+    for label, key in rows:
+        cells = [out["ops"][path][key] for path in (PRODUCTION, STANDALONE)]
+        print(f"{label:22} {cells[0]['ratio_p50']:15.2f} {cells[0]['ratio_p95']:6.2f} "
+              f"{cells[1]['ratio_p50']:15.2f} {cells[1]['ratio_p95']:6.2f}")
+    for verb in ("add", "del"):
+        b = out["burst"]
+        print(f"{f'burst of {BURST}, {verb.upper()}':22} {b[PRODUCTION][f'ratio_{verb}']:15.2f} {'':6} "
+              f"{b[STANDALONE][f'ratio_{verb}']:15.2f}")
 
 
 def main() -> int:
@@ -235,10 +266,10 @@ def main() -> int:
         inside = {v.name: weftd_means(v) for v in variants if v.weftd is not None}
         bursts = {}
         for v in variants:
-            if v.name in ("reference", "weft-frozen+weftd", "weft-frozen"):
+            if v.name in ("reference", PRODUCTION, STANDALONE):
                 bursts[v.name] = burst(lab, v)
-        rss: dict[str, Any] = {v.name: plugin_rss(v) for v in variants if v.name in ("reference", "weft-frozen+weftd",
-                                                                                     "weft-frozen", "weft-source")}
+        rss: dict[str, Any] = {v.name: plugin_rss(v) for v in variants
+                               if v.name in ("reference", PRODUCTION, STANDALONE)}
         for v in variants:
             pid = weftd_pid(v.socket) if v.socket is not None else None
             if pid is not None:

@@ -1,8 +1,8 @@
-"""A pod's attachment to the node bridge, made with pyroute2: bridge, veth pair, addresses, routes.
+"""A pod's attachment to the node bridge: bridge, veth pair, addresses, routes (weftlib.kernel.rtnl).
 
-Ownership: every link Weft creates carries the link group GROUP, set in the same
-netlink message that creates it, and host veths are named after their owner
-(container ID and ifname). Weft only deletes links that carry both marks.
+Ownership: every link Weft creates carries the link group GROUP (weftlib.kernel.netlink),
+and host veths are named after their owner (container ID and ifname). Weft only
+deletes links that carry both marks.
 """
 
 from __future__ import annotations
@@ -10,22 +10,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import ipaddress
-import os
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-from cni_plugin.netns import NetNS
-from cni_plugin.result import Interface, Route
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import Interface, Route
+from weftlib.kernel import sysctl
+from weftlib.kernel.netlink import GROUP, ignore_errno, kind, random_mac
+from weftlib.kernel.netns import NetNS
+from weftlib.kernel.rtnl import IFA_F_NODAD, IFF_PROMISC, IFF_UP, Rtnl
 
-GROUP = 0x77656674  # "weft"
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-RTNH_F_ONLINK = 4
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -34,36 +32,6 @@ def host_veth_name(container_id: str, ifname: str) -> str:
 
 def alias(network: str, container_id: str, ifname: str) -> str:
     return f"weft {network} {container_id} {ifname}"[:255]
-
-
-def get_link(ipr: IPRoute, name: str) -> Any:
-    try:
-        return ipr.link("get", ifname=name)[0]
-    except NetlinkError as e:
-        if e.code == errno.ENODEV:
-            return None
-        raise
-
-
-def kind(link: Any) -> str | None:
-    return link.get_nested("IFLA_LINKINFO", "IFLA_INFO_KIND")
-
-
-def _sysctl(path: str, value: str, missing_ok: bool = True) -> None:
-    try:
-        with open(path, "r+", encoding="ascii") as f:
-            if f.read().strip() != value:
-                f.seek(0)
-                f.write(value)
-    except FileNotFoundError:
-        if not missing_ok:
-            raise
-
-
-def random_mac() -> str:
-    b = bytearray(os.urandom(6))
-    b[0] = (b[0] & 0xFE) | 0x02  # unicast, locally administered
-    return ":".join(f"{x:02x}" for x in b)
 
 
 @dataclass
@@ -83,14 +51,14 @@ class Bridge:
         return str(self.link.get("IFLA_ADDRESS"))
 
 
-def find_bridge(ipr: IPRoute, name: str) -> Bridge:
-    link = get_link(ipr, name)
+def find_bridge(rt: Rtnl, name: str) -> Bridge:
+    link = rt.link(name)
     if link is None:
         return Bridge(name, None, [])
     if kind(link) != "bridge":
         raise CniError(errors.INVALID_CONFIG, f"{name!r} already exists but is not a bridge")
     return Bridge(name, link, [ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-                               for a in ipr.get_addr(index=link["index"])])
+                               for a in rt.addrs(link["index"])])
 
 
 def conflicts(br: Bridge, gateways: list[IPInterface]) -> list[IPInterface]:
@@ -118,10 +86,7 @@ def refuse_conflicts(br: Bridge, gateways: list[IPInterface], force: bool) -> No
                        msg="bridge address conflict")
 
 
-IFF_UP, IFF_PROMISC = 0x1, 0x100
-
-
-def ensure_bridge(ipr: IPRoute, br: Bridge, mtu: int | None, promisc: bool) -> bool:
+def ensure_bridge(rt: Rtnl, br: Bridge, mtu: int | None, promisc: bool) -> bool:
     """Creates the bridge if it was missing (concurrent ADDs may race: EEXIST is fine), and brings it up.
 
     Fills in `br.link`; True if this call created it.
@@ -131,50 +96,42 @@ def ensure_bridge(ipr: IPRoute, br: Bridge, mtu: int | None, promisc: bool) -> b
         try:
             # An address of its own, set at creation: otherwise the kernel gives the bridge its lowest
             # port's, and the gateway's MAC changes under every pod whenever that port comes or goes.
-            spec: dict[str, Any] = {"ifname": br.name, "kind": "bridge", "group": GROUP, "br_forward_delay": 0,
-                                    "address": random_mac(), "state": "up"}
+            attrs: list[tuple[str, Any]] = [
+                ("IFLA_IFNAME", br.name), ("IFLA_GROUP", GROUP), ("IFLA_ADDRESS", random_mac()),
+                ("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_KIND", "bridge"),
+                                             ("IFLA_INFO_DATA", {"attrs": [("IFLA_BR_FORWARD_DELAY", 0)]})]})]
             if mtu:
-                spec["mtu"] = mtu
-            if promisc:
-                spec["promisc"] = 1
-            ipr.link("add", **spec)
+                attrs.append(("IFLA_MTU", mtu))
+            rt.new_link(attrs, up=True, promisc=promisc, create=True)
             created = True
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
-        found = find_bridge(ipr, br.name)
+        found = find_bridge(rt, br.name)
         if found.link is None:
             raise CniError(errors.INTERNAL, f"bridge {br.name} vanished while it was being set up")
         br.link, br.addresses = found.link, found.addresses
-    _sysctl(f"/proc/sys/net/ipv6/conf/{br.name}/accept_ra", "0")
+    sysctl.write(f"/proc/sys/net/ipv6/conf/{br.name}/accept_ra", "0")
     flags = br.link["flags"]
     if not flags & IFF_UP or (promisc and not flags & IFF_PROMISC):
-        ipr.link("set", index=br.index, state="up", **({"promisc": 1} if promisc else {}))
+        rt.new_link([], index=br.index, up=True, promisc=promisc)
     return created
 
 
-def ensure_bridge_addresses(ipr: IPRoute, br: Bridge, gateways: list[IPInterface], force: bool) -> None:
+def ensure_bridge_addresses(rt: Rtnl, br: Bridge, gateways: list[IPInterface], force: bool) -> None:
     refuse_conflicts(br, gateways, force)
     for a in conflicts(br, gateways):
-        ignore_errno(ipr.addr, "del", index=br.index, address=str(a.ip), prefixlen=a.network.prefixlen,
-                     codes=(errno.EADDRNOTAVAIL,))
+        ignore_errno(rt.del_addr, br.index, str(a.ip), a.network.prefixlen, codes=(errno.EADDRNOTAVAIL,))
     for gw in gateways:
         if gw not in br.addresses:
-            ignore_errno(ipr.addr, "add", index=br.index, address=str(gw.ip), prefixlen=gw.network.prefixlen,
-                         codes=(errno.EEXIST,))
+            # No duplicate address detection for an IPv6 gateway: it would stay tentative (1.8 s here), and
+            # pods' first packets would find no router.
+            ignore_errno(rt.add_addr, br.index, str(gw.ip), gw.network.prefixlen,
+                         IFA_F_NODAD if gw.version == 6 else 0, codes=(errno.EEXIST,))
     if any(g.version == 4 for g in gateways):
-        _sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        sysctl.write("/proc/sys/net/ipv4/ip_forward", "1")
     if any(g.version == 6 for g in gateways):
-        _sysctl("/proc/sys/net/ipv6/conf/all/forwarding", "1")
-
-
-def ignore_errno(fn: Any, *argv: Any, codes: tuple[int, ...], **kw: Any) -> None:
-    """Calls a pyroute2 method, treating the netlink errors in `codes` as success (idempotence)."""
-    try:
-        fn(*argv, **kw)
-    except NetlinkError as e:
-        if e.code not in codes:
-            raise
+        sysctl.write("/proc/sys/net/ipv6/conf/all/forwarding", "1")
 
 
 @dataclass
@@ -185,96 +142,88 @@ class Veth:
     container_index: int
 
 
-def open_in(ns: NetNS) -> IPRoute:
-    """A netlink socket bound to the pod's namespace; it stays there after this thread returns home."""
-    with ns.entered():
-        return IPRoute()
-
-
-def create_veth(ipr: IPRoute, pod: IPRoute, ns: NetNS, ifname: str, host_name: str, mtu: int | None,
+def create_veth(rt: Rtnl, pod: Rtnl, ns: NetNS, ifname: str, host_name: str, mtu: int | None,
                 bridge_index: int, hairpin: bool, link_alias: str) -> Veth:
     """The pair, its host end up on the bridge and labelled: three netlink requests."""
     host_mac = random_mac()
-    peer: dict[str, Any] = {"ifname": ifname, "net_ns_fd": ns.fd, "group": GROUP}
-    spec: dict[str, Any] = {"ifname": host_name, "kind": "veth", "group": GROUP, "peer": peer,
-                            "address": host_mac, "master": bridge_index, "state": "up"}
+    peer: list[tuple[str, Any]] = [("IFLA_IFNAME", ifname), ("IFLA_NET_NS_FD", ns.fd), ("IFLA_GROUP", GROUP)]
+    attrs: list[tuple[str, Any]] = [("IFLA_IFNAME", host_name), ("IFLA_GROUP", GROUP), ("IFLA_ADDRESS", host_mac),
+                                    ("IFLA_MASTER", bridge_index)]
     if mtu:
-        spec["mtu"] = peer["mtu"] = mtu
+        peer.append(("IFLA_MTU", mtu))
+        attrs.append(("IFLA_MTU", mtu))
+    attrs.append(("IFLA_LINKINFO", {"attrs": [
+        ("IFLA_INFO_KIND", "veth"), ("IFLA_INFO_DATA", {"attrs": [("VETH_INFO_PEER", {"attrs": peer})]})]}))
     for attempt in (1, 2):
         try:
-            ipr.link("add", **spec)
+            rt.new_link(attrs, up=True, create=True)
             break
         except NetlinkError as e:
             if e.code != errno.EEXIST:
                 raise
             # The pod's name was checked free before IPAM ran, so this is most likely a host end left
             # by an ADD that was killed before it finished.
-            stale = get_link(ipr, host_name) if attempt == 1 else None
+            stale = rt.link(host_name) if attempt == 1 else None
             if stale is None:
                 raise CniError(errors.INVALID_ENV, f"interface {ifname} already exists in {ns.path}") from None
             if stale.get("group") != GROUP:
                 raise CniError(errors.INVALID_CONFIG,
                                f"host interface {host_name} exists and was not created by weft") from None
-            ignore_errno(ipr.link, "del", index=stale["index"], codes=(errno.ENODEV,))
-    c = get_link(pod, ifname)
+            rt.del_link(stale["index"])
+    c = pod.link(ifname)
     host_index = c.get("IFLA_LINK")
-    # The kernel ignores an alias in the creating request, so the label is a second one.
-    ipr.link("set", index=host_index, ifalias=link_alias)
-    _sysctl(f"/proc/sys/net/ipv6/conf/{host_name}/accept_ra", "0")
+    # The kernel ignores an alias in the creating request, so the label (and hairpin) is a second one.
+    label: list[tuple[str, Any]] = [("IFLA_IFALIAS", link_alias)]
     if hairpin:
-        ipr.brport("set", index=host_index, mode=1)
+        label.append(("IFLA_LINKINFO", {"attrs": [("IFLA_INFO_SLAVE_KIND", "bridge"),
+                                                  ("IFLA_INFO_SLAVE_DATA", {"attrs": [("IFLA_BRPORT_MODE", 1)]})]}))
+    rt.new_link(label, index=host_index)
+    sysctl.write(f"/proc/sys/net/ipv6/conf/{host_name}/accept_ra", "0")
     return Veth(Interface(host_name, host_mac), host_index,
                 Interface(ifname, c.get("IFLA_ADDRESS"), ns.path, mtu), c["index"])
 
 
-def configure_container(pod: IPRoute, ns: NetNS, veth: Veth, addresses: list[IPInterface], routes: list[Route],
+def configure_container(pod: Rtnl, ns: NetNS, veth: Veth, addresses: list[IPInterface], routes: list[Route],
                         enable_dad: bool) -> None:
     ifname, idx = veth.container.name, veth.container_index
     with ns.entered():  # /proc/sys/net is the calling thread's namespace
         if any(a.version == 6 for a in addresses):
-            _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "0")
-            _sysctl(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
-        _sysctl(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify", "1")
+            sysctl.write(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "0")
+            sysctl.write(f"/proc/sys/net/ipv6/conf/{ifname}/accept_dad", "1" if enable_dad else "0")
+        sysctl.write(f"/proc/sys/net/ipv4/conf/{ifname}/arp_notify", "1")
     for a in addresses:
-        ignore_errno(pod.addr, "add", index=idx, address=str(a.ip), prefixlen=a.network.prefixlen,
-                     codes=(errno.EEXIST,))
-    pod.link("set", index=idx, state="up")
+        ignore_errno(pod.add_addr, idx, str(a.ip), a.network.prefixlen, codes=(errno.EEXIST,))
+    pod.new_link([], index=idx, up=True)
     for r in routes:
-        spec: dict[str, Any] = {"dst": str(r.dst), "oif": idx}
-        if r.gw is not None:
-            spec["gateway"] = str(r.gw)
-        else:
-            spec["scope"] = 253  # link
-        if r.priority:
-            spec["priority"] = r.priority
-        if r.table:
-            spec["table"] = r.table
-        pod.route("replace", **spec)
+        pod.replace_route(str(r.dst.network_address), r.dst.prefixlen, idx,
+                          gateway=str(r.gw) if r.gw is not None else None,
+                          scope=0 if r.gw is not None else 253,  # link
+                          priority=r.priority or None, table=r.table or None)
 
 
-def delete_host_veth(ipr: IPRoute, host_name: str) -> bool:
+def delete_host_veth(rt: Rtnl, host_name: str) -> bool:
     """Deletes the pair (and so the pod's end) if Weft made it; False if there was none of ours."""
-    link = get_link(ipr, host_name)
+    link = rt.link(host_name)
     if link is None or link.get("group") != GROUP:
         return False
-    ignore_errno(ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+    rt.del_link(link["index"])
     return True
 
 
-def delete_bridge_if_unused(ipr: IPRoute, index: int) -> None:
-    link = ipr.link("get", index=index)[0]
-    if link.get("group") != GROUP:
+def delete_bridge_if_unused(rt: Rtnl, index: int) -> None:
+    link = rt.link(index=index)
+    if link is None or link.get("group") != GROUP:
         return
-    if not any(p.get("master") == index for p in ipr.get_links()):
-        ignore_errno(ipr.link, "del", index=index, codes=(errno.ENODEV,))
+    if not any(p.get("master") == index for p in rt.links()):
+        rt.del_link(index)
 
 
-def weft_veths(ipr: IPRoute, network: str) -> tuple[list[tuple[str, str]], list[str]]:
+def weft_veths(rt: Rtnl, network: str) -> tuple[list[tuple[str, str]], list[str]]:
     """(container ID, ifname) of every host veth Weft made for `network`, and the names of Weft's
     veths without a label: the kernel ignores an alias in the creating message, so an ADD killed
     between creating the veth and labelling it leaves one, which only GC can find."""
     labelled, unlabelled = [], []
-    for link in ipr.get_links():
+    for link in rt.links():
         if link.get("group") != GROUP or kind(link) != "veth":
             continue
         alias = link.get("IFLA_IFALIAS") or ""
@@ -286,22 +235,22 @@ def weft_veths(ipr: IPRoute, network: str) -> tuple[list[tuple[str, str]], list[
     return labelled, unlabelled
 
 
-def check(ipr: IPRoute, ns: NetNS, bridge: str, host_name: str, container: Interface,
+def check(rt: Rtnl, ns: NetNS, bridge: str, host_name: str, container: Interface,
           addresses: list[IPInterface], routes: list[Route]) -> None:
     """Raises CniError naming the first thing that drifted from prevResult."""
     def fail(what: str) -> CniError:
         return CniError(errors.INVALID_CONFIG, what, msg="attachment check failed")
 
-    br = get_link(ipr, bridge)
+    br = rt.link(bridge)
     if br is None or kind(br) != "bridge":
         raise fail(f"bridge {bridge} is missing or not a bridge")
-    host = get_link(ipr, host_name)
+    host = rt.link(host_name)
     if host is None or host.get("group") != GROUP:
         raise fail(f"host veth {host_name} is missing")
     if host.get("master") != br["index"]:
         raise fail(f"host veth {host_name} is not attached to {bridge}")
-    with open_in(ns) as pod:
-        link = get_link(pod, container.name)
+    with Rtnl.open_in(ns) as pod:
+        link = pod.link(container.name)
         if link is None:
             raise fail(f"interface {container.name} is missing from {ns.path}")
         if kind(link) != "veth":
@@ -311,13 +260,13 @@ def check(ipr: IPRoute, ns: NetNS, bridge: str, host_name: str, container: Inter
         if link.get("IFLA_LINK") != host["index"]:
             raise fail(f"interface {container.name} is not the peer of {host_name}")
         have = {ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-                for a in pod.get_addr(index=link["index"])}
+                for a in pod.addrs(link["index"])}
         for a in addresses:
             if a not in have:
                 raise fail(f"address {a} is missing from {container.name}")
         table = []
         for fam in sorted({2 if r.dst.version == 4 else 10 for r in routes}):
-            for r in pod.get_routes(family=fam):
+            for r in pod.routes(fam):
                 dst = r.get("RTA_DST")
                 net = ipaddress.ip_network(f"{dst}/{r['dst_len']}" if dst else
                                            ("0.0.0.0/0" if fam == 2 else "::/0"))

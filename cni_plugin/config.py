@@ -5,14 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-from cni_plugin.result import DNS, Result
-from cni_plugin.skel import validate_ifname
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import DNS, Result
+from weftlib.cni.skel import validate_ifname
 
 # Options of the reference bridge that Weft does not implement: refuse them rather than ignore them.
 _UNSUPPORTED = ("vlan", "vlanTrunk", "macspoofchk", "disableContainerInterface", "portIsolation")
 MASQ_BACKENDS = ("nftables",)
+DEFAULT_BRIDGE = "cni0"
 
 
 def _invalid(msg: str) -> CniError:
@@ -32,12 +33,11 @@ def _bool(conf: dict[str, Any], key: str) -> bool:
 class NetConf:
     name: str
     cni_version: str
-    bridge: str = "cni0"
+    bridge: str = DEFAULT_BRIDGE
     is_gateway: bool = False
     is_default_gateway: bool = False
     force_address: bool = False
     ip_masq: bool = False
-    ip_masq_backend: str = "nftables"
     mtu: int | None = None
     hairpin: bool = False
     promisc: bool = False
@@ -51,7 +51,7 @@ class NetConf:
         for key in _UNSUPPORTED:
             if conf.get(key) not in (None, False, 0, [], ""):
                 raise CniError(errors.UNSUPPORTED_FIELD, f"{key}={conf[key]!r} is not supported by weft"[:200])
-        bridge = conf.get("bridge") or "cni0"
+        bridge = conf.get("bridge") or DEFAULT_BRIDGE
         why = validate_ifname(bridge) if isinstance(bridge, str) else "must be a string"
         if why:
             raise _invalid(f"bridge name {str(bridge)[:40]!r} {why}")
@@ -61,7 +61,7 @@ class NetConf:
         hairpin, promisc = _bool(conf, "hairpinMode"), _bool(conf, "promiscMode")
         if hairpin and promisc:
             raise _invalid("cannot set hairpin mode and promiscuous mode at the same time")
-        backend = conf.get("ipMasqBackend") or "nftables"
+        backend = conf.get("ipMasqBackend") or "nftables"  # the only one: weftlib.kernel.nat
         if backend not in MASQ_BACKENDS:
             raise CniError(errors.UNSUPPORTED_FIELD, f"ipMasqBackend {backend!r} must be one of {MASQ_BACKENDS}"[:200])
         ipam = conf.get("ipam")
@@ -81,6 +81,6 @@ class NetConf:
         return cls(name=conf["name"], cni_version=conf["cniVersion"], bridge=bridge,
                    is_gateway=_bool(conf, "isGateway") or is_default_gateway,
                    is_default_gateway=is_default_gateway, force_address=_bool(conf, "forceAddress"),
-                   ip_masq=_bool(conf, "ipMasq"), ip_masq_backend=backend, mtu=mtu, hairpin=hairpin,
+                   ip_masq=_bool(conf, "ipMasq"), mtu=mtu, hairpin=hairpin,
                    promisc=promisc, enable_dad=_bool(conf, "enabledad"), ipam_type=ipam_type, dns=dns,
                    prev_result=prev)

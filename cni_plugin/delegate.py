@@ -1,16 +1,21 @@
-"""Running the IPAM plugin: weft-ipam in-process, anything else from CNI_PATH (SPEC section 4)."""
+"""Delegating to the IPAM plugin (SPEC section 4, "delegated plugins"): weft-ipam in-process with the
+config the caller already parsed, anything else executed from CNI_PATH."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-from cni_plugin.result import Result
-from cni_plugin.skel import Args
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import Result
+from weftlib.cni.skel import Args
+
+if TYPE_CHECKING:
+    from ipam.config import IPAMConfig
+    from weftlib.cni.attachments import Attachment
 
 IN_PROCESS = "weft-ipam"
 
@@ -23,11 +28,15 @@ def find(plugin: str, path: tuple[str, ...]) -> str:
     raise CniError(errors.INVALID_CONFIG, f"failed to find plugin {plugin!r} in path {list(path)}")
 
 
-def ipam(command: str, args: Args, conf: dict[str, Any], plugin: str) -> Result | None:
+def ipam(command: str, args: Args, conf: dict[str, Any], plugin: str, parsed: IPAMConfig | None = None,
+         valid: set[Attachment] | None = None) -> Result | None:
+    """Runs `command` of the IPAM plugin. `parsed`: weft-ipam's config, if the caller has parsed it;
+    `valid`: GC's valid attachments, as the caller parsed them."""
     if plugin == IN_PROCESS:
         from ipam import plugin as weft_ipam
+        from ipam.config import IPAMConfig
 
-        return weft_ipam.HANDLERS[command](args, conf)
+        return weft_ipam.run(command, args, parsed or IPAMConfig.parse(conf, args), valid or set())
     env = dict(args.environ)
     env["CNI_COMMAND"] = command
     try:

@@ -1,84 +1,49 @@
-"""The `weft` executable: containerd runs it for every pod.
+"""`weft-py`, the Python plugin: runs one CNI invocation in this process.
 
-When the network config names a weftd socket and weftd answers there, the
-invocation runs inside the warm daemon and this process only carries it over;
-otherwise, or for VERSION, it runs here. Either way the same code decides the
-result. Imports stay minimal until the local path is taken.
+containerd runs the compiled shim (`weft`, shim/weft-shim.c), which hands the
+invocation to weftd and execs this program, with the same environment and stdin,
+only when weftd is not there to take it. weftd runs the very same
+`skel.invoke`, so both paths decide alike.
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
 import sys
+import types
 
-from cni_plugin import handoff
-
-TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs 12 ms per pod
-
-if TYPE_CHECKING:
-    from collections.abc import Mapping
-
-MAX_STDIN = 1 << 20
+from cni_plugin.plugin import HANDLERS, PLUGIN
+from weftlib.cni import skel
 
 
-def _netns_fd(environ: Mapping[str, str]) -> int | None:
-    path = environ.get("CNI_NETNS")
-    if not path:
-        return None
-    try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except (OSError, ValueError):
-        return None
+def _lazy_pyroute2() -> None:
+    """Registers the pyroute2 package without running its __init__, which imports all of pyroute2
+    (IPRoute, NDB, IPDB, conntrack, ...: 150 ms, most of a local ADD). The plugin needs only its
+    netlink message classes. Anything that asks the package itself for a name still gets it: the
+    first lookup of a name that is not a submodule runs the real __init__ into the same module."""
+    if "pyroute2" in sys.modules:
+        return
+    spec = importlib.util.find_spec("pyroute2")
+    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
+        return
+    module = types.ModuleType("pyroute2")
+    module.__spec__, module.__path__, module.__file__ = spec, list(spec.submodule_search_locations), spec.origin
+    loader = spec.loader
 
+    def lookup(name: str) -> object:
+        try:  # `from pyroute2 import config`: a submodule, as without this module attribute hook
+            return importlib.import_module(f"pyroute2.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"pyroute2.{name}":
+                raise
+        delattr(module, "__getattr__")
+        loader.exec_module(module)
+        return getattr(module, name)
 
-def _delegated(raw: bytes) -> int | None:
-    """The exit status of weftd's run of this invocation, or None to run it here."""
-    environ = os.environ
-    command = environ.get("CNI_COMMAND")
-    if command not in handoff.SERVED:
-        return None
-    path = handoff.socket_path(raw)
-    if path is None:
-        return None
-    fd = _netns_fd(environ)
-    if fd is None and command in ("ADD", "CHECK"):
-        return None  # the local run reports what is wrong with CNI_NETNS
-    try:
-        reply = handoff.call(path, raw, environ, fd)
-    except handoff.Unanswered as e:
-        if command != "ADD":
-            return None  # DEL, CHECK, GC and STATUS are safe to repeat here
-        from cni_plugin import errors, skel
-
-        try:
-            version = skel.parse_config(raw).get("cniVersion")
-        except errors.CniError:
-            version = None
-        failure = errors.CniError(errors.TRY_AGAIN, f"weftd took the request but did not answer: {e}")
-        version = version if version in skel.SUPPORTED_VERSIONS else skel.LATEST
-        return skel.Outcome(1, skel.json_line(failure.to_json(version)), f"weft: {failure}\n").deliver()
-    finally:
-        if fd is not None:
-            os.close(fd)
-    if reply is None:
-        return None
-    status, out, err = reply
-    sys.stdout.buffer.write(out)
-    sys.stderr.buffer.write(err)
-    return status
+    setattr(module, "__getattr__", lookup)  # noqa: B010 - a module's own attribute hook
+    sys.modules["pyroute2"] = module
 
 
 def main() -> None:
-    raw = sys.stdin.buffer.read(MAX_STDIN + 1)
-    status = _delegated(raw)
-    if status is not None:
-        # weftd did the work: nothing here needs the interpreter's teardown, which costs 1.5 ms.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(status)
-    from cni_plugin import skel
-    from cni_plugin.plugin import HANDLERS, PLUGIN
-
-    status = skel.invoke(PLUGIN, HANDLERS, raw, os.environ).deliver()
-    sys.stdout.flush()
-    sys.exit(status)
+    _lazy_pyroute2()
+    sys.exit(skel.run(PLUGIN, HANDLERS))

@@ -11,13 +11,19 @@ import ipaddress
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cni_plugin import delegate, errors, skel
+from cni_plugin import delegate
 from cni_plugin.config import NetConf
-from cni_plugin.errors import CniError
-from cni_plugin.netns import NetNS, NotNetNS
-from cni_plugin.result import IPConfig, Result, Route
+from weftlib import ipnet
+from weftlib.cni import errors, skel
+from weftlib.cni.attachments import valid_attachments
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import Interface, IPConfig, Result, Route
+from weftlib.kernel.netns import NetNS, NotNetNS
+
+if TYPE_CHECKING:
+    from ipam.config import IPAMConfig
 
 PLUGIN = "weft"
 
@@ -45,7 +51,7 @@ def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interfa
     for ip in ipam.ips:
         gw = ip.gateway
         if gw is None and conf.is_gateway:
-            gw = ip.address.network.network_address + 1
+            gw = ipnet.gateway(ip.address.network)
             ip.gateway = gw
         if gw is not None:
             family_gw.setdefault(gw.version, gw)
@@ -62,61 +68,66 @@ def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interfa
     return gateways, programmed, reported
 
 
-def planned_gateways(conf: NetConf, args: skel.Args, raw: dict[str, Any]) -> list[Any]:
+def planned_gateways(conf: NetConf, ipam_conf: IPAMConfig | None) -> list[Any]:
     """The bridge addresses an in-process weft-ipam allocation will need, known before allocating."""
-    if not conf.is_gateway or conf.ipam_type != delegate.IN_PROCESS:
+    if not conf.is_gateway or ipam_conf is None:
         return []
+    return [ipaddress.ip_interface(f"{rs[0].gateway}/{rs[0].subnet.prefixlen}") for rs in ipam_conf.range_sets
+            if rs[0].gateway is not None]
+
+
+def parse_ipam(conf: NetConf, args: skel.Args, raw: dict[str, Any]) -> IPAMConfig | None:
+    """weft-ipam's config when it runs in-process, parsed once for the whole invocation."""
+    if conf.ipam_type != delegate.IN_PROCESS:
+        return None
     from ipam.config import IPAMConfig
 
-    cfg = IPAMConfig.parse(raw, args)
-    return [ipaddress.ip_interface(f"{rs[0].gateway}/{rs[0].subnet.prefixlen}") for rs in cfg.range_sets
-            if rs[0].gateway is not None]
+    return IPAMConfig.parse(raw, args)
 
 
 def cmd_add(args: skel.Args, raw: dict[str, Any]) -> Result:
     conf = NetConf.parse(raw)
-    gateways = planned_gateways(conf, args, raw)
+    ipam_conf = parse_ipam(conf, args, raw)
+    gateways = planned_gateways(conf, ipam_conf)
     with open_netns(args) as ns:
-        from pyroute2 import IPRoute
+        from weftlib.kernel.rtnl import Rtnl
 
-        from cni_plugin import attachment
-
-        with IPRoute() as ipr, attachment.open_in(ns) as pod:
-            return _attach(conf, args, raw, ns, ipr, pod, gateways)
+        with Rtnl() as rt, Rtnl.open_in(ns) as pod:
+            return _attach(conf, args, raw, ipam_conf, ns, rt, pod, gateways)
 
 
-def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ns: NetNS, ipr: Any, pod: Any,
-            gateways: list[Any]) -> Result:
+def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ipam_conf: IPAMConfig | None, ns: NetNS,
+            rt: Any, pod: Any, gateways: list[Any]) -> Result:
     """ADD's changes, each with its undo, after the read-only checks that refuse bad input."""
     from cni_plugin import attachment, masq
 
     # Read-only checks first, so that refused input changes nothing on the node.
-    if attachment.get_link(pod, args.ifname) is not None:
+    if pod.link(args.ifname) is not None:
         raise CniError(errors.INVALID_ENV, f"interface {args.ifname} already exists in {args.netns}")
-    br = attachment.find_bridge(ipr, conf.bridge)
+    br = attachment.find_bridge(rt, conf.bridge)
     attachment.refuse_conflicts(br, gateways, conf.force_address)
     undo: list[Callable[[], object]] = []
     try:
-        ipam = delegate.ipam("ADD", args, raw, conf.ipam_type)
+        ipam = delegate.ipam("ADD", args, raw, conf.ipam_type, ipam_conf)
         assert ipam is not None
-        undo.append(lambda: delegate.ipam("DEL", args, raw, conf.ipam_type))
+        undo.append(lambda: delegate.ipam("DEL", args, raw, conf.ipam_type, ipam_conf))
         if not ipam.ips:
             raise CniError(errors.INVALID_CONFIG, "IPAM plugin returned no IP addresses")
         gateways, programmed, reported = plan_routes(conf, ipam)
-        if attachment.ensure_bridge(ipr, br, conf.mtu, conf.promisc):
-            undo.append(lambda: attachment.delete_bridge_if_unused(ipr, br.index))
+        if attachment.ensure_bridge(rt, br, conf.mtu, conf.promisc):
+            undo.append(lambda: attachment.delete_bridge_if_unused(rt, br.index))
         if conf.is_gateway:  # checks the addresses again: an exec'd IPAM's gateways are known only now
-            attachment.ensure_bridge_addresses(ipr, br, gateways, conf.force_address)
+            attachment.ensure_bridge_addresses(rt, br, gateways, conf.force_address)
         host_name = attachment.host_veth_name(args.container_id, args.ifname)
-        undo.append(lambda: attachment.delete_host_veth(ipr, host_name))
-        veth = attachment.create_veth(ipr, pod, ns, args.ifname, host_name, conf.mtu, br.index, conf.hairpin,
+        undo.append(lambda: attachment.delete_host_veth(rt, host_name))
+        veth = attachment.create_veth(rt, pod, ns, args.ifname, host_name, conf.mtu, br.index, conf.hairpin,
                                       attachment.alias(conf.name, args.container_id, args.ifname))
         attachment.configure_container(pod, ns, veth, [ip.address for ip in ipam.ips], programmed,
                                        conf.enable_dad)
         if conf.ip_masq:
             undo.append(lambda: masq.remove(conf.name, args.container_id, args.ifname))
             masq.add(conf.name, args.container_id, args.ifname, [ip.address for ip in ipam.ips])
-        bridge = attachment.Interface(conf.bridge, br.mac)
+        bridge = Interface(conf.bridge, br.mac)
     except BaseException:
         for step in reversed(undo):
             try:
@@ -133,17 +144,22 @@ def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ns: NetNS, ipr:
     return result
 
 
+def _delete_host_veth(host_name: str) -> None:
+    from cni_plugin import attachment
+    from weftlib.kernel.rtnl import Rtnl
+
+    with Rtnl() as rt:
+        attachment.delete_host_veth(rt, host_name)
+
+
 def cmd_del(args: skel.Args, raw: dict[str, Any]) -> None:
     conf = NetConf.parse(raw)
-    from pyroute2 import IPRoute
-
     from cni_plugin import attachment, masq
 
     # The host end is named after its owner, so DEL needs neither the netns nor prevResult;
     # deleting it takes the pod's end with it.
-    with IPRoute() as ipr:
-        attachment.delete_host_veth(ipr, attachment.host_veth_name(args.container_id, args.ifname))
-    delegate.ipam("DEL", args, raw, conf.ipam_type)
+    _delete_host_veth(attachment.host_veth_name(args.container_id, args.ifname))
+    delegate.ipam("DEL", args, raw, conf.ipam_type, parse_ipam(conf, args, raw))
     if conf.ip_masq:
         masq.remove(conf.name, args.container_id, args.ifname)
 
@@ -153,45 +169,41 @@ def cmd_check(args: skel.Args, raw: dict[str, Any]) -> None:
     prev = conf.prev_result
     if prev is None:
         raise CniError(errors.INVALID_CONFIG, "Required prevResult missing")
-    delegate.ipam("CHECK", args, raw, conf.ipam_type)
+    delegate.ipam("CHECK", args, raw, conf.ipam_type, parse_ipam(conf, args, raw))
     found = [i for i, iface in enumerate(prev.interfaces) if iface.name == args.ifname and iface.sandbox == args.netns]
     if not found:
         raise CniError(errors.INVALID_CONFIG, f"prevResult has no interface {args.ifname} in {args.netns}")
     container = prev.interfaces[found[0]]
     addresses = [ip.address for ip in prev.ips if ip.interface == found[0]]
-    from pyroute2 import IPRoute
-
     from cni_plugin import attachment, masq
+    from weftlib.kernel.rtnl import Rtnl
 
-    with open_netns(args) as ns, IPRoute() as ipr:
-        attachment.check(ipr, ns, conf.bridge, attachment.host_veth_name(args.container_id, args.ifname),
+    with open_netns(args) as ns, Rtnl() as rt:
+        attachment.check(rt, ns, conf.bridge, attachment.host_veth_name(args.container_id, args.ifname),
                          container, addresses, prev.routes)
-    if conf.ip_masq and not masq.owned(conf.name, args.container_id, args.ifname):
+    if conf.ip_masq and not masq.present(conf.name, args.container_id, args.ifname, addresses):
         raise CniError(errors.INVALID_CONFIG, f"masquerade rules for {args.container_id}/{args.ifname} are missing",
                        msg="attachment check failed")
 
 
 def cmd_gc(args: skel.Args, raw: dict[str, Any]) -> None:
     conf = NetConf.parse(raw)
-    from ipam.plugin import valid_attachments
-
     valid = valid_attachments(raw)
     failures = []
     try:
-        delegate.ipam("GC", args, raw, conf.ipam_type)
+        delegate.ipam("GC", args, raw, conf.ipam_type, parse_ipam(conf, args, raw), valid)
     except CniError as e:
         failures.append(str(e))
-    from pyroute2 import IPRoute
-
     from cni_plugin import attachment, masq
+    from weftlib.kernel.rtnl import Rtnl
 
-    with IPRoute() as ipr:
-        labelled, unlabelled = attachment.weft_veths(ipr, conf.name)
+    with Rtnl() as rt:
+        labelled, unlabelled = attachment.weft_veths(rt, conf.name)
         for cid, ifname in labelled:
             if (cid, ifname) not in valid:
-                attachment.delete_host_veth(ipr, attachment.host_veth_name(cid, ifname))
+                attachment.delete_host_veth(rt, attachment.host_veth_name(cid, ifname))
         for name in unlabelled:
-            attachment.delete_host_veth(ipr, name)
+            attachment.delete_host_veth(rt, name)
     try:
         masq.collect(conf.name, valid)
     except CniError as e:
@@ -203,7 +215,7 @@ def cmd_gc(args: skel.Args, raw: dict[str, Any]) -> None:
 def cmd_status(args: skel.Args, raw: dict[str, Any]) -> None:
     conf = NetConf.parse(raw)
     try:
-        delegate.ipam("STATUS", args, raw, conf.ipam_type)
+        delegate.ipam("STATUS", args, raw, conf.ipam_type, parse_ipam(conf, args, raw))
     except CniError as e:
         if e.code in (errors.NOT_AVAILABLE, errors.LIMITED_CONNECTIVITY):
             raise
@@ -211,7 +223,3 @@ def cmd_status(args: skel.Args, raw: dict[str, Any]) -> None:
 
 
 HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
-
-
-def main() -> None:
-    sys.exit(skel.run(PLUGIN, HANDLERS))

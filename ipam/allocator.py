@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterator
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-from ipam.config import IPAddress, Range, RangeSet, rangeset_str
-from ipam.store import Owner, Store
+from ipam.config import Range, RangeSet, rangeset_str
+from ipam.reservations import Owner, Reservations
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.ipnet import IPAddress
 
 
 def _candidates(rs: RangeSet, last: IPAddress | None) -> Iterator[tuple[IPAddress, Range]]:
@@ -33,9 +34,9 @@ def _candidates(rs: RangeSet, last: IPAddress | None) -> Iterator[tuple[IPAddres
             yield ipaddress.ip_address(n), r
 
 
-def allocate(store: Store, leases: dict[IPAddress, Owner | None], rs: RangeSet, index: int,
+def allocate(reservations: Reservations, taken: dict[IPAddress, Owner | None], rs: RangeSet, index: int,
              container_id: str, ifname: str, requested: list[IPAddress]) -> tuple[IPAddress, Range]:
-    for ip, owner in leases.items():
+    for ip, owner in taken.items():
         if owner is not None and owner.matches(container_id, ifname):
             for r in rs:
                 if ip in r:
@@ -45,22 +46,22 @@ def allocate(store: Store, leases: dict[IPAddress, Owner | None], rs: RangeSet, 
             if ip in r:
                 if ip == r.gateway:
                     raise CniError(errors.INVALID_CONFIG, f"requested ip {ip} is subnet's gateway")
-                if ip in leases or not store.reserve(ip, container_id, ifname):
+                if ip in taken or not reservations.reserve(ip, container_id, ifname):
                     raise CniError(errors.INVALID_CONFIG,
                                    f"requested IP address {ip} is not available in range set {rangeset_str(rs)}")
-                leases[ip] = Owner(container_id, ifname)
+                taken[ip] = Owner(container_id, ifname)
                 return ip, r
-    for ip, r in _candidates(rs, store.last_reserved(index)):
-        if ip == r.gateway or ip in leases:
+    for ip, r in _candidates(rs, reservations.last_reserved(index)):
+        if ip == r.gateway or ip in taken:
             continue
-        if store.reserve(ip, container_id, ifname):
-            store.set_last_reserved(index, ip)
-            leases[ip] = Owner(container_id, ifname)
+        if reservations.reserve(ip, container_id, ifname):
+            reservations.set_last_reserved(index, ip)
+            taken[ip] = Owner(container_id, ifname)
             return ip, r
     raise CniError(errors.TRY_AGAIN, f"no IP addresses available in range set: {rangeset_str(rs)}",
                    msg="IP range exhausted")
 
 
-def free_count(leases: dict[IPAddress, Owner | None], rs: RangeSet) -> int:
-    used = sum(1 for ip in leases for r in rs if ip in r and ip != r.gateway)
+def free_count(taken: dict[IPAddress, Owner | None], rs: RangeSet) -> int:
+    used = sum(1 for ip in taken for r in rs if ip in r and ip != r.gateway)
     return sum(r.size() for r in rs) - used

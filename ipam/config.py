@@ -12,13 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-from cni_plugin.result import DNS, Route
-from cni_plugin.skel import Args
+from weftlib import ipnet
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import DNS, Route
+from weftlib.cni.skel import Args
+from weftlib.gojson import lookup_ci
+from weftlib.ipnet import IPAddress, IPNetwork
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_DATA_DIR = "/var/lib/cni/networks"
 
 
@@ -69,7 +70,7 @@ class Range:
             raise _invalid(f"rangeStart {start} is after rangeEnd {end}")
         gw_raw = _opt_str(d, "gateway")
         try:
-            gateway = ipaddress.ip_address(gw_raw) if gw_raw else first
+            gateway = ipaddress.ip_address(gw_raw) if gw_raw else ipnet.gateway(subnet)
         except ValueError as e:
             raise _invalid(f"invalid gateway {gw_raw!r}: {e}") from None
         if gateway.version != subnet.version:
@@ -126,14 +127,6 @@ def parse_range_sets(raw: Any, where: str) -> list[RangeSet]:
                     raise _invalid(f"{where}[{i}]: range {rs[a]} overlaps with {rs[b]}")
         sets.append(rs)
     return sets
-
-
-def lookup_ci(d: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    """Go decodes JSON keys case-insensitively (containerd's capability args, Flannel's net-conf); so do we."""
-    for k, v in d.items():
-        if k.lower() == key.lower():
-            return v
-    return default
 
 
 @dataclass(frozen=True)

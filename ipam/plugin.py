@@ -1,4 +1,5 @@
-"""weft-ipam's CNI verbs. `weft` calls these in-process when its ipam type is weft-ipam."""
+"""weft-ipam's CNI verbs. `weft` runs them in-process (`run`) with the config it parsed, when its ipam
+type is weft-ipam; the `weft-ipam` executable parses its config and runs the same functions."""
 
 from __future__ import annotations
 
@@ -7,34 +8,35 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
-from cni_plugin import errors, skel
-from cni_plugin.errors import CniError
-from cni_plugin.result import IPConfig, Result
 from ipam.allocator import allocate, free_count
-from ipam.config import IPAddress, IPAMConfig, rangeset_str
-from ipam.store import Store
+from ipam.config import IPAMConfig, rangeset_str
+from ipam.reservations import Reservations
+from weftlib.cni import errors, skel
+from weftlib.cni.attachments import Attachment, valid_attachments
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import IPConfig, Result
+from weftlib.ipnet import IPAddress
 
 PLUGIN = "weft-ipam"
 
 
-def _store(cfg: IPAMConfig) -> Store:
-    return Store(cfg.data_dir, cfg.network)
+def _reservations(cfg: IPAMConfig) -> Reservations:
+    return Reservations(cfg.data_dir, cfg.network)
 
 
 def _io(e: OSError, cfg: IPAMConfig) -> CniError:
-    return CniError(errors.IO_FAILURE, f"IPAM store {cfg.data_dir}/{cfg.network}: {e.strerror or e}")
+    return CniError(errors.IO_FAILURE, f"IPAM data directory {cfg.data_dir}/{cfg.network}: {e.strerror or e}")
 
 
-def cmd_add(args: skel.Args, conf: dict[str, Any]) -> Result:
-    cfg = IPAMConfig.parse(conf, args)
+def add(args: skel.Args, cfg: IPAMConfig) -> Result:
     result = Result(routes=list(cfg.routes), dns=cfg.dns)
     got: list[IPAddress] = []
     try:
-        with _store(cfg) as store:
-            leases = store.leases()
+        with _reservations(cfg) as held:
+            taken = held.all()
             try:
                 for i, rs in enumerate(cfg.range_sets):
-                    ip, r = allocate(store, leases, rs, i, args.container_id, args.ifname, cfg.requested)
+                    ip, r = allocate(held, taken, rs, i, args.container_id, args.ifname, cfg.requested)
                     got.append(ip)
                     result.ips.append(IPConfig(ipaddress.ip_interface(f"{ip}/{r.subnet.prefixlen}"), r.gateway))
                 unused = [ip for ip in cfg.requested if ip not in got]
@@ -43,98 +45,94 @@ def cmd_add(args: skel.Args, conf: dict[str, Any]) -> Result:
                                    f"failed to allocate all requested IPs: {', '.join(map(str, unused))}")
             except BaseException:
                 for ip in got:
-                    store.release(ip)
+                    held.release(ip)
                 raise
     except OSError as e:
         raise _io(e, cfg) from None
     return result
 
 
-def release(cfg: IPAMConfig, container_id: str, ifname: str) -> None:
-    store = _store(cfg)
-    if not store.exists():
+def release(args: skel.Args, cfg: IPAMConfig) -> None:
+    held = _reservations(cfg)
+    if not held.exists():
         return
     try:
-        with store:
-            for ip in store.owned_by(container_id, ifname):
-                store.release(ip)
+        with held:
+            for ip in held.owned_by(args.container_id, args.ifname):
+                held.release(ip)
     except OSError as e:
         raise _io(e, cfg) from None
 
 
-def cmd_del(args: skel.Args, conf: dict[str, Any]) -> None:
-    release(IPAMConfig.parse(conf, args), args.container_id, args.ifname)
-
-
-def cmd_check(args: skel.Args, conf: dict[str, Any]) -> None:
-    cfg = IPAMConfig.parse(conf, args)
-    store = _store(cfg)
+def check(args: skel.Args, cfg: IPAMConfig) -> None:
+    held = _reservations(cfg)
     owned = []
-    if store.exists():
-        with store:
-            owned = store.owned_by(args.container_id, args.ifname)
+    if held.exists():
+        with held:
+            owned = held.owned_by(args.container_id, args.ifname)
     missing = [rangeset_str(rs) for rs in cfg.range_sets if not any(ip in r for ip in owned for r in rs)]
     if missing:
         raise CniError(errors.INVALID_CONFIG,
                        f"{PLUGIN}: failed to find address added by container {args.container_id} "
-                       f"in range set {', '.join(missing)}", msg="IPAM lease missing")
+                       f"in range set {', '.join(missing)}", msg="IPAM reservation missing")
 
 
-def valid_attachments(conf: dict[str, Any]) -> set[tuple[str, str]]:
-    raw = conf.get("cni.dev/valid-attachments", conf.get("cni.dev/attachments"))
-    if raw is None:
-        return set()
-    if not isinstance(raw, list):
-        raise CniError(errors.INVALID_CONFIG, "cni.dev/valid-attachments must be a list")
-    out = set()
-    for a in raw:
-        if not isinstance(a, dict) or not isinstance(a.get("containerID"), str) or not isinstance(a.get("ifname"), str):
-            raise CniError(errors.INVALID_CONFIG, f"invalid attachment {a!r}: needs containerID and ifname strings")
-        out.add((a["containerID"], a["ifname"]))
-    return out
-
-
-def collect(cfg: IPAMConfig, valid: Iterable[tuple[str, str]]) -> list[IPAddress]:
-    """Releases every lease not owned by a valid attachment; returns the addresses freed."""
+def collect(cfg: IPAMConfig, valid: Iterable[Attachment]) -> list[IPAddress]:
+    """Releases every reservation not owned by a valid attachment; returns the addresses freed."""
     valid = set(valid)
     valid_ids = {cid for cid, _ in valid}
-    store = _store(cfg)
-    if not store.exists():
+    held = _reservations(cfg)
+    if not held.exists():
         return []
     freed = []
-    with store:
-        for ip, owner in store.leases().items():
-            keep = owner is not None and (
-                (owner.container_id, owner.ifname) in valid
-                or (owner.ifname is None and owner.container_id in valid_ids))
-            if not keep:
-                store.release(ip)
-                freed.append(ip)
+    try:
+        with held:
+            for ip, owner in held.all().items():
+                keep = owner is not None and (
+                    (owner.container_id, owner.ifname) in valid
+                    or (owner.ifname is None and owner.container_id in valid_ids))
+                if not keep:
+                    held.release(ip)
+                    freed.append(ip)
+    except OSError as e:
+        raise _io(e, cfg) from None
     return freed
 
 
-def cmd_gc(args: skel.Args, conf: dict[str, Any]) -> None:
-    cfg = IPAMConfig.parse(conf, args)
+def status(cfg: IPAMConfig) -> None:
     try:
-        collect(cfg, valid_attachments(conf))
+        with _reservations(cfg) as held:
+            taken = held.all()
     except OSError as e:
-        raise _io(e, cfg) from None
-
-
-def cmd_status(args: skel.Args, conf: dict[str, Any]) -> None:
-    cfg = IPAMConfig.parse(conf, args)
-    try:
-        with _store(cfg) as store:
-            leases = store.leases()
-    except OSError as e:
-        raise CniError(errors.NOT_AVAILABLE, f"IPAM store {cfg.data_dir}/{cfg.network} is unusable: "
+        raise CniError(errors.NOT_AVAILABLE, f"IPAM data directory {cfg.data_dir}/{cfg.network} is unusable: "
                        f"{e.strerror or e}") from None
-    full = [rangeset_str(rs) for rs in cfg.range_sets if free_count(leases, rs) <= 0]
+    full = [rangeset_str(rs) for rs in cfg.range_sets if free_count(taken, rs) <= 0]
     if full:
         raise CniError(errors.NOT_AVAILABLE, f"no IP addresses available in range set: {'; '.join(full)}")
 
 
-HANDLERS = {"ADD": cmd_add, "DEL": cmd_del, "CHECK": cmd_check, "GC": cmd_gc, "STATUS": cmd_status}
+def run(command: str, args: skel.Args, cfg: IPAMConfig, valid: set[Attachment]) -> Result | None:
+    """One verb with the config already parsed; `valid`: GC's valid attachments."""
+    if command == "ADD":
+        return add(args, cfg)
+    if command == "DEL":
+        release(args, cfg)
+    elif command == "CHECK":
+        check(args, cfg)
+    elif command == "GC":
+        collect(cfg, valid)
+    elif command == "STATUS":
+        status(cfg)
+    return None
+
+
+def _handler(command: str) -> skel.Handler:
+    def handle(args: skel.Args, conf: dict[str, Any]) -> Result | None:
+        return run(command, args, IPAMConfig.parse(conf, args), valid_attachments(conf) if command == "GC" else set())
+    return handle
+
+
+HANDLERS = {command: _handler(command) for command in ("ADD", "DEL", "CHECK", "GC", "STATUS")}
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""One frozen program for every Weft command, chosen by the name it is run as."""
+"""One frozen program for every Python Weft command, chosen by the name it is run as: `weft-py` (the
+plugin, which the compiled `weft` shim runs when weftd is not there), `weft-ipam` and `weftd`."""
 
 import os
 import sys

@@ -5,12 +5,14 @@ Topology (every box is a network namespace this module creates):
     [node n1] eth0 ─┐                ┌─ eth0 [node n3]   segment B (192.168.78.0/24), only with two segments
     [node n2] eth0 ─┤ br0  [underlay] br1 ┤
     [etcd]    eth0 ─┤                └─ [router] (192.168.77.1 / 192.168.78.1)
+    [kube]    kube0 ┤   kube-apiserver at 192.168.77.3, when tests/kubeapi attaches it
     [outside] eth0 ─┘                    segment A (192.168.77.0/24)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.lab import Lab, Netns, Node
+from tests.lab import Lab, Netns, Node, file_store, weftd_command, weftd_exe
 
 SEGMENTS = {"A": ("br0", "192.168.77"), "B": ("br1", "192.168.78")}
 ETCD_IP = "192.168.77.2"
@@ -52,6 +54,15 @@ class ClusterNode:
     def log(self) -> Path:
         return self.node.dir / "weftd.log"
 
+    @property
+    def state_dir(self) -> Path:
+        return self.node.dir / "state"
+
+    @property
+    def wg_device(self) -> str:
+        """wireguard-go's control sockets are shared by every namespace: names unique on the host."""
+        return f"wg{self.ns.name[3:9]}{self.name}"[:15]
+
     def state(self) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
 
@@ -74,6 +85,9 @@ class Cluster:
     def __init__(self, lab: Lab, net_conf: dict[str, Any], store: str = "file", two_segments: bool = False) -> None:
         self.lab = lab
         self.net_conf = net_conf
+        self.backend = (net_conf.get("Backend") or {}).get("Type", "vxlan")
+        self.wireguard = "userspace"  # the path this machine has; tests of the kernel path change it
+        self.weftd = weftd_exe()  # or the frozen bundle's weftd
         self.store = store
         self.nodes: dict[str, ClusterNode] = {}
         self.dir = lab.base / "cluster"
@@ -83,6 +97,7 @@ class Cluster:
         self._ports = 0
         self.etcd: subprocess.Popen[bytes] | None = None
         self.etcd_ns: Netns | None = None
+        self.kubeconfig: Path | None = None  # the kube store: tests/kubeapi writes it
         segments = ["A", "B"] if two_segments else ["A"]
         for seg in segments:
             br = SEGMENTS[seg][0]
@@ -91,12 +106,12 @@ class Cluster:
         if two_segments:
             router = lab.netns("router")
             for seg in segments:
-                self._uplink(router, f"eth{seg}", seg, f"{SEGMENTS[seg][1]}.1/24")
+                self.uplink(router, f"eth{seg}", seg, f"{SEGMENTS[seg][1]}.1/24")
             router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
         self.outside = lab.netns("outside")
-        self._uplink(self.outside, "eth0", "A", f"{OUTSIDE_IP}/24")
+        self.uplink(self.outside, "eth0", "A", f"{OUTSIDE_IP}/24")
 
-    def _uplink(self, ns: Netns, ifname: str, segment: str, cidr: str) -> None:
+    def uplink(self, ns: Netns, ifname: str, segment: str, cidr: str) -> None:
         """A veth from `ns` to the segment's bridge in the underlay namespace."""
         self._ports += 1
         port = f"p{self._ports}"
@@ -110,7 +125,7 @@ class Cluster:
         node = self.lab.node(name)
         host = 10 + len(self.nodes)
         ip = f"{SEGMENTS[segment][1]}.{host}"
-        self._uplink(node.ns, "eth0", segment, f"{ip}/24")
+        self.uplink(node.ns, "eth0", segment, f"{ip}/24")
         if len(SEGMENTS) and self._has_router():
             node.ns.run("ip", "route", "add", "default", "via", f"{SEGMENTS[segment][1]}.1")
         cn = ClusterNode(name, node, ip, segment)
@@ -124,14 +139,18 @@ class Cluster:
         if self.store == "etcd":
             return ["--store", "etcd", "--etcd-endpoint", f"http://{ETCD_IP}:2379", "--etcd-ttl",
                     str(self.etcd_ttl)]
-        return ["--store", "file", "--store-path", str(self.dir / "store.json")]
+        if self.store == "kube":
+            assert self.kubeconfig is not None, "a kube cluster needs KubeAPI.attach and a kubeconfig"
+            # As the manifest runs it: NetworkPolicy from the same API server.
+            return ["--store", "kube", "--kubeconfig", str(self.kubeconfig), "--policy-kube"]
+        return file_store(self.dir / "store.json")
 
     etcd_ttl = 30
 
     def start_etcd(self) -> None:
         if self.etcd_ns is None:
             self.etcd_ns = self.lab.netns("etcd")
-            self._uplink(self.etcd_ns, "eth0", "A", f"{ETCD_IP}/24")
+            self.uplink(self.etcd_ns, "eth0", "A", f"{ETCD_IP}/24")
         data = self.dir / "etcd-data"
         url = f"http://{ETCD_IP}:2379"
         self.etcd = subprocess.Popen(
@@ -152,11 +171,11 @@ class Cluster:
             self.etcd = None
 
     def start(self, cn: ClusterNode, *extra: str) -> None:
-        cmd = ["ip", "netns", "exec", cn.ns.name, sys.executable, "-m", "weftd", "run", "--node-name", cn.name,
-               *self.store_args(), "--net-conf", str(self.dir / "net-conf.json"), "--iface", "eth0",
-               "--subnet-file", str(cn.subnet_file), "--cni-conf-dir", str(cn.conflist.parent),
-               "--ipam-data-dir", str(cn.node.data_dir), "--listen", "127.0.0.1:9808", "--resync", "1",
-               "--cni-socket", str(cn.node.socket), "--log-level", "debug", *extra]
+        cmd = weftd_command(cn.ns, self.weftd, cn.name, self.store_args(), self.dir / "net-conf.json", cn.subnet_file,
+                            cn.conflist.parent, cn.node.socket, cn.node.data_dir,
+                            extra=("--resync", "1", "--log-level", "debug", "--state-dir", str(cn.state_dir),
+                                   "--wireguard-device", cn.wg_device, "--wireguard-implementation", self.wireguard,
+                                   *extra))
         cn.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(cn.log, "ab"))
 
     def stop(self, cn: ClusterNode, sig: int = signal.SIGTERM) -> None:
@@ -179,15 +198,33 @@ class Cluster:
                        if n.log.exists() and (cn is None or n is cn))
         raise AssertionError(f"timed out waiting for {what}{logs}")
 
-    def boot(self, names: list[str] | None = None, segments: dict[str, str] | None = None) -> list[ClusterNode]:
+    def boot(self, names: list[str] | None = None, segments: dict[str, str] | None = None,
+             extra: tuple[str, ...] = ()) -> list[ClusterNode]:
         names = names or ["n1", "n2", "n3"]
         out = [self.add_node(n, (segments or {}).get(n, "A")) for n in names]
         for cn in out:
-            self.start(cn)
+            self.start(cn, *extra)
         for cn in out:
             self.wait_ready(cn)
         for cn in out:
-            self.until(lambda cn=cn: len(cn.routes()) == len(out) - 1, 20, f"{cn.name} routes to all peers", cn)
+            self.until(lambda cn=cn: self.peers_programmed(cn) == len(out) - 1, 20, f"{cn.name} reaches all peers",
+                       cn)
+        return out
+
+    def peers_programmed(self, cn: ClusterNode) -> int:
+        """Peers the node's kernel reaches: routes, or WireGuard peers (one route covers the network)."""
+        if self.backend != "wireguard":
+            return len(cn.routes())
+        return len(self.wg_peers(cn))
+
+    def wg_peers(self, cn: ClusterNode) -> dict[str, dict[str, str]]:
+        """`wg show <dev> dump` for the node's device, by public key."""
+        p = cn.ns.run("wg", "show", cn.wg_device, "dump", check=False)
+        out = {}
+        for line in p.stdout.splitlines()[1:]:
+            key, psk, endpoint, ips, handshake, rx, tx, keepalive = line.split("\t")
+            out[key] = {"psk": psk, "endpoint": endpoint, "allowed_ips": ips, "handshake": handshake, "rx": rx,
+                        "tx": tx, "keepalive": keepalive}
         return out
 
     def pod(self, cn: ClusterNode, cid: str) -> tuple[Netns, str]:
@@ -202,7 +239,23 @@ class Cluster:
             if cn.proc is not None:
                 cn.proc.kill()
                 cn.proc.wait(10)
+        for cn in self.nodes.values():
+            self.stop_wireguard_go(cn)
         self.stop_etcd()
+
+    def wireguard_go(self, cn: ClusterNode) -> int | None:
+        from weftd.backend.wireguard.userspace import find_daemons
+
+        found = find_daemons(cn.wg_device)
+        return found[0][0] if found else None
+
+    def stop_wireguard_go(self, cn: ClusterNode) -> None:
+        """It outlives weftd by design; SIGTERM makes it remove its device and its control socket."""
+        pid = self.wireguard_go(cn)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            self.until(lambda: self.wireguard_go(cn) is None, 10, f"wireguard-go of {cn.name} gone")
+        Path(f"/var/run/wireguard/{cn.wg_device}.sock").unlink(missing_ok=True)
 
 
 MakeCluster = Callable[..., Cluster]

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster, MakeCluster
+from tests.kubeapi import KubeAPI
 from tests.lab import ROOT, Lab, Node
 
 ROOT_MARKERS = ("cni0", "weft")
@@ -24,11 +25,24 @@ def _machine_cni_files() -> list[str]:
     return sorted(str(p) for d in ("/var/lib/cni", "/etc/cni", "/opt/cni") for p in Path(d).rglob("*"))
 
 
+UNIT_DIR = Path(__file__).resolve().parent / "unit"
+
+
+def _needs_root(item: pytest.Item) -> bool:
+    return not item.path.is_relative_to(UNIT_DIR)
+
+
 @pytest.fixture(scope="session", autouse=True)
-def root_namespace_untouched() -> Iterator[None]:
-    """The machine's own network namespace must look the same after the whole run."""
+def root_namespace_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The machine's own network namespace must look the same after the whole run.
+
+    Only when the run has tests that build network namespaces: tests/unit needs neither root nor the lab."""
+    if not any(_needs_root(item) for item in request.session.items):
+        yield
+        return
     if os.geteuid() != 0:
-        pytest.exit("Weft's tests build network namespaces and must run as root", returncode=2)
+        pytest.exit("Weft's tests build network namespaces and must run as root (tests/unit runs without)",
+                    returncode=2)
     before, files_before = _root_links(), _machine_cni_files()
     yield
     assert _machine_cni_files() == files_before, "the machine's own CNI state directories changed"
@@ -73,3 +87,18 @@ def bundle() -> Path:
     if not (path / "weft").exists():
         pytest.fail(f"no frozen bundle at {path}: run `make build`")
     return path
+
+
+@pytest.fixture(scope="session")
+def kube_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeAPI]:
+    """etcd and a real kube-apiserver in their own namespace, for the whole session."""
+    lab = Lab(tmp_path_factory.mktemp("kubeapi"))
+    api: KubeAPI | None = None
+    try:
+        api = KubeAPI(lab)
+        api.start()
+        yield api
+    finally:
+        if api is not None:
+            api.close()
+        lab.close()

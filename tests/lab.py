@@ -24,11 +24,23 @@ REFERENCE = ("bridge", "host-local", "portmap", "loopback", "static")
 SOCKET_DIR = Path("/run/weft-tests")
 
 
+def shim_path() -> Path:
+    """The compiled `weft` shim (`make shim`, part of `make build`)."""
+    exe = Path(os.environ.get("WEFT_SHIM") or ROOT / ".build" / "weft-shim")
+    if not os.access(exe, os.X_OK):
+        raise RuntimeError(f"the weft shim is not built at {exe}: run `make shim`")
+    return exe
+
+
 def plugin_dir(target: Path) -> Path:
-    """A CNI bin dir: weft and weft-ipam from this checkout's environment, plus the reference plugins."""
+    """A CNI bin dir laid out as the bundle is: `weft` is the compiled shim, which execs `weft-py`
+    beside it when weftd is not there; weft-py and weft-ipam are this checkout's environment's
+    scripts; plus the reference plugins."""
     target.mkdir(parents=True, exist_ok=True)
     scripts = Path(sys.executable).parent
-    for name in ("weft", "weft-ipam"):
+    if not (target / "weft").exists():
+        shutil.copy2(shim_path(), target / "weft")  # a copy: the shim finds weft-py beside itself
+    for name in ("weft-py", "weft-ipam"):
         link = target / name
         if not link.exists():
             link.symlink_to(scripts / name)
@@ -49,6 +61,42 @@ def install_bundle(bundle: Path, libdir: Path, cnibin: Path, bindir: Path | None
 def host_veths(node: Node) -> list[str]:
     """The host ends of pod veths Weft made on `node` (named weft + hash; the VTEP is weft.<VNI>)."""
     return sorted(n for n in node.ns.links() if n.startswith("weft") and not n.startswith("weft."))
+
+
+def weftd_exe(bundle: Path | None = None) -> list[str]:
+    """How to run weftd: the frozen bundle's, or this checkout's."""
+    return [str(bundle / "weftd")] if bundle is not None else [sys.executable, "-m", "weftd"]
+
+
+def file_store(path: Path) -> list[str]:
+    return ["--store", "file", "--store-path", str(path)]
+
+
+def weftd_command(ns: Netns, exe: list[str], node_name: str, store: list[str], net_conf: Path, subnet_file: Path,
+                  cni_conf_dir: Path, cni_socket: Path, ipam_data_dir: Path | None = None, iface: str = "eth0",
+                  listen: str = "127.0.0.1:9808", extra: tuple[str, ...] = ()) -> list[str]:
+    """`weftd run` for a simulated node, inside its namespace: the one place tests and benchmarks spell it."""
+    cmd = ["ip", "netns", "exec", ns.name, *exe, "run", "--node-name", node_name, *store, "--net-conf", str(net_conf),
+           "--iface", iface, "--subnet-file", str(subnet_file), "--cni-conf-dir", str(cni_conf_dir),
+           "--listen", listen, "--cni-socket", str(cni_socket)]
+    if ipam_data_dir is not None:
+        cmd += ["--ipam-data-dir", str(ipam_data_dir)]
+    return cmd + list(extra)
+
+
+def peer_address(server: Netns, server_ip: str, client: Netns) -> str:
+    """The source address `server` sees when `client` connects to it."""
+    code = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+            f"s.bind(('{server_ip}',7000));s.listen();print('up',flush=True);c,a=s.accept();print(a[0])")
+    srv = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", code],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert srv.stdout is not None and srv.stdout.readline().strip() == "up"
+        client.run(sys.executable, "-c", f"import socket;socket.create_connection(('{server_ip}',7000),3).close()")
+        return srv.stdout.readline().strip()
+    finally:
+        srv.kill()
+        srv.wait()
 
 
 def weftd_pid(socket: Path) -> int | None:
@@ -172,12 +220,29 @@ class Node:
         path.write_text(json.dumps({"cniVersion": version, "name": name, "plugins": plugins}))
         return path
 
-    def leases(self, network: str) -> dict[str, str]:
+    def reservations(self, network: str) -> dict[str, str]:
+        """weft-ipam's reservations for `network` on this node: address -> file content."""
         d = self.data_dir / network
         if not d.exists():
             return {}
         return {p.name: p.read_bytes().decode() for p in d.iterdir()
                 if p.name != "lock" and not p.name.startswith("last_")}
+
+    def nat_elements(self) -> list[tuple[str, str, str]]:
+        """(set, value, owner comment) of every element in Weft's NAT table (weftlib.kernel.nat) on this node."""
+        p = self.ns.run("nft", "-j", "list", "table", "inet", "weft", check=False)
+        if p.returncode != 0:
+            return []
+        out = []
+        for item in json.loads(p.stdout)["nftables"]:
+            s = item.get("set")
+            for e in (s or {}).get("elem", []):
+                out.append((s["name"], json.dumps(e["elem"]["val"]), e["elem"].get("comment", "")))
+        return sorted(out)
+
+    def masqueraded(self) -> list[str]:
+        """The pod addresses that Weft masquerades on this node (the plugin's ipMasq), sorted."""
+        return sorted(json.loads(v) for s, v, _ in self.nat_elements() if s in ("masq_pods4", "masq_pods6"))
 
     def snapshot(self) -> dict[str, Any]:
         """Everything a plugin run could change on this node: links, addresses, routes, rules, files."""
@@ -185,8 +250,11 @@ class Node:
                  for name, link in self.ns.links().items()}
         addrs = sorted((a["ifname"], i["local"], i["prefixlen"]) for a in self.ns.ip_json("addr", "show")
                        for i in a.get("addr_info", []) if i.get("scope") != "link")
+        # Not the kernel's own IPv6 link-local routes: it adds them on its own schedule (after DAD),
+        # seconds after a link comes up, and Weft never makes any.
         routes = sorted(json.dumps(r, sort_keys=True) for fam in ("-4", "-6")
-                        for r in self.ns.ip_json(fam, "route", "show", "table", "all"))
+                        for r in self.ns.ip_json(fam, "route", "show", "table", "all")
+                        if not (r.get("dst", "").startswith("fe80:") and r.get("protocol") == "kernel"))
         rules = self.ns.run("nft", "list", "ruleset").stdout
         files = sorted(str(p.relative_to(self.dir)) + ":" + (p.read_text() if p.is_file() else "")
                        for p in self.dir.rglob("*") if p.is_file() and not p.name.endswith(".conflist"))

@@ -40,9 +40,8 @@ def test_check_reports_drift(node: Node, drift: str) -> None:
 def test_check_reports_missing_lease_and_rules(node: Node) -> None:
     pod = node.pod()
     conf, res = _added(node, pod, ipMasq=True)
-    handle = json.loads(node.ns.run("nft", "-j", "-a", "list", "chain", "inet", "weft_masq", "postrouting").stdout)
-    rule = next(i["rule"] for i in handle["nftables"] if "rule" in i)
-    node.ns.run("nft", "delete", "rule", "inet", "weft_masq", "postrouting", "handle", str(rule["handle"]))
+    assert node.masqueraded() == ["10.22.0.2"]
+    node.ns.run("nft", "delete", "element", "inet", "weft", "masq_pods4", "{ 10.22.0.2 }")
     out = node.plugin("CHECK", {**conf, "prevResult": res}, cid="c1", netns=pod.path)
     assert out.rc == 1 and "masquerade" in out.json["details"]
     (node.data_dir / "weftnet" / "10.22.0.2").unlink()
@@ -51,20 +50,21 @@ def test_check_reports_missing_lease_and_rules(node: Node) -> None:
 
 
 def test_masq_chain_is_declared_again_when_removed(node: Node) -> None:
-    """ADD adds its rule to the existing chain, and declares table and chain only when they are gone."""
+    """ADD adds its set elements to the existing table, and declares table and chain only when they are gone."""
     conf, _ = _added(node, node.pod(), ipMasq=True)
-    node.ns.run("nft", "delete", "table", "inet", "weft_masq")
+    node.ns.run("nft", "delete", "table", "inet", "weft")
     _added(node, node.pod(), cid="c2", ipMasq=True)
-    node.ns.run("nft", "delete", "chain", "inet", "weft_masq", "postrouting")
+    node.ns.run("nft", "delete", "chain", "inet", "weft", "postrouting")
     _added(node, node.pod(), cid="c3", ipMasq=True)
-    chain = json.loads(node.ns.run("nft", "-j", "list", "chain", "inet", "weft_masq", "postrouting").stdout)
+    chain = json.loads(node.ns.run("nft", "-j", "list", "chain", "inet", "weft", "postrouting").stdout)
     base = next(i["chain"] for i in chain["nftables"] if "chain" in i)
     assert (base["type"], base["hook"]) == ("nat", "postrouting")
     rules = [i["rule"] for i in chain["nftables"] if "rule" in i]
-    assert len(rules) == 1 and "10.22.0.4" in json.dumps(rules), rules
+    assert sum("masquerade" in json.dumps(r) for r in rules) == 4, rules  # masq_nets and masq_pods, v4 and v6
+    assert node.masqueraded() == ["10.22.0.3", "10.22.0.4"]  # c1's element went with the table
     for cid in ("c2", "c3"):
         assert node.plugin("DEL", conf, cid=cid, netns="").rc == 0
-    assert "masquerade" not in node.ns.run("nft", "list", "chain", "inet", "weft_masq", "postrouting").stdout
+    assert node.masqueraded() == []
 
 
 def test_check_needs_prev_result(node: Node) -> None:
@@ -104,9 +104,8 @@ def test_gc_keeps_valid_and_frees_the_rest(node: Node) -> None:
     gc = {**conf, "cni.dev/valid-attachments": [{"containerID": "g0", "ifname": "eth0"}]}
     out = node.plugin("GC", gc)
     assert out.rc == 0 and out.stdout == "", out.stdout
-    assert node.leases("weftnet") == {"10.22.0.2": "g0\r\neth0"}
-    rules = node.ns.run("nft", "list", "ruleset").stdout
-    assert rules.count("masquerade") == 1 and "10.22.0.2" in rules
+    assert node.reservations("weftnet") == {"10.22.0.2": "g0\r\neth0"}
+    assert node.masqueraded() == ["10.22.0.2"]
     assert {n for n in node.ns.links() if n.startswith("weft")} == {host_veth_name("g0", "eth0")}
     assert "eth0" in pods[0].links() and "eth0" not in pods[1].links() and "eth0" not in pods[2].links()
 

@@ -19,9 +19,12 @@ def test_dual_stack_pods_talk_over_both_families(node: Node) -> None:
     assert addrs == [["10.40.0.2/24", "fd00:40::2/64"], ["10.40.0.3/24", "fd00:40::3/64"]]
     assert {r["dst"]: r.get("gw") for r in results[0]["routes"]} == {"0.0.0.0/0": None, "::/0": None}
     assert "default via fd00:40::1" in pods[0].run("ip", "-6", "route").stdout
+    # The bridge's IPv6 gateway is usable at once: added without duplicate address detection.
+    gw = node.ns.run("ip", "-6", "addr", "show", "dev", "cni0", "scope", "global").stdout
+    assert "fd00:40::1/64" in gw and "tentative" not in gw and "nodad" in gw
     pods[0].run("ping", "-c1", "-W2", "10.40.0.3")
     pods[0].run("ping", "-6", "-c1", "-W3", "fd00:40::3")
     for i, p in enumerate(pods):
         node.drive("check", conflist, f"d{i}", p.path)
         node.drive("del", conflist, f"d{i}", p.path)
-    assert node.leases("weftnet") == {}
+    assert node.reservations("weftnet") == {}

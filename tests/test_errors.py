@@ -167,8 +167,8 @@ def test_failure_after_veth_rolls_everything_back(node: Node) -> None:
     assert out.rc != 0 and "Traceback" not in out.stdout + out.stderr
     after = node.snapshot()
     assert after["links"] == before["links"]
-    assert node.leases("weftnet") == {}
-    assert "masquerade" not in after["rules"]
+    assert node.reservations("weftnet") == {}
+    assert node.masqueraded() == [] and "10.22.0.2" not in after["rules"]
     assert pod.links().keys() == {"lo"}
 
 

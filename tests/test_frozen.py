@@ -34,6 +34,10 @@ def test_install_is_idempotent_and_uninstall_removes_only_its_own(bundle: Path, 
         link = cnibin / name
         assert link.is_symlink() and not os.readlink(link).startswith("/")  # relative: survives host mounts
     assert json.loads(run(cnibin / "weft", "VERSION").stdout)["supportedVersions"][-1] == "1.1.0"
+    # `weft` is the compiled shim, static; weft-py, weft-ipam and weftd are the one Python program.
+    ldd = subprocess.run(["ldd", str(lib / "current" / "weft")], capture_output=True, text=True)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr
+    assert (lib / "current" / "weftd").resolve().name == "weft-py"
     # weft-ipam is the same program under another name: it answers as the IPAM plugin.
     out = run(cnibin / "weft-ipam", "ADD", json.dumps({"cniVersion": "1.0.0", "name": "n", "ipam": {}}),
               CNI_CONTAINERID="c", CNI_NETNS="/proc/self/ns/net", CNI_IFNAME="eth0")
@@ -46,14 +50,30 @@ def test_install_is_idempotent_and_uninstall_removes_only_its_own(bundle: Path, 
     assert not lib.exists() and not (bindir / "weftd").exists()
 
 
+def test_frozen_weftd_knows_every_backend_and_store(bundle: Path, tmp_path: Path) -> None:
+    """Backends and stores register themselves from the modules of their package; the bundle must hold
+    and find them all, as the source tree does."""
+    from weftd import backend, subnet
+
+    usage = subprocess.run([str(bundle / "weftd"), "run", "--help"], capture_output=True, text=True).stdout
+    assert f"--store {{{','.join(sorted(subnet.types()))}}}" in usage, usage
+    conf = tmp_path / "net-conf.json"
+    conf.write_text(json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": "bogus"}}))
+    out = subprocess.run([str(bundle / "weftd"), "remove-node", "--store", "file", "--store-path",
+                          str(tmp_path / "store.json"), "--net-conf", str(conf)], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"must be one of {tuple(sorted(backend.types()))}" in out.stderr, out.stderr
+
+
 def _glibc_for(bundle: Path) -> set[Path]:
     """The shared objects from the system that the bundle's ELF files load: glibc's, and zlib for the
-    bootloader, which starts before it points the loader at the bundle."""
+    bootloader (weft-py), which starts before it points the loader at the bundle. The `weft` shim
+    is static and loads none."""
     libs: set[Path] = set()
-    for f in [bundle / "weft", *bundle.rglob("*.so*")]:
+    for f in [bundle / "weft-py", *bundle.rglob("*.so*")]:
         if not f.is_file() or f.is_symlink():
             continue
-        env = {} if f == bundle / "weft" else {"LD_LIBRARY_PATH": str(bundle / "_internal")}
+        env = {} if f == bundle / "weft-py" else {"LD_LIBRARY_PATH": str(bundle / "_internal")}
         out = subprocess.run(["ldd", str(f)], capture_output=True, text=True, env=env).stdout
         for line in out.splitlines():
             parts = line.split()

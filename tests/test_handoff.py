@@ -46,7 +46,7 @@ def test_weftd_serves_the_plugin_and_the_plugin_runs_alone_without_it(make_clust
     for cid in ("a", "b"):
         n1.node.drive("del", n1.conflist, cid, n1.pods[cid][0].path)
     assert handed_over(n1, "DEL") == 2 and handed_over(n1, "ADD") == 0  # counters restart with weftd
-    assert host_veths(n1.node) == [] and n1.node.leases("weft") == {}
+    assert host_veths(n1.node) == [] and n1.node.reservations("weft") == {}
 
 
 def test_netns_reaches_weftd_as_a_descriptor(make_cluster: MakeCluster) -> None:
@@ -66,7 +66,7 @@ def test_netns_reaches_weftd_as_a_descriptor(make_cluster: MakeCluster) -> None:
     assert any(a["local"] == ip for a in pod.ip_json("addr", "show", "eth0")[0]["addr_info"])
     assert handed_over(n1, "ADD") == 1
     n1.node.drive("del", n1.conflist, "hid", "")
-    assert host_veths(n1.node) == [] and n1.node.leases("weft") == {}
+    assert host_veths(n1.node) == [] and n1.node.reservations("weft") == {}
 
 
 def _bad_inputs(cn: ClusterNode, sock: str, pod_path: str) -> list[tuple[str, dict[str, object], dict[str, str]]]:
@@ -96,7 +96,7 @@ def test_refusals_are_the_same_from_weftd_and_from_the_plugin(make_cluster: Make
     pod = n1.node.pod("p")
     def state() -> tuple[object, ...]:
         snap = n1.node.snapshot()  # weftd's own log and routes change meanwhile; the rest must not
-        return snap["links"], snap["addrs"], snap["rules"], n1.node.leases("weft"), pod.links()
+        return snap["links"], snap["addrs"], snap["rules"], n1.node.reservations("weft"), pod.links()
 
     before = state()
     served = []
@@ -134,7 +134,7 @@ def test_concurrent_adds_and_dels_through_weftd(make_cluster: MakeCluster) -> No
                              range(n)))
     assert [d.stderr for d in dels if d.rc != 0] == []
     assert handed_over(n1, "DEL") == n
-    assert host_veths(n1.node) == [] and n1.node.leases("weft") == {}
+    assert host_veths(n1.node) == [] and n1.node.reservations("weft") == {}
 
 
 def test_socket_is_private_to_root(make_cluster: MakeCluster) -> None:

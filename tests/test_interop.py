@@ -27,10 +27,10 @@ def test_host_local_under_weft(node: Node) -> None:
     conflist = node.write_conflist("weftnet", [conf])
     pods, ips = _add_two(node, conflist, "h")
     assert ips == ["10.22.0.2/24", "10.22.0.3/24"]
-    assert node.leases("weftnet") == {"10.22.0.2": "h0\r\neth0", "10.22.0.3": "h1\r\neth0"}
+    assert node.reservations("weftnet") == {"10.22.0.2": "h0\r\neth0", "10.22.0.3": "h1\r\neth0"}
     pods[0].run("ping", "-c1", "-W2", "10.22.0.3")
     _check_and_delete(node, conflist, "h", pods)
-    assert node.leases("weftnet") == {}
+    assert node.reservations("weftnet") == {}
 
 
 def test_weft_ipam_under_reference_bridge(node: Node) -> None:
@@ -41,7 +41,7 @@ def test_weft_ipam_under_reference_bridge(node: Node) -> None:
     assert ips == ["10.23.0.2/24", "10.23.0.3/24"]
     pods[1].run("ping", "-c1", "-W2", "10.23.0.2")
     _check_and_delete(node, conflist, "b", pods)
-    assert node.leases("refnet") == {}
+    assert node.reservations("refnet") == {}
 
 
 def test_one_store_shared_by_host_local_and_weft_ipam(node: Node) -> None:
@@ -59,12 +59,12 @@ def test_one_store_shared_by_host_local_and_weft_ipam(node: Node) -> None:
     # Each plugin releases the other's leases, and round-robin continues where the other stopped.
     assert node.plugin("DEL", conf("weft-ipam"), plugin="weft-ipam", cid="s0").rc == 0
     assert node.plugin("DEL", conf("host-local"), plugin="host-local", cid="s1").rc == 0
-    assert set(node.leases("shared")) == {got[2].split("/")[0], got[3].split("/")[0]}
+    assert set(node.reservations("shared")) == {got[2].split("/")[0], got[3].split("/")[0]}
     nxt = node.plugin("ADD", conf("weft-ipam"), plugin="weft-ipam", cid="s4", netns="/dev/null").json
     assert nxt["ips"][0]["address"] == "10.24.0.6/29"
     for i in (2, 3, 4):
         assert node.plugin("DEL", conf("host-local"), plugin="host-local", cid=f"s{i}").rc == 0
-    assert node.leases("shared") == {}
+    assert node.reservations("shared") == {}
 
 
 def test_weft_then_portmap(node: Node) -> None:
@@ -104,6 +104,6 @@ def test_weft_then_portmap(node: Node) -> None:
         srv.kill()
         srv.wait()
     node.drive("del", conflist, "pm", pod.path, CNIDRIVE_CAPS=caps)
-    assert node.leases("pmnet") == {}
+    assert node.reservations("pmnet") == {}
     rules = node.ns.run("nft", "list", "ruleset").stdout
     assert "8080" not in rules and ip not in rules

@@ -15,26 +15,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cni_plugin import skel
-from cni_plugin.netns import NetNS
 from cni_plugin.plugin import HANDLERS, PLUGIN
 from tests.cluster import MakeCluster
 from tests.lab import Node, host_veths, proc_kib, weft_conf, weftd_pid
+from weftlib.cni import skel
+from weftlib.kernel.netns import NetNS
 
 SEED = int(os.environ.get("WEFT_FAULT_SEED", "20261122"))
 
 
-def lease_files(node: Node, network: str) -> dict[str, str]:
-    return node.leases(network)
-
-
 def assert_clean(node: Node, network: str) -> None:
     assert host_veths(node) == []
-    assert lease_files(node, network) == {}
-    assert "masquerade" not in node.ns.run("nft", "list", "ruleset").stdout
+    assert node.reservations(network) == {}
+    assert node.masqueraded() == []
     cache = node.cache_dir / "results"
     assert not cache.exists() or [p.name for p in cache.iterdir() if network in p.name] == []
 
@@ -58,6 +55,7 @@ def kill_tree(p: subprocess.Popen[bytes]) -> None:
     p.wait(10)
 
 
+@pytest.mark.slow
 def test_kill_9_at_random_points_of_add_then_del_or_gc_cleans_up(node: Node) -> None:
     rng = random.Random(SEED)
     conf = {"cniVersion": "1.1.0", "name": "killnet", **weft_conf("killnet", "10.61.0.0/24", "1.1.0",
@@ -74,8 +72,12 @@ def test_kill_9_at_random_points_of_add_then_del_or_gc_cleans_up(node: Node) -> 
             survivors[f"kill{i}"] = json.loads(p.stdout.read() if p.stdout else b"{}")["ips"][0]["address"]
         # Whatever the kill left, the lock died with the process: the next ADD must not wait for it.
     assert killed >= runs // 4, f"only {killed} of {runs} runs were killed mid-ADD"
-    addresses = [ip for ip in lease_files(node, "killnet")]
-    assert len(addresses) == len(set(addresses))
+    # A kill leaves at most one lease per container, and every ADD that finished owns the address it returned.
+    leases = node.reservations("killnet")
+    owners = [f.split("\n")[0].strip() for f in leases.values()]
+    assert len(owners) == len(set(owners)), f"a container holds two addresses: {sorted(owners)}"
+    for cid, address in survivors.items():
+        assert leases[address.split("/")[0]].split("\n")[0].strip() == cid, (cid, address)
     # Half the pods go away through DEL, the rest through GC with the survivors as valid attachments.
     for i in range(0, runs, 2):
         out = node.plugin("DEL", conf, cid=f"kill{i}", netns="")
@@ -83,7 +85,7 @@ def test_kill_9_at_random_points_of_add_then_del_or_gc_cleans_up(node: Node) -> 
     valid = [{"containerID": cid, "ifname": "eth0"} for cid in survivors if int(cid[4:]) % 2]
     gc = node.plugin("GC", {**conf, "cni.dev/valid-attachments": valid})
     assert gc.rc == 0, gc.stdout
-    kept = {f.split("\n")[0].strip() for f in lease_files(node, "killnet").values()}
+    kept = {f.split("\n")[0].strip() for f in node.reservations("killnet").values()}
     assert kept == {v["containerID"] for v in valid}
     assert len(host_veths(node)) == len(valid)
     for v in valid:
@@ -91,6 +93,7 @@ def test_kill_9_at_random_points_of_add_then_del_or_gc_cleans_up(node: Node) -> 
     assert_clean(node, "killnet")
 
 
+@pytest.mark.slow
 def test_storm_of_200_pods_in_random_order_with_repeats(make_cluster: MakeCluster) -> None:
     c = make_cluster("vxlan")
     (n1,) = c.boot(["n1"])
@@ -112,7 +115,7 @@ def test_storm_of_200_pods_in_random_order_with_repeats(make_cluster: MakeCluste
     with ThreadPoolExecutor(16) as pool:
         results = dict(zip(order, pool.map(run, order), strict=True))
     assert not [r for rs in results.values() for r in rs if r[0] == "del" and r[1] != 0]  # DEL always succeeds
-    leases = lease_files(node, "weft")
+    leases = node.reservations("weft")
     owners = [v.split("\n")[0].strip() for v in leases.values()]
     assert len(owners) == len(set(owners)), "a container holds two addresses"
     attached = set()
@@ -126,13 +129,14 @@ def test_storm_of_200_pods_in_random_order_with_repeats(make_cluster: MakeCluste
     assert len(host_veths(node)) == len(attached)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(lambda i: node.drive("del", n1.conflist, f"storm{i}", pods[i].path), pods))
-    assert host_veths(node) == [] and lease_files(node, "weft") == {}
+    assert host_veths(node) == [] and node.reservations("weft") == {}
 
 
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.slow
 def test_soak_1000_add_del_cycles_through_weftd(make_cluster: MakeCluster) -> None:
     cycles = int(os.environ.get("WEFT_SOAK_CYCLES", "1000"))
     c = make_cluster("vxlan")
@@ -150,7 +154,7 @@ def test_soak_1000_add_del_cycles_through_weftd(make_cluster: MakeCluster) -> No
     (fd1, rss1, links1), (fd2, rss2, links2) = samples
     assert fd2 <= fd1 and links2 == links1
     assert rss2 - rss1 < 4096, f"weftd grew from {rss1} to {rss2} KiB over {cycles - cycles // 5} cycles"
-    assert host_veths(node) == [] and lease_files(node, "weft") == {}
+    assert host_veths(node) == [] and node.reservations("weft") == {}
     print(f"soak: {cycles} cycles, weftd fds {fd1}->{fd2}, RSS {rss1}->{rss2} KiB")
 
 
@@ -176,7 +180,7 @@ def test_corrupted_store_files_cause_no_crash_and_no_duplicate(node: Node) -> No
     valid = [{"containerID": "c1", "ifname": "eth0"}, {"containerID": "c2", "ifname": "eth0"}]
     gc = node.plugin("GC", {**conf, "cniVersion": "1.1.0", "cni.dev/valid-attachments": valid})
     assert gc.rc == 0, gc.stdout
-    assert sorted(lease_files(node, "corrupt")) == sorted(g.split("/")[0] for g in got)
+    assert sorted(node.reservations("corrupt")) == sorted(g.split("/")[0] for g in got)
 
 
 def test_reboot_then_gc_reclaims_leases_of_pods_that_are_gone(make_cluster: MakeCluster) -> None:
@@ -184,7 +188,7 @@ def test_reboot_then_gc_reclaims_leases_of_pods_that_are_gone(make_cluster: Make
     n1, n2 = c.boot(["n1", "n2"])
     for i in range(3):
         c.pod(n1, f"before{i}")
-    leases = lease_files(n1.node, "weft")
+    leases = n1.node.reservations("weft")
     assert len(leases) == 3
     # Reboot: the node's namespace (links, routes, rules) and its tmpfs state go; /var/lib stays.
     c.stop(n1, signal.SIGKILL)
@@ -196,7 +200,7 @@ def test_reboot_then_gc_reclaims_leases_of_pods_that_are_gone(make_cluster: Make
     n1.pods.clear()
     subprocess.run(["ip", "netns", "add", n1.ns.name], check=True)
     n1.ns.run("ip", "link", "set", "lo", "up")
-    c._uplink(n1.ns, "eth0", "A", f"{n1.ip}/24")
+    c.uplink(n1.ns, "eth0", "A", f"{n1.ip}/24")
     c.start(n1)
     c.wait_ready(n1)
     c.until(lambda: len(n1.routes()) == 1, 20, "n1 routes to n2 again", n1)
@@ -209,7 +213,7 @@ def test_reboot_then_gc_reclaims_leases_of_pods_that_are_gone(make_cluster: Make
               "cni.dev/valid-attachments": [{"containerID": "after", "ifname": "eth0"}]}
     gc = n1.node.plugin("GC", plugin)
     assert gc.rc == 0, gc.stdout
-    assert list(lease_files(n1.node, "weft")) == [ip]
+    assert list(n1.node.reservations("weft")) == [ip]
 
 
 def test_peer_flapping_leaves_exactly_one_set_of_entries(make_cluster: MakeCluster) -> None:
@@ -295,12 +299,11 @@ def _mutations(node: Node, pod: str) -> st.SearchStrategy[tuple[bytes, dict[str,
 
 
 def _state(node: Node) -> tuple[Any, ...]:
-    snap = node.snapshot()
-    # IPv6 link-local routes come and go with the kernel's address configuration, on its own schedule.
-    routes = [r for r in snap["routes"] if '"dst": "fe80' not in r]
-    return snap["links"], snap["addrs"], routes, snap["rules"], snap["files"]
+    snap = node.snapshot()  # without IPv6 link-local routes, which come on the kernel's own schedule
+    return snap["links"], snap["addrs"], snap["routes"], snap["rules"], snap["files"]
 
 
+@pytest.mark.slow
 def test_fuzzed_input_gets_an_error_and_changes_nothing(node: Node) -> None:
     pod = node.pod("fz")
     conf = _base(node)
@@ -330,7 +333,6 @@ def test_fuzzed_input_gets_an_error_and_changes_nothing(node: Node) -> None:
 
         case()
     after = _state(node)
-    assert set(after[2]) ^ set(before[2]) == set(), set(after[2]) ^ set(before[2])
     assert after == before
     assert len(outcomes) >= 1000 and {1, 4, 6, 7, 11} <= set(outcomes)
     # The executable gives the same for a sample, exit status 1 and nothing on the node.

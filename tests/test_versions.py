@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.lab import Node, weft_conf
@@ -42,7 +40,7 @@ def test_add_result_in_each_version(node: Node, version: str) -> None:
         check = node.plugin("CHECK", {**conf, "prevResult": res}, cid="v1", netns=pod.path)
         assert check.rc == 1 and check.json["code"] == 1
     assert node.plugin("DEL", conf, cid="v1", netns=pod.path).rc == 0
-    assert node.leases("weftnet") == {}
+    assert node.reservations("weftnet") == {}
 
 
 @pytest.mark.parametrize("version", ["0.3.1", "0.4.0", "1.0.0"])
@@ -54,7 +52,7 @@ def test_libcni_converts_each_version(node: Node, version: str) -> None:
     if version >= "0.4.0":
         node.drive("check", conflist, "lv", pod.path)
     node.drive("del", conflist, "lv", pod.path)
-    assert node.leases("weftnet") == {}
+    assert node.reservations("weftnet") == {}
 
 
 @pytest.mark.parametrize("bad", ["0.1.0", "0.2.0", "1.2.0", "2.0.0", "", None, 1])
@@ -88,5 +86,4 @@ def test_chained_after_another_plugin_keeps_prev_result(node: Node) -> None:
     assert res["ips"][0] == prev["ips"][0]
     assert res["ips"][1]["interface"] == 3
     assert res["dns"] == prev["dns"]
-    json.dumps(res)
     assert node.plugin("DEL", conf, cid="ch", netns=pod.path).rc == 0

@@ -8,7 +8,7 @@ import sys
 import time
 
 from tests.cluster import OUTSIDE_IP, Cluster, MakeCluster
-from tests.lab import Netns
+from tests.lab import Netns, peer_address, weft_conf
 
 
 def ping(ns: Netns, ip: str, *extra: str) -> bool:
@@ -20,21 +20,6 @@ def all_pods_reach_each_other(c: Cluster) -> None:
     for ns, _ in pods:
         for _, ip in pods:
             assert ping(ns, ip), f"{ns.name} cannot reach {ip}"
-
-
-def peer_address(server: Netns, server_ip: str, client: Netns) -> str:
-    """The source address `server` sees when `client` connects to it."""
-    code = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
-            f"s.bind(('{server_ip}',7000));s.listen();print('up',flush=True);c,a=s.accept();print(a[0])")
-    srv = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", code],
-                           stdout=subprocess.PIPE, text=True)
-    try:
-        assert srv.stdout is not None and srv.stdout.readline().strip() == "up"
-        client.run(sys.executable, "-c", f"import socket;socket.create_connection(('{server_ip}',7000),3).close()")
-        return srv.stdout.readline().strip()
-    finally:
-        srv.kill()
-        srv.wait()
 
 
 def test_vxlan_three_nodes(make_cluster: MakeCluster) -> None:
@@ -176,8 +161,31 @@ def test_outbound_nat_but_never_between_pods(make_cluster: MakeCluster) -> None:
     b, b_ip = c.pod(n2, "b")
     assert peer_address(c.outside, OUTSIDE_IP, a) == n1.ip
     assert peer_address(b, b_ip, a) == a_ip
-    rules = n1.ns.run("nft", "list", "table", "ip", "weft").stdout
+    rules = n1.ns.run("nft", "list", "table", "inet", "weft").stdout
     assert "masquerade" in rules and "10.244.0.0/16" in rules
+
+
+def test_weftd_and_plugin_share_the_nat_table_and_remove_only_their_own(make_cluster: MakeCluster) -> None:
+    """weftd's per-network NAT and the plugin's per-pod ipMasq are elements of one table, each tagged
+    with its owner: uninstall removes weftd's and keeps the table while a pod's are there."""
+    c = make_cluster("host-gw")
+    n1 = c.add_node("n1")
+    c.start(n1)
+    c.wait_ready(n1)
+    owners = {owner for _, _, owner in n1.node.nat_elements()}
+    assert owners == {"weftd"}, n1.node.nat_elements()
+    pod = n1.node.pod("masq")
+    conf = weft_conf(network="masqnet", subnet="10.23.0.0/24", data_dir=n1.node.data_dir, ipMasq=True)
+    assert n1.node.plugin("ADD", conf, cid="m1", netns=pod.path).rc == 0
+    assert n1.node.masqueraded() == ["10.23.0.2"]
+    c.stop(n1)
+    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
+                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
+                   check=True, capture_output=True)
+    assert "weftd" not in {owner for _, _, owner in n1.node.nat_elements()}
+    assert n1.node.masqueraded() == ["10.23.0.2"]
+    assert n1.node.plugin("DEL", conf, cid="m1", netns="").rc == 0
+    assert n1.node.nat_elements() == []
 
 
 def test_legacy_iptables_node_uses_python_iptables_and_uninstall_cleans_up(make_cluster: MakeCluster) -> None:
@@ -193,7 +201,7 @@ def test_legacy_iptables_node_uses_python_iptables_and_uninstall_cleans_up(make_
     legacy = n1.ns.run("iptables-legacy-save", "-t", "nat").stdout
     assert ":WEFT-POSTRTG" in legacy and "MASQUERADE" in legacy and "-j WEFT-POSTRTG" in legacy
     assert "-j WEFT-FWD" in n1.ns.run("iptables-legacy-save", "-t", "filter").stdout
-    assert n1.ns.run("nft", "list", "table", "ip", "weft", check=False).returncode != 0
+    assert n1.ns.run("nft", "list", "table", "inet", "weft", check=False).returncode != 0
     a, _ = c.pod(n1, "a")
     assert peer_address(c.outside, OUTSIDE_IP, a) == n1.ip
     # Drift in the legacy chains is repaired too.

@@ -14,20 +14,31 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Protocol
 
-from cni_plugin import handoff, skel
 from cni_plugin.plugin import HANDLERS, PLUGIN
 from weftd.metrics import Metrics
+from weftlib.cni import errors, handoff, skel
 
 log = logging.getLogger("weftd.cni")
 CONCURRENCY = 8
 
 
+class PodHooks(Protocol):
+    """Told of each pod this node attaches or detaches, before the runtime gets the answer."""
+
+    def pod_added(self, environ: Mapping[str, str], stdout: str) -> None: ...
+
+    def pod_deleted(self, environ: Mapping[str, str]) -> None: ...
+
+
 class CniServer:
-    def __init__(self, path: Path, metrics: Metrics) -> None:
+    def __init__(self, path: Path, metrics: Metrics, hooks: PodHooks | None = None) -> None:
         self.path = path
         self.metrics = metrics
+        self.hooks = hooks
         self._slots = threading.BoundedSemaphore(CONCURRENCY)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -86,6 +97,7 @@ class CniServer:
                     log.warning("refused a CNI request from a non-root peer")
                     return
                 conn.settimeout(handoff.TIMEOUT)
+                conn.sendall(handoff.GREETING)
                 environ, raw, fds = handoff.read_request(conn)
             except (OSError, ValueError, EOFError, struct.error) as e:
                 log.warning("unreadable CNI request: %s", e)
@@ -95,6 +107,8 @@ class CniServer:
             try:
                 with self._slots:
                     outcome = skel.invoke(PLUGIN, HANDLERS, raw, environ, fds[0] if fds else None)
+                if self.hooks is not None and outcome.status == 0:
+                    outcome = self._hook(command, raw, environ, fds, outcome)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -108,3 +122,29 @@ class CniServer:
             except OSError as e:
                 log.warning("%s %s: the plugin went away before the reply: %s", command,
                             environ.get("CNI_CONTAINERID", ""), e)
+
+    def _hook(self, command: str, raw: bytes, environ: dict[str, str], fds: list[int],
+              outcome: skel.Outcome) -> skel.Outcome:
+        """A pod's NetworkPolicy verdicts are in the kernel before its ADD returns; if they cannot be,
+        the ADD is rolled back and fails, so no pod ever runs unprotected by weftd's choice."""
+        assert self.hooks is not None
+        if command == "DEL":
+            try:
+                self.hooks.pod_deleted(environ)
+            except Exception as e:  # noqa: BLE001 - the pod is gone either way; the next apply catches up
+                log.error("DEL %s: policy: %s", environ.get("CNI_CONTAINERID", ""), e)
+            return outcome
+        if command != "ADD":
+            return outcome
+        try:
+            self.hooks.pod_added(environ, outcome.stdout)
+            return outcome
+        except Exception as e:  # noqa: BLE001 - any failure to protect the pod fails its ADD
+            cid = environ.get("CNI_CONTAINERID", "")
+            log.error("ADD %s: policy could not be applied, rolling back: %s", cid, e)
+            undo = skel.invoke(PLUGIN, HANDLERS, raw, {**environ, "CNI_COMMAND": "DEL"}, fds[0] if fds else None)
+            if undo.status != 0:
+                log.error("ADD %s: rollback failed: %s", cid, undo.stdout.strip())
+            version = skel.parse_config(raw).get("cniVersion", "1.0.0")
+            err = errors.CniError(errors.TRY_AGAIN, f"NetworkPolicy could not be applied for this pod: {e}")
+            return skel.Outcome(1, skel.json_line(err.to_json(str(version))), f"{PLUGIN}: {err}\n")

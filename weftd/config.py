@@ -3,53 +3,31 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import netaddr
 
-from ipam.config import lookup_ci
+from weftlib.gojson import lookup_ci
 
-BACKENDS = ("vxlan", "host-gw")
+if TYPE_CHECKING:
+    from weftd.backend import BackendConfig
 
 
 class ConfigError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class BackendConfig:
-    type: str = "vxlan"
-    vni: int = 1
-    port: int = 8472
-    mtu: int | None = None  # the underlay MTU to assume; default: the interface's
-    direct_routing: bool = False
-
-    @classmethod
-    def parse(cls, d: dict[str, Any] | None) -> BackendConfig:
-        d = d or {}
-        kind = lookup_ci(d, "Type", "vxlan")
-        if kind not in BACKENDS:
-            raise ConfigError(f"Backend.Type {kind!r} must be one of {BACKENDS}")
-        vni, port, mtu = lookup_ci(d, "VNI", 1), lookup_ci(d, "Port", 8472) or 8472, lookup_ci(d, "MTU")
-        if not isinstance(vni, int) or not 1 <= vni < 1 << 24:
-            raise ConfigError(f"Backend.VNI {vni!r} must be an integer from 1 to 16777215")
-        if not isinstance(port, int) or not 1 <= port <= 65535:
-            raise ConfigError(f"Backend.Port {port!r} must be a UDP port")
-        if mtu is not None and (not isinstance(mtu, int) or not 576 <= mtu <= 65535):
-            raise ConfigError(f"Backend.MTU {mtu!r} must be an integer from 576 to 65535")
-        direct = lookup_ci(d, "DirectRouting", False)
-        if not isinstance(direct, bool):
-            raise ConfigError("Backend.DirectRouting must be true or false")
-        return cls(kind, vni, port, mtu, direct)
+Env = Callable[[str, Any], Any]  # a command-line flag's default from the environment (WEFTD_<FLAG>)
 
 
 @dataclass(frozen=True)
 class NetworkConfig:
     network: netaddr.IPNetwork
     subnet_len: int
-    backend: BackendConfig = field(default_factory=BackendConfig)
+    backend: BackendConfig
     ip_masq: bool = True
 
     @classmethod
@@ -73,7 +51,9 @@ class NetworkConfig:
         masq = lookup_ci(d, "IPMasq", True)
         if not isinstance(masq, bool):
             raise ConfigError("IPMasq must be true or false")
-        return cls(network.cidr, subnet_len, BackendConfig.parse(lookup_ci(d, "Backend")), masq)
+        from weftd import backend  # it imports this module for ConfigError
+
+        return cls(network.cidr, subnet_len, backend.parse_config(lookup_ci(d, "Backend")), masq)
 
     @classmethod
     def load(cls, path: str | Path) -> NetworkConfig:
@@ -83,12 +63,8 @@ class NetworkConfig:
             raise ConfigError(f"reading network config {path}: {e}") from None
 
     def to_json(self) -> dict[str, Any]:
-        b = self.backend
-        backend: dict[str, Any] = {"Type": b.type, "VNI": b.vni, "Port": b.port, "DirectRouting": b.direct_routing}
-        if b.mtu:
-            backend["MTU"] = b.mtu
         return {"Network": str(self.network), "SubnetLen": self.subnet_len, "IPMasq": self.ip_masq,
-                "Backend": backend}
+                "Backend": self.backend.to_json()}
 
     def subnets(self) -> list[netaddr.IPNetwork]:
         """Allocatable node subnets. The first is skipped, as Flannel does, so the network address stays free."""

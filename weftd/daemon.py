@@ -6,26 +6,33 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
+from cni_plugin.config import DEFAULT_BRIDGE
 from weftd import nodeconf
 from weftd.backend import Backend
 from weftd.config import Paths
 from weftd.lease import Lease
 from weftd.metrics import Health, Metrics
 from weftd.netfilter import Rules
-from weftd.subnet import StoreError, SubnetManager
+from weftd.subnet import StoreError, SubnetStore
+from weftlib.kernel import sysctl
+
+if TYPE_CHECKING:
+    from weftd.policy.engine import PolicyEngine
 
 log = logging.getLogger("weftd")
 
 
 class Daemon:
-    def __init__(self, node: str, ipr: IPRoute, manager: SubnetManager, backend: Backend, rules: Rules,
-                 paths: Paths, metrics: Metrics, health: Health, resync: float = 10.0, portmap: bool = True) -> None:
+    def __init__(self, node: str, ipr: IPRoute, store: SubnetStore, backend: Backend[Any], rules: Rules,
+                 paths: Paths, metrics: Metrics, health: Health, resync: float = 10.0, portmap: bool = True,
+                 bridge: str = DEFAULT_BRIDGE, policy: PolicyEngine | None = None) -> None:
         self.node = node
         self.ipr = ipr
-        self.manager = manager
+        self.store = store
         self.backend = backend
         self.rules = rules
         self.paths = paths
@@ -33,15 +40,18 @@ class Daemon:
         self.health = health
         self.resync = resync
         self.portmap = portmap
+        self.bridge = bridge
+        self.policy = policy
         self.stop = threading.Event()
         self.own: Lease | None = None
         self.peers: list[Lease] = []
+        self.announced = False  # the store has been told this node's network is up
 
     def start(self) -> None:
         """Blocks until the node is ready: lease, backend, NAT, peers programmed, config written."""
         while not self.stop.is_set():
             try:
-                self.own = self.manager.acquire(self.node, self.backend.attrs())
+                self.own = self.store.acquire(self.node, self.backend.attrs())
                 break
             except StoreError as e:
                 self.health.failed(str(e))
@@ -52,7 +62,10 @@ class Daemon:
         log.info("node %s: subnet %s, backend %s, MTU %d", self.node, self.own.subnet, self.backend.type,
                  self.backend.mtu())
         self.backend.setup(self.own)
-        self._sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        if self.policy is not None:
+            # Before any pod of this run can be attached; the previous run's tables stay until then.
+            self.policy.start(self.own.subnet)
+        sysctl.write("/proc/sys/net/ipv4/ip_forward", "1", missing_ok=False)
         while not self.stop.is_set() and not self.reconcile():
             self.stop.wait(1.0)
         self.publish()
@@ -62,27 +75,22 @@ class Daemon:
     def publish(self) -> None:
         """The node config, for the bridge and for the runtime: only once the backend is programmed."""
         assert self.own is not None
-        nodeconf.fix_bridge(self.ipr, self.manager.network, self.own.subnet)
-        nodeconf.write(self.paths, self.manager.network, self.own.subnet, self.backend.mtu(), self.portmap)
-
-    @staticmethod
-    def _sysctl(path: str, value: str) -> None:
-        with open(path, "r+") as f:
-            if f.read().strip() != value:
-                f.seek(0)
-                f.write(value)
+        nodeconf.fix_bridge(self.ipr, self.bridge, self.store.network, self.own.subnet)
+        nodeconf.write(self.paths, self.bridge, self.store.network, self.own.subnet, self.backend.mtu(),
+                       self.portmap)
 
     def reconcile(self) -> bool:
         assert self.own is not None
         t = time.perf_counter()
         try:
-            leases = self.manager.leases()
+            leases = self.store.leases()
             self.metrics.store_up.set(1)
             self.peers = [le for n, le in sorted(leases.items()) if n != self.node]
             if self.node not in leases:
                 log.warning("own lease vanished from the store; publishing it again")
                 before = self.own.subnet
-                self.own = self.manager.acquire(self.node, self.backend.attrs())
+                self.own = self.store.acquire(self.node, self.backend.attrs())
+                self.announced = False
                 if self.own.subnet != before:
                     log.warning("this node's subnet changed from %s to %s", before, self.own.subnet)
                     self.backend.setup(self.own)
@@ -112,23 +120,32 @@ class Daemon:
         m.fdb.set(stats.fdb)
         m.unreachable.set(len(stats.unreachable))
         m.changes.inc(stats.changes)
+        self.backend.observe(m)
+        self.health.info = self.backend.info()
         if stats.changes:
             log.info("reconciled %d peers in %.3fs: %d changes", stats.peers, took, stats.changes)
+        if not self.announced:
+            try:
+                self.store.network_ready(self.node)
+                self.announced = True
+            except StoreError as e:
+                log.error("announcing the network is up: %s; retrying", e)
         self.health.ok()
         return True
 
     def run(self) -> None:
         self.start()
         while not self.stop.is_set():
-            self.manager.wait(self.resync)
+            self.store.wait(self.resync)
             if self.stop.is_set():
                 break
             try:
-                if self.manager.renew():
+                if self.store.renew():
                     self.metrics.renewals.inc()
             except StoreError as e:
                 self.metrics.reconcile_errors.labels("renew").inc()
                 log.error("renewing the lease: %s", e)
             self.reconcile()
-        self.manager.close()
+        self.store.close()
+        self.backend.close()
         log.info("stopped; kernel state left in place so pod traffic keeps flowing")

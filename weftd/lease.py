@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -21,8 +23,12 @@ class Attrs:
     backend_type: str
     vtep_mac: str | None = None
     vni: int | None = None
+    public_key: str | None = None  # wireguard: the node's public key, base64
+    wg_port: int | None = None  # wireguard: the port it listens on
 
     def backend_data(self) -> dict[str, Any] | None:
+        if self.public_key is not None:
+            return {"PublicKey": self.public_key, "Port": self.wg_port}  # Flannel's wireguard backend data
         if self.vtep_mac is None:
             return None
         return {"VNI": self.vni, "VtepMAC": self.vtep_mac}
@@ -58,8 +64,13 @@ class Lease:
             if mac is not None:
                 mac = str(netaddr.EUI(mac, dialect=netaddr.mac_unix_expanded))
             backend = d.get("BackendType") or "host-gw"
-        except (KeyError, TypeError, AttributeError, ValueError, netaddr.AddrFormatError) as e:
+            key, port = data.get("PublicKey"), data.get("Port")
+            if key is not None and len(base64.b64decode(key, validate=True)) != 32:
+                raise ValueError("PublicKey is not a WireGuard key")
+        except (KeyError, TypeError, AttributeError, ValueError, binascii.Error, netaddr.AddrFormatError) as e:
             raise LeaseError(f"unreadable lease {str(d)[:200]}: {e}") from None
         if not isinstance(node, str) or not isinstance(backend, str) or (vni is not None and not isinstance(vni, int)):
             raise LeaseError(f"unreadable lease {str(d)[:200]}")
-        return cls(node, net.cidr, Attrs(ip, backend, mac, vni))
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+            raise LeaseError(f"unreadable lease {str(d)[:200]}: Port {port!r}")
+        return cls(node, net.cidr, Attrs(ip, backend, mac, vni, key, port or None))

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from cni_plugin.config import DEFAULT_BRIDGE
+from weftd import backend, subnet
 from weftd.config import ConfigError, NetworkConfig, Paths
 
 log = logging.getLogger("weftd")
@@ -25,15 +27,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weftd", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
+    stores = subnet.types()
+
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--node-name", default=_env("node-name", os.environ.get("NODE_NAME", socket.gethostname())))
-        sp.add_argument("--store", choices=("file", "etcd", "kube"), default=_env("store", "file"))
-        sp.add_argument("--store-path", default=_env("store-path", "/var/lib/weft/store.json"),
-                        help="file store: the shared JSON file")
-        sp.add_argument("--etcd-endpoint", default=_env("etcd-endpoint", "http://127.0.0.1:2379"))
-        sp.add_argument("--etcd-prefix", default=_env("etcd-prefix", "/weft/network"))
-        sp.add_argument("--etcd-ttl", type=int, default=int(_env("etcd-ttl", 24 * 3600)))
-        sp.add_argument("--kubeconfig", default=_env("kubeconfig"))
+        sp.add_argument("--store", choices=sorted(stores), default=_env("store", "file"))
+        for store in stores.values():
+            store.add_arguments(sp, _env)
         sp.add_argument("--net-conf", default=_env("net-conf", "/etc/weft/net-conf.json"),
                         help="cluster network config; seeds the file and etcd stores, is the config in kube mode")
         sp.add_argument("--log-level", default=_env("log-level", "info"))
@@ -46,48 +46,47 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cni-conf-dir", default=_env("cni-conf-dir", str(Paths.cni_conf_dir)))
     run.add_argument("--cni-conf-name", default=_env("cni-conf-name", Paths.cni_conf_name))
     run.add_argument("--ipam-data-dir", default=_env("ipam-data-dir", str(Paths.ipam_data_dir)))
+    run.add_argument("--bridge", default=_env("bridge", DEFAULT_BRIDGE),
+                     help="the node bridge named in the conflist weftd writes")
     run.add_argument("--cni-socket", default=_env("cni-socket", str(Paths.cni_socket)),
                      help="serve the weft plugin's invocations here ('' to let it run them itself)")
     run.add_argument("--listen", default=_env("listen", "127.0.0.1:9808"), help="health and metrics address")
     run.add_argument("--resync", type=float, default=float(_env("resync", 10)), help="seconds between full checks")
     run.add_argument("--iptables-mode", choices=("auto", "nft", "legacy"), default=_env("iptables-mode", "auto"))
+    run.add_argument("--policy-dir", default=_env("policy-dir"),
+                     help="enforce NetworkPolicy from the Namespace, Pod and NetworkPolicy objects in this "
+                          "directory (*.yaml, *.yml, *.json)")
+    run.add_argument("--policy-nflog-group", type=int, default=_env("policy-nflog-group"),
+                     help="also send denied packets to this NFLOG group and log them with pod names")
+    run.add_argument("--policy-kube", action="store_true", default=bool(_env("policy-kube")),
+                     help="enforce NetworkPolicy from the API server's Pods, Namespaces and NetworkPolicies "
+                          "(--kubeconfig, or in-cluster)")
     run.add_argument("--no-portmap", action="store_true", default=bool(_env("no-portmap")),
                      help="leave portmap out of the conflist")
 
     un = sub.add_parser("uninstall", help="remove everything weftd made on this node")
     common(un)
+    for sp in (run, un):
+        for kind in backend.types().values():
+            kind.add_arguments(sp, _env)
     un.add_argument("--subnet-file", default=_env("subnet-file", str(Paths.subnet_file)))
     un.add_argument("--cni-conf-dir", default=_env("cni-conf-dir", str(Paths.cni_conf_dir)))
     un.add_argument("--cni-conf-name", default=_env("cni-conf-name", Paths.cni_conf_name))
-    un.add_argument("--vni", type=int, default=int(_env("vni", 1)))
 
     rm = sub.add_parser("remove-node", help="delete a node's lease from the file or etcd store")
     common(rm)
     return p
 
 
-def _network(args: argparse.Namespace, required: bool) -> NetworkConfig | None:
+def _network(args: argparse.Namespace) -> NetworkConfig | None:
+    """The --net-conf file's network config, if the file exists."""
     if Path(args.net_conf).exists():
         return NetworkConfig.load(args.net_conf)
-    if required:
-        raise ConfigError(f"network config {args.net_conf} does not exist")
     return None
 
 
-def _manager(args: argparse.Namespace) -> Any:
-    if args.store == "file":
-        from weftd.subnet.file import FileManager
-
-        return FileManager(args.store_path, _network(args, False))
-    if args.store == "etcd":
-        from weftd.subnet.etcd import EtcdManager
-
-        return EtcdManager(args.etcd_endpoint, args.etcd_prefix, args.etcd_ttl, _network(args, False))
-    from weftd.subnet.kube import KubeManager
-
-    net = _network(args, True)
-    assert net is not None
-    return KubeManager(net, args.kubeconfig)
+def _store(args: argparse.Namespace) -> subnet.SubnetStore:
+    return subnet.types()[args.store].from_args(args, _network(args))
 
 
 def _paths(args: argparse.Namespace) -> Paths:
@@ -110,32 +109,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyroute2 import IPRoute
 
     from weftd import netfilter
-    from weftd.backend import find_underlay
     from weftd.daemon import Daemon
     from weftd.metrics import Health, Metrics, serve
 
-    manager = _manager(args)
-    net = manager.network
+    store = _store(args)
+    net = store.network
     ipr = IPRoute()
-    underlay = find_underlay(ipr, args.iface, args.public_ip)
-    if net.backend.type == "vxlan":
-        from weftd.backend.vxlan import VXLAN
-
-        stored = None
-        try:
-            prior = manager.leases().get(args.node_name)
-            stored = prior.attrs.vtep_mac if prior is not None else None
-        except Exception:  # noqa: BLE001 - no prior lease to learn the MAC from
-            pass
-        backend: Any = VXLAN(ipr, net.backend, underlay, stored_mac=stored)
-    else:
-        from weftd.backend.hostgw import HostGW
-
-        backend = HostGW(ipr, net.backend, underlay)
+    underlay = backend.find_underlay(ipr, args.iface, args.public_ip)
+    try:
+        published = store.lease(args.node_name)
+    except subnet.StoreError as e:
+        log.warning("cannot read this node's published lease (%s); a new VTEP MAC may be chosen", e)
+        published = None
+    node_backend = backend.create(ipr, net, underlay, published.attrs if published is not None else None, args)
     rules = netfilter.install(net.network, net.ip_masq, None if args.iptables_mode == "auto" else args.iptables_mode)
     metrics, health = Metrics(), Health(max_age=max(30.0, 3 * args.resync))
     server = serve(args.listen, metrics, health)
     paths = _paths(args)
+    policy = None
+    if args.policy_dir and args.policy_kube:
+        raise ConfigError("--policy-dir and --policy-kube are two sources of the same objects: choose one")
+    if args.policy_dir or args.policy_kube:
+        from weftd.nodeconf import NETWORK_NAME
+        from weftd.policy.engine import PolicyEngine, Source
+
+        if args.policy_kube:
+            from weftd.policy.kube import KubeSource
+
+            source: Source = KubeSource(args.kubeconfig)
+        else:
+            from weftd.policy.source import DirSource
+
+            source = DirSource(Path(args.policy_dir))
+        policy = PolicyEngine(args.node_name, source,
+                              paths.subnet_file.parent / "policy-pods.json", paths.ipam_data_dir / NETWORK_NAME,
+                              metrics.registry, args.resync, args.policy_nflog_group)
     cni = None
     if paths.cni_socket is not None and not can_enter_netns():
         log.warning("no CAP_SYS_ADMIN: not serving the plugin; it runs each invocation itself")
@@ -143,10 +151,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if paths.cni_socket is not None:
         from weftd.cniserver import CniServer
 
-        cni = CniServer(paths.cni_socket, metrics)
+        cni = CniServer(paths.cni_socket, metrics, policy)
         cni.start()
-    daemon = Daemon(args.node_name, ipr, manager, backend, rules, paths, metrics, health, args.resync,
-                    portmap=not args.no_portmap)
+    daemon = Daemon(args.node_name, ipr, store, node_backend, rules, paths, metrics, health, args.resync,
+                    portmap=not args.no_portmap, bridge=args.bridge, policy=policy)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
     log.info("weftd on %s: underlay %s %s (MTU %d), store %s", args.node_name, underlay.ifname, underlay.ip,
@@ -156,37 +164,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if cni is not None:
             cni.stop()
+        if policy is not None:
+            policy.stop()
         server.shutdown()
         ipr.close()
     return 0
 
 
 def cmd_uninstall(args: argparse.Namespace) -> int:
-    import netaddr
     from pyroute2 import IPRoute
 
-    from cni_plugin.attachment import GROUP, get_link
     from weftd import netfilter, nodeconf
-    from weftd.backend import Stats, sync_routes
+    from weftd.policy.engine import remove_tables
 
     with IPRoute() as ipr:
-        sync_routes(ipr, {}, Stats())
-        link = get_link(ipr, f"weft.{args.vni}")
-        if link is not None and link.get("group") == GROUP:
-            ipr.link("del", index=link["index"])
-    for mode in ("nft", "legacy"):
-        rules = netfilter.rules_for(mode, netaddr.IPNetwork("0.0.0.0/0"), True)
-        if rules.present():
-            rules.remove()
+        for kind in backend.types().values():
+            kind.teardown(ipr, args)
+    netfilter.uninstall()
+    remove_tables()
     nodeconf.remove(_paths(args))
-    log.info("removed weft's routes, VTEP, netfilter rules and node config")
+    log.info("removed weft's routes, VTEP, WireGuard device, netfilter and policy rules and node config; the "
+             "WireGuard key stays in the state directory")
     return 0
 
 
 def cmd_remove_node(args: argparse.Namespace) -> int:
-    if args.store == "kube":
-        raise ConfigError("in kube mode a node's lease goes away with its Node object")
-    gone = _manager(args).remove(args.node_name)
+    gone = _store(args).remove(args.node_name)
     log.info("lease of %s %s", args.node_name, "removed" if gone else "was not in the store")
     return 0
 
@@ -199,11 +202,11 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     from weftd.backend import BackendError
-    from weftd.subnet import StoreError
+    from weftd.netfilter import NetfilterError
 
     try:
         code = {"run": cmd_run, "uninstall": cmd_uninstall, "remove-node": cmd_remove_node}[args.command](args)
-    except (ConfigError, StoreError, BackendError) as e:
+    except (ConfigError, subnet.StoreError, BackendError, NetfilterError) as e:
         log.error("%s", e)
         code = 2
     sys.exit(code)

@@ -26,6 +26,12 @@ class Metrics:
         self.changes = Counter("weft_kernel_changes_total", "Kernel entries added, fixed or removed", registry=r)
         self.renewals = Counter("weft_lease_renewals_total", "Lease renewals in the store", registry=r)
         self.store_up = Gauge("weft_store_up", "1 if the last read of the store succeeded", registry=r)
+        self.wireguard_implementation = Gauge(
+            "weft_wireguard_implementation", "1 for the WireGuard implementation in use (kernel or userspace)",
+            ["implementation", "device"], registry=r)
+        self.wireguard_peers = Gauge("weft_wireguard_peers", "Peers configured on the WireGuard device", registry=r)
+        self.wireguard_restarts = Gauge("weft_wireguard_userspace_restarts",
+                                        "Times weftd restarted wireguard-go after it died", registry=r)
         self.cni_requests = Counter("weft_cni_requests_total", "CNI invocations handed over by the weft plugin",
                                     ["command", "result"], registry=r)
         self.cni_seconds = Histogram("weft_cni_request_seconds", "Time weftd spent on one handed-over invocation",
@@ -41,6 +47,7 @@ class Health:
         self.ready = False
         self.last_ok = 0.0
         self.reason = "starting"
+        self.info: dict[str, str] = {}  # shown under the status, e.g. which WireGuard implementation runs
         self._lock = threading.Lock()
 
     def ok(self) -> None:
@@ -70,7 +77,8 @@ def serve(addr: str, metrics: Metrics, health: Health) -> ThreadingHTTPServer:
                 body, code, ctype = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
             elif self.path in ("/healthz", "/readyz"):
                 good, why = health.status()
-                body, code, ctype = (why + "\n").encode(), 200 if good else 503, "text/plain"
+                lines = [why, *(f"{k}: {v}" for k, v in sorted(health.info.items()))]
+                body, code, ctype = "".join(line + "\n" for line in lines).encode(), 200 if good else 503, "text/plain"
             else:
                 body, code, ctype = b"not found\n", 404, "text/plain"
             self.send_response(code)

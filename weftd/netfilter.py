@@ -1,9 +1,10 @@
 """Outbound NAT and forwarding for the pod network, in whichever netfilter mode the node uses.
 
 Pod traffic leaving the cluster network is masqueraded; pod-to-pod traffic
-never is; forwarding is accepted for the pod network. Rules live in Weft's own
-nftables table (`ip weft`) on nodes in nft mode, and in Weft's own chains
-(WEFT-POSTRTG, WEFT-FWD) through python-iptables on nodes in legacy mode. The
+never is; forwarding is accepted for the pod network. On nodes in nft mode these
+are weftd's elements in the node's NAT table (`inet weft`, weftlib.kernel.nat),
+whose fixed rules the plugin's per-pod ipMasq shares; on nodes in legacy mode,
+Weft's own chains (WEFT-POSTRTG, WEFT-FWD) through python-iptables. The
 mode is detected as Kubernetes documents it (kubelet's KUBE-IPTABLES-HINT or
 KUBE-KUBELET-CANARY chain in the mangle table), and the two are never mixed:
 applying one mode removes Weft's rules of the other.
@@ -11,30 +12,29 @@ applying one mode removes Weft's rules of the other.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
 import shutil
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import netaddr
 
-from cni_plugin import nft
+from weftlib.kernel import nat
 
 log = logging.getLogger("weftd.netfilter")
-KUBE_PROXY_MARK = "0x4000"
+KUBE_PROXY_MARK = nat.KUBE_PROXY_MARK
 _HINT = re.compile(r"^:(KUBE-IPTABLES-HINT|KUBE-KUBELET-CANARY)\s", re.M)
 _SEARCH = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 
-def _nft(script: str, json_output: bool = False) -> tuple[int, str, str] | None:
-    """(status, output, error) of an nft script run in-process; None without libnftables."""
-    try:
-        return nft.run(script, json_output)
-    except nft.Unavailable:
-        return None
+class NetfilterError(RuntimeError):
+    """The rules could not be read or written (nftables refused, libnftables or iptables missing)."""
 
 
 def _save(cmd: str, *args: str) -> str:
@@ -78,51 +78,44 @@ class Rules(ABC):
 
 
 class NftRules(Rules):
+    """weftd's elements in the node's NAT table (weftlib.kernel.nat), which the plugin's ipMasq shares."""
+
     mode = "nft"
-    TABLE = "weft"
+    OWNER = "weftd"
 
-    def _script(self) -> str:
-        c = str(self.network)
-        masq = (f"ip saddr {c} ip daddr {c} return\n"
-                f"ip saddr {c} ip daddr 224.0.0.0/4 return\n"
-                f"ip saddr {c} masquerade fully-random\n") if self.masquerade else ""
-        return (f"table ip {self.TABLE} {{\n"
-                f" chain postrouting {{\n  type nat hook postrouting priority srcnat; policy accept;\n"
-                f"  meta mark & {KUBE_PROXY_MARK} == {KUBE_PROXY_MARK} return\n{masq} }}\n"
-                f" chain forward {{\n  type filter hook forward priority filter; policy accept;\n"
-                f"  ip saddr {c} accept\n  ip daddr {c} accept\n }}\n}}\n")
+    def _wanted(self) -> set[nat.Element]:
+        return set(nat.network_elements(self.OWNER, ipaddress.ip_network(str(self.network)), self.masquerade))
 
-    def _listing(self) -> Any:
-        p = _nft(f"list table ip {self.TABLE}", json_output=True)
-        if p is None or p[0] != 0:
-            return None
-        items = json.loads(p[1]).get("nftables", [])
-        # Handles change on every apply; compare what the rules do.
-        return [{k: v for k, v in next(iter(i.values())).items() if k != "handle"} for i in items
-                if "rule" in i or "chain" in i]
-
-    _applied: Any = None
+    _applied: dict[str, list[Any]] | None = None
 
     def ensure(self) -> bool:
-        if self._applied is not None and self._listing() == self._applied:
-            return False
-        self._apply()
+        try:
+            now = nat.listing()
+            mine = {e for e in now.elements if e.owner == self.OWNER}
+            if self._applied is not None and now.rules == self._applied and mine == self._wanted():
+                return False
+            # One transaction: the table declared again (its rules exactly, elements kept), ours corrected.
+            script = nat.declare() + "".join(e.command("delete") for e in mine - self._wanted())
+            script += "".join(e.command("add") for e in self._wanted() - mine)
+            ok, err = nat.run(script)
+            if not ok:
+                raise NetfilterError(f"nft: {err}")
+            self._applied = nat.listing().rules
+        except nat.NatError as e:
+            raise NetfilterError(str(e)) from None
         return True
 
     def present(self) -> bool:
-        p = _nft(f"list table ip {self.TABLE}")
-        return p is not None and p[0] == 0
-
-    def _apply(self) -> None:
-        p = _nft(f"add table ip {self.TABLE}\ndelete table ip {self.TABLE}\n" + self._script())
-        if p is None:
-            raise RuntimeError("nftables is not installed (libnftables.so.1)")
-        if p[0] != 0:
-            raise RuntimeError(f"nft: {p[2].strip()}")
-        self._applied = self._listing()
+        try:
+            return bool(nat.owned(self.OWNER))
+        except nat.NatError:
+            return False
 
     def remove(self) -> None:
-        _nft(f"delete table ip {self.TABLE}")
+        try:
+            nat.remove_owned(self.OWNER)
+        except nat.NatError as e:
+            raise NetfilterError(str(e)) from None
 
 
 class LegacyRules(Rules):
@@ -136,19 +129,21 @@ class LegacyRules(Rules):
     def _rules(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
         c = str(self.network)
         tag = {"comment": {"comment": self.COMMENT}}
-        nat = [{"mark": {"mark": f"{KUBE_PROXY_MARK}/{KUBE_PROXY_MARK}"}, "target": "RETURN", **tag}]
+        post = [{"mark": {"mark": f"{KUBE_PROXY_MARK}/{KUBE_PROXY_MARK}"}, "target": "RETURN", **tag}]
         if self.masquerade:
-            nat += [{"src": c, "dst": c, "target": "RETURN", **tag},
+            post += [{"src": c, "dst": c, "target": "RETURN", **tag},
                     {"src": c, "dst": "224.0.0.0/4", "target": "RETURN", **tag},
                     {"src": c, "target": {"MASQUERADE": {"random-fully": ""}}, **tag}]
         fwd = [{"src": c, "target": "ACCEPT", **tag}, {"dst": c, "target": "ACCEPT", **tag}]
-        return {("nat", self.NAT_CHAIN): nat, ("filter", self.FWD_CHAIN): fwd}
+        return {("nat", self.NAT_CHAIN): post, ("filter", self.FWD_CHAIN): fwd}
 
     _HOOKS: ClassVar[dict[str, str]] = {"nat": "POSTROUTING", "filter": "FORWARD"}
 
     def ensure(self) -> bool:
-        from iptc import easy
+        with _iptc() as easy:
+            return self._ensure(easy)
 
+    def _ensure(self, easy: Any) -> bool:
         changed = False
         for (table, chain), rules in self._rules().items():
             jump = {"target": chain, **{"comment": {"comment": self.COMMENT}}}
@@ -172,8 +167,10 @@ class LegacyRules(Rules):
         return f":{self.NAT_CHAIN} " in saved or f":{self.FWD_CHAIN} " in saved
 
     def remove(self) -> None:
-        from iptc import easy
+        with _iptc() as easy:
+            self._remove(easy)
 
+    def _remove(self, easy: Any) -> None:
         for (table, chain), _ in self._rules().items():
             if not easy.has_chain(table, chain):
                 continue
@@ -181,6 +178,20 @@ class LegacyRules(Rules):
                 if r.get("target") == chain:
                     easy.delete_rule(table, self._HOOKS[table], r)
             easy.delete_chain(table, chain, flush=True)
+
+
+@contextmanager
+def _iptc() -> Iterator[Any]:
+    """python-iptables' `easy` module, with its failures as NetfilterError."""
+    try:
+        import iptc
+        from iptc import easy
+    except (ImportError, OSError) as e:
+        raise NetfilterError(f"python-iptables cannot load libiptc: {e}") from None
+    try:
+        yield easy
+    except (iptc.IPTCError, iptc.XTablesError, OSError) as e:
+        raise NetfilterError(f"iptables: {e}") from None
 
 
 def _norm(rule: dict[str, Any]) -> str:
@@ -210,3 +221,15 @@ def install(network: netaddr.IPNetwork, masquerade: bool, mode: str | None = Non
     rules.ensure()
     log.info("netfilter mode %s: NAT for %s %s", mode, network, "on" if masquerade else "off")
     return rules
+
+
+def uninstall() -> None:
+    """Removes weftd's rules in both modes, and the node's NAT table if no pod's elements are left in it."""
+    for mode in ("nft", "legacy"):
+        rules = rules_for(mode, netaddr.IPNetwork("0.0.0.0/0"), True)
+        if rules.present():
+            rules.remove()
+    try:
+        nat.remove_table_if_unused()
+    except nat.NatError as e:
+        raise NetfilterError(str(e)) from None

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from weftd.backend import Backend, Stats, log, sync_routes
+from weftd.backend import Backend, BackendConfig, Stats, log, register, sync_routes
 from weftd.lease import Attrs, Lease
 
 
-class HostGW(Backend):
+@register
+class HostGW(Backend[BackendConfig]):
     type = "host-gw"
     _reported: frozenset[str] | set[str] = frozenset()
 

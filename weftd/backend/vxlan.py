@@ -7,37 +7,62 @@ peers' entries stay valid and a restart does not interrupt traffic.
 
 from __future__ import annotations
 
+import argparse
 import errno
-import random
 import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import netaddr
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
-from cni_plugin.attachment import GROUP, get_link, ignore_errno
-from weftd.backend import Backend, BackendError, RouteSpec, Stats, log, sync_routes
+from weftd.backend import Backend, BackendConfig, BackendError, RouteSpec, Stats, Underlay, log, register, sync_routes
+from weftd.config import ConfigError
 from weftd.lease import Attrs, Lease
+from weftlib.gojson import lookup_ci
+from weftlib.kernel import sysctl
+from weftlib.kernel.netlink import GROUP, get_link, ignore_errno, kind, owned, random_mac
 
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
 
-def random_mac() -> str:
-    octets = [random.randint(0, 255) for _ in range(6)]
-    octets[0] = (octets[0] & 0xFE) | 0x02  # unicast, locally administered
-    return ":".join(f"{o:02x}" for o in octets)
+@dataclass(frozen=True)
+class VXLANConfig(BackendConfig):
+    vni: int = 1
+    port: int = 8472
+    direct_routing: bool = False
+
+    @classmethod
+    def fields(cls, d: Mapping[str, Any]) -> dict[str, Any]:
+        vni, port = lookup_ci(d, "VNI", 1), lookup_ci(d, "Port", 8472) or 8472
+        if not isinstance(vni, int) or isinstance(vni, bool) or not 1 <= vni < 1 << 24:
+            raise ConfigError(f"Backend.VNI {vni!r} must be an integer from 1 to 16777215")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ConfigError(f"Backend.Port {port!r} must be a UDP port")
+        direct = lookup_ci(d, "DirectRouting", False)
+        if not isinstance(direct, bool):
+            raise ConfigError("Backend.DirectRouting must be true or false")
+        return {**super().fields(d), "vni": vni, "port": port, "direct_routing": direct}
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "VNI": self.vni, "Port": self.port, "DirectRouting": self.direct_routing}
 
 
-class VXLAN(Backend):
+@register
+class VXLAN(Backend[VXLANConfig]):
     type = "vxlan"
+    config_type = VXLANConfig
 
-    def __init__(self, *args: Any, stored_mac: str | None = None) -> None:
-        super().__init__(*args)
+    def __init__(self, ipr: IPRoute, cfg: VXLANConfig, underlay: Underlay, published: Attrs | None = None) -> None:
+        super().__init__(ipr, cfg, underlay, published)
         self.name = f"weft.{self.cfg.vni}"
         link = get_link(self.ipr, self.name)
-        self.mac = (link.get("IFLA_ADDRESS") if link is not None and link.get("group") == GROUP
-                    else stored_mac or random_mac())
+        # Keep the MAC peers already know: the device's, else the one published with the lease.
+        self.mac = (link.get("IFLA_ADDRESS") if owned(link)
+                    else published.vtep_mac if published is not None and published.vtep_mac
+                    else random_mac())
         self.index = -1
 
     def attrs(self) -> Attrs:
@@ -56,7 +81,7 @@ class VXLAN(Backend):
 
     def setup(self, own: Lease) -> None:
         link = get_link(self.ipr, self.name)
-        if link is not None and link.get("group") != GROUP:
+        if link is not None and not owned(link):
             raise BackendError(f"{self.name} exists and was not created by weft; not touching it")
         if link is not None and not self._compatible(link):
             log.warning("%s does not match the config; recreating it", self.name)
@@ -70,11 +95,7 @@ class VXLAN(Backend):
                      self.mac, self.mtu())
             link = get_link(self.ipr, self.name)
         self.index = link["index"]
-        try:
-            with open(f"/proc/sys/net/ipv6/conf/{self.name}/accept_ra", "w") as f:
-                f.write("0")
-        except OSError:
-            pass
+        sysctl.write(f"/proc/sys/net/ipv6/conf/{self.name}/accept_ra", "0")
         if link.get("IFLA_MTU") != self.mtu():
             self.ipr.link("set", index=self.index, mtu=self.mtu())
         self.ipr.link("set", index=self.index, state="up")
@@ -133,12 +154,8 @@ class VXLAN(Backend):
         for mac, dsts in actual.items():
             for dst in dsts:
                 if desired.get(mac) != dst:
-                    try:
-                        self.ipr.fdb("del", ifindex=self.index, lladdr=mac, dst=dst, state=NUD_PERMANENT,
-                                     flags=NTF_SELF)
-                    except NetlinkError as e:
-                        if e.code not in (errno.ENOENT,):
-                            raise
+                    ignore_errno(self.ipr.fdb, "del", ifindex=self.index, lladdr=mac, dst=dst, state=NUD_PERMANENT,
+                                 flags=NTF_SELF, codes=(errno.ENOENT,))
                     stats.changes += 1
         for mac, dst in desired.items():
             if actual.get(mac) == [dst]:
@@ -147,8 +164,9 @@ class VXLAN(Backend):
             stats.changes += 1
         stats.fdb = len(desired)
 
-    def teardown(self) -> None:
-        super().teardown()
-        link = get_link(self.ipr, self.name)
-        if link is not None and link.get("group") == GROUP:
-            ignore_errno(self.ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))
+    @classmethod
+    def teardown(cls, ipr: IPRoute, args: argparse.Namespace) -> None:
+        super().teardown(ipr, args)
+        for link in ipr.get_links():
+            if owned(link) and kind(link) == "vxlan":
+                ignore_errno(ipr.link, "del", index=link["index"], codes=(errno.ENODEV,))

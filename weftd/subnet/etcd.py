@@ -8,6 +8,7 @@ keeps its subnet.
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 import time
@@ -20,7 +21,7 @@ from etcd3gw.lease import Lease as EtcdLease
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import StoreError, SubnetManager, log, pick_subnet, valid_for
+from weftd.subnet import Env, StoreError, SubnetStore, log, pick_subnet, register, valid_for
 
 DEFAULT_PREFIX = "/weft/network"
 DEFAULT_TTL = 24 * 3600
@@ -35,7 +36,20 @@ def subnet_from_key(key: str) -> netaddr.IPNetwork:
     return netaddr.IPNetwork(f"{ip}/{plen}")
 
 
-class EtcdManager(SubnetManager):
+@register
+class EtcdStore(SubnetStore):
+    name = "etcd"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
+        parser.add_argument("--etcd-endpoint", default=env("etcd-endpoint", "http://127.0.0.1:2379"))
+        parser.add_argument("--etcd-prefix", default=env("etcd-prefix", DEFAULT_PREFIX))
+        parser.add_argument("--etcd-ttl", type=int, default=int(env("etcd-ttl", DEFAULT_TTL)))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> EtcdStore:
+        return cls(args.etcd_endpoint, args.etcd_prefix, args.etcd_ttl, network)
+
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, ttl: int = DEFAULT_TTL,
                  network: NetworkConfig | None = None, timeout: float = 5.0) -> None:
         url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
@@ -121,6 +135,9 @@ class EtcdManager(SubnetManager):
 
     def leases(self) -> dict[str, Lease]:
         return self._raw()
+
+    def lease(self, node: str) -> Lease | None:
+        return self._raw().get(node)
 
     def remove(self, node: str) -> bool:
         lease = self._raw().get(node)

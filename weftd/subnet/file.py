@@ -5,9 +5,8 @@ Writers hold an flock and replace the file atomically, so readers never see it h
 
 from __future__ import annotations
 
-import fcntl
+import argparse
 import json
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,10 +15,23 @@ from typing import Any
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import StoreError, SubnetManager, log, pick_subnet, valid_for
+from weftd.subnet import Env, StoreError, SubnetStore, log, pick_subnet, register, valid_for
+from weftlib.kernel import files
 
 
-class FileManager(SubnetManager):
+@register
+class FileStore(SubnetStore):
+    name = "file"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
+        parser.add_argument("--store-path", default=env("store-path", "/var/lib/weft/store.json"),
+                            help="file store: the shared JSON file")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> FileStore:
+        return cls(args.store_path, network)
+
     def __init__(self, path: str | Path, network: NetworkConfig | None = None) -> None:
         self.path = Path(path)
         self._seen: tuple[int, int, int] | None = None
@@ -39,12 +51,8 @@ class FileManager(SubnetManager):
     @contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with files.locked(f"{self.path}.lock"):
             yield
-        finally:
-            os.close(fd)
 
     def _read(self) -> dict[str, Any]:
         try:
@@ -58,10 +66,7 @@ class FileManager(SubnetManager):
         return data
 
     def _write(self, data: dict[str, Any]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, self.path)
+        files.write_atomic(self.path, json.dumps(data, indent=1, sort_keys=True), 0o644)
 
     def acquire(self, node: str, attrs: Attrs) -> Lease:
         with self._locked():
@@ -97,6 +102,9 @@ class FileManager(SubnetManager):
             log.warning("ignoring lease of %s: %s", node, e)
             return None
         return Lease(node, lease.subnet, lease.attrs)
+
+    def lease(self, node: str) -> Lease | None:
+        return self.leases().get(node)
 
     def leases(self) -> dict[str, Lease]:
         out = {}

@@ -2,23 +2,29 @@
 
 A node's subnet is `spec.podCIDRs` (allocated by the controller-manager). The
 node publishes how to reach it as annotations, patched through `nodes/status`,
-and watches all Nodes. API calls made here, and so the RBAC they need:
-nodes get (read_node), nodes list and watch (list_node), nodes/status patch
-(patch_node_status).
+and watches all Nodes. Once its routes are programmed it sets the Node condition
+NetworkUnavailable=False, as Flannel does. API calls made here, and so the RBAC
+they need: nodes get (read_node), nodes list and watch (list_node), nodes/status
+patch (patch_node_status: the annotations and the condition).
+
+The watch resumes from the last resourceVersion it saw, as client-go's reflector
+does; only when the server says that version is gone (410) does it list again.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import netaddr
 
-from weftd.config import NetworkConfig
+from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import StoreError, SubnetManager, log
+from weftd.subnet import Env, StoreError, SubnetStore, log, register
 
 PREFIX = "weft.dev"
 ANN_MANAGED = f"{PREFIX}/kube-subnet-manager"
@@ -29,11 +35,22 @@ ANN_IP_OVERWRITE = f"{PREFIX}/public-ip-overwrite"
 
 # The API calls this module makes, as (resource, verb); the RBAC test checks the manifest grants them.
 API_CALLS = (("nodes", "get"), ("nodes", "list"), ("nodes", "watch"), ("nodes/status", "patch"))
+# Built-in objects take strategic merge patches: conditions merge by type, so kubelet's stay.
+PATCH = "application/strategic-merge-patch+json"
+WATCH_TIMEOUT = 300
+GONE = 410
 
 
 def node_annotations(attrs: Attrs) -> dict[str, str]:
     return {ANN_MANAGED: "true", ANN_TYPE: attrs.backend_type, ANN_DATA: json.dumps(attrs.backend_data()),
             ANN_IP: str(attrs.public_ip)}
+
+
+def network_up_condition(now: datetime | None = None) -> dict[str, str]:
+    """What Flannel sets once a node's routes are in place, so the node stops being tainted unreachable."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {"type": "NetworkUnavailable", "status": "False", "reason": "WeftIsUp",
+            "message": "Weft is running on this node", "lastTransitionTime": stamp, "lastHeartbeatTime": stamp}
 
 
 def pod_cidr(node: dict[str, Any], network: NetworkConfig) -> netaddr.IPNetwork:
@@ -67,16 +84,35 @@ def lease_from_node(node: dict[str, Any], network: NetworkConfig) -> Lease | Non
         return None
 
 
-class KubeManager(SubnetManager):
-    def __init__(self, network: NetworkConfig, kubeconfig: str | None = None, api: Any = None) -> None:
+@register
+class KubeStore(SubnetStore):
+    name = "kube"
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
+        parser.add_argument("--kubeconfig", default=env("kubeconfig", None))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> KubeStore:
+        if network is None:
+            raise ConfigError(f"network config {args.net_conf} does not exist (the kube store needs it)")
+        return cls(network, args.kubeconfig)
+
+    def __init__(self, network: NetworkConfig, kubeconfig: str | None = None, api: Any = None,
+                 watch: bool = True) -> None:
+        """`api`: a CoreV1Api (default: from the kubeconfig or the pod's service account); `watch`: False
+        to keep the node cache filled only through replace_all() and apply()."""
         self.network = network
         if api is None:
             from kubernetes import client, config
 
-            if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-                config.load_incluster_config()
-            else:
-                config.load_kube_config(config_file=kubeconfig)
+            try:
+                if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
+                    config.load_incluster_config()
+                else:
+                    config.load_kube_config(config_file=kubeconfig)
+            except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
+                raise StoreError(f"kube credentials: {type(e).__name__}: {e}") from None
             api = client.CoreV1Api()
         self.api = api
         self._nodes: dict[str, dict[str, Any]] = {}
@@ -85,17 +121,31 @@ class KubeManager(SubnetManager):
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watching = watch
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         if isinstance(obj, dict):
             return obj
         return self.api.api_client.sanitize_for_serialization(obj)
 
-    def acquire(self, node: str, attrs: Attrs) -> Lease:
+    def _read_node(self, node: str) -> dict[str, Any]:
         try:
-            obj = self._dict(self.api.read_node(node))
+            return self._dict(self.api.read_node(node))
+        except Exception as e:  # noqa: BLE001 - ApiException, urllib3 errors: the API is unreachable
+            raise StoreError(f"kube API: {type(e).__name__}: {e}") from None
+
+    def lease(self, node: str) -> Lease | None:
+        return lease_from_node(self._read_node(node), self.network)
+
+    def remove(self, node: str) -> bool:
+        raise StoreError("in kube mode a node's lease goes away with its Node object")
+
+    def acquire(self, node: str, attrs: Attrs) -> Lease:
+        obj = self._read_node(node)
+        try:
             subnet = pod_cidr(obj, self.network)
-            self.api.patch_node_status(node, {"metadata": {"annotations": node_annotations(attrs)}})
+            self.api.patch_node_status(node, {"metadata": {"annotations": node_annotations(attrs)}},
+                                       _content_type=PATCH)
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - ApiException, urllib3 errors: the API is unreachable
@@ -103,8 +153,15 @@ class KubeManager(SubnetManager):
         self._start()
         return Lease(node, subnet, attrs)
 
+    def network_ready(self, node: str) -> None:
+        try:
+            self.api.patch_node_status(node, {"status": {"conditions": [network_up_condition()]}},
+                                       _content_type=PATCH)
+        except Exception as e:  # noqa: BLE001 - as in acquire
+            raise StoreError(f"kube API: {type(e).__name__}: {e}") from None
+
     def _start(self) -> None:
-        if self._thread is None:
+        if self._thread is None and self._watching:
             self._thread = threading.Thread(target=self._watch, name="kube-watch", daemon=True)
             self._thread.start()
 
@@ -127,19 +184,30 @@ class KubeManager(SubnetManager):
 
     def _watch(self) -> None:
         from kubernetes import watch
+        from kubernetes.client import ApiException
 
+        version: str | None = None  # None: list first
         while not self._stop.is_set():
             try:
-                listed = self.api.list_node()
-                self.replace_all(listed.items)
+                if version is None:
+                    listed = self.api.list_node()
+                    self.replace_all(listed.items)
+                    version = listed.metadata.resource_version
                 w = watch.Watch()
-                for ev in w.stream(self.api.list_node, resource_version=listed.metadata.resource_version,
-                                   timeout_seconds=300):
+                for ev in w.stream(self.api.list_node, resource_version=version, timeout_seconds=WATCH_TIMEOUT):
                     self.apply(ev["type"], ev["object"])
+                    version = w.resource_version
                     if self._stop.is_set():
                         w.stop()
-            except Exception as e:  # noqa: BLE001 - relist after any watch failure
-                log.warning("kube watch: %s", e)
+            except ApiException as e:
+                if e.status == GONE:
+                    log.info("kube watch: resourceVersion %s is gone (410): listing again", version)
+                    version = None
+                    continue
+                log.warning("kube watch: %s %s", e.status, e.reason)
+                self._stop.wait(1.0)
+            except Exception as e:  # noqa: BLE001 - the server is unreachable: resume from `version`
+                log.warning("kube watch: %s: %s", type(e).__name__, e)
                 self._stop.wait(1.0)
 
     def leases(self) -> dict[str, Lease]:

@@ -6,9 +6,9 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
-from cni_plugin.skel import version_tuple
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.cni.version import version_tuple
 
 
 def _bad(what: str) -> CniError:

@@ -16,21 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from cni_plugin import errors
-from cni_plugin.errors import CniError
+from weftlib.cni import errors
+from weftlib.cni.errors import CniError
+from weftlib.cni.stdin import MAX_STDIN, read_stdin
+from weftlib.cni.version import LATEST, SUPPORTED_VERSIONS, check_version
 
-SUPPORTED_VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
-LATEST = "1.1.0"
 COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
-MAX_STDIN = 1 << 20
 
 # libcni's rule for container IDs and network names (pkg/utils/utils.go).
 _ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")
 MAX_ID = 256
-
-
-def version_tuple(v: str) -> tuple[int, ...]:
-    return tuple(int(p) for p in v.split("."))
 
 
 @dataclass(frozen=True)
@@ -130,17 +125,6 @@ def parse_config(raw: bytes) -> dict[str, Any]:
     return conf
 
 
-def check_version(conf: Mapping[str, Any], command: str) -> str:
-    version = conf.get("cniVersion")
-    if not isinstance(version, str) or version not in SUPPORTED_VERSIONS:
-        raise CniError(errors.INCOMPATIBLE_VERSION,
-                       f"config is {version!r}, plugin supports {list(SUPPORTED_VERSIONS)}")
-    need = {"CHECK": "0.4.0", "GC": "1.1.0", "STATUS": "1.1.0"}.get(command)
-    if need and version_tuple(version) < version_tuple(need):
-        raise CniError(errors.INCOMPATIBLE_VERSION, f"config version {version} does not allow {command}")
-    return version
-
-
 def check_name(conf: Mapping[str, Any]) -> str:
     name = conf.get("name")
     if not isinstance(name, str) or not _valid_id(name):
@@ -215,10 +199,6 @@ def invoke(plugin: str, handlers: Mapping[str, Handler], raw: bytes, environ: Ma
     except Exception as e:  # noqa: BLE001 - the runtime must get JSON, never a traceback
         return Outcome(1, json_line(CniError(errors.INTERNAL, f"{type(e).__name__}: {e}").to_json(version)),
                        log_failure(plugin, e, log_file))
-
-
-def read_stdin() -> bytes:
-    return sys.stdin.buffer.read(MAX_STDIN + 1)
 
 
 def run(plugin: str, handlers: Mapping[str, Handler]) -> int:

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from cni_plugin.errors import CniError
-from cni_plugin.result import Result
-from cni_plugin.skel import parse_cni_args, validate_ifname
 from ipam.allocator import _candidates, allocate
 from ipam.config import IPAMConfig, Range
-from ipam.store import Owner, Store, parse_owner
+from ipam.reservations import Owner, Reservations, parse_owner
+from weftlib.cni.errors import CniError
+from weftlib.cni.result import Result
+from weftlib.cni.skel import parse_cni_args, validate_ifname
 
 
 def _range(subnet: str, **kw: str) -> Range:
@@ -46,13 +46,13 @@ def test_round_robin_starts_after_last_and_wraps() -> None:
 
 def test_allocation_skips_gateway_and_taken_and_is_idempotent(tmp_path: Path) -> None:
     rs = (_range("10.0.0.0/29"),)
-    with Store(str(tmp_path), "n") as store:
-        leases = store.leases()
-        got = [allocate(store, leases, rs, 0, f"c{i}", "eth0", [])[0] for i in range(5)]
+    with Reservations(str(tmp_path), "n") as store:
+        taken = store.all()
+        got = [allocate(store, taken, rs, 0, f"c{i}", "eth0", [])[0] for i in range(5)]
         assert [str(ip) for ip in got] == ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
-        assert allocate(store, leases, rs, 0, "c1", "eth0", [])[0] == got[1]
+        assert allocate(store, taken, rs, 0, "c1", "eth0", [])[0] == got[1]
         with pytest.raises(CniError) as e:
-            allocate(store, leases, rs, 0, "c9", "eth0", [])
+            allocate(store, taken, rs, 0, "c9", "eth0", [])
         assert e.value.code == 11 and "10.0.0.1-10.0.0.6" in e.value.details
         assert (tmp_path / "n" / "10.0.0.2").read_bytes() == b"c0\r\neth0"
         assert (tmp_path / "n" / "last_reserved_ip.0").read_text() == "10.0.0.6"
@@ -62,8 +62,8 @@ def test_corrupt_last_reserved_is_ignored(tmp_path: Path) -> None:
     rs = (_range("10.0.0.0/29"),)
     (tmp_path / "n").mkdir()
     (tmp_path / "n" / "last_reserved_ip.0").write_bytes(b"\xff garbage")
-    with Store(str(tmp_path), "n") as store:
-        assert str(allocate(store, store.leases(), rs, 0, "c", "eth0", [])[0]) == "10.0.0.2"
+    with Reservations(str(tmp_path), "n") as store:
+        assert str(allocate(store, store.all(), rs, 0, "c", "eth0", [])[0]) == "10.0.0.2"
 
 
 def test_owner_parsing() -> None:

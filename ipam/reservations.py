@@ -1,4 +1,4 @@
-"""The reference host-local on-disk lease store (plugins/ipam/host-local/backend/disk).
+"""The reference host-local's reservations on disk (plugins/ipam/host-local/backend/disk).
 
 `<dataDir>/<network>/<ip>` holds "<containerID>\\r\\n<ifname>"; its existence is the
 reservation. `last_reserved_ip.<set>` remembers where round-robin stopped, and
@@ -6,20 +6,19 @@ reservation. `last_reserved_ip.<set>` remembers where round-robin stopped, and
 plugins can share one store.
 
 Weft writes every file to a temporary name first and links or renames it into
-place, so a lease is never seen half-written. All writes happen under the lock,
+place, so a reservation is never seen half-written. All writes happen under the lock,
 which is why a temporary file found while holding it is a leftover of a killed
 writer and can be removed.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
 
-from ipam.config import IPAddress
+from weftlib.ipnet import IPAddress
+from weftlib.kernel import files
 
 LOCK = "lock"
 LAST_RESERVED = "last_reserved_ip."
@@ -31,7 +30,7 @@ DIR_MODE = 0o755
 @dataclass(frozen=True)
 class Owner:
     container_id: str
-    ifname: str | None  # None: a legacy lease that names only the container
+    ifname: str | None  # None: a legacy reservation that names only the container
 
     def matches(self, container_id: str, ifname: str) -> bool:
         return self.container_id == container_id and self.ifname in (ifname, None)
@@ -51,7 +50,9 @@ def parse_owner(data: bytes) -> Owner | None:
     return Owner(parts[0], parts[1] if len(parts) == 2 else None)
 
 
-class Store:
+class Reservations:
+    """One network's directory of reservations, used under its lock (`with Reservations(...) as r:`)."""
+
     def __init__(self, data_dir: str, network: str) -> None:
         self.dir = os.path.join(data_dir, network)
         self._lock_fd = -1
@@ -59,16 +60,9 @@ class Store:
     def exists(self) -> bool:
         return os.path.isdir(self.dir)
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Reservations:
         os.makedirs(self.dir, mode=DIR_MODE, exist_ok=True)
-        fd = os.open(os.path.join(self.dir, LOCK), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     FILE_MODE)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._lock_fd = fd
+        self._lock_fd = files.lock(os.path.join(self.dir, LOCK), FILE_MODE)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -78,22 +72,17 @@ class Store:
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def _write_tmp(self, data: bytes) -> str:
-        tmp = self._path(f"{TMP_PREFIX}{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        return tmp
+    def _write(self, name: str, data: bytes, exclusive: bool) -> bool:
+        return files.write_atomic(self._path(name), data, FILE_MODE, tmp=self._path(f"{TMP_PREFIX}{os.getpid()}"),
+                                  exclusive=exclusive)
 
-    def leases(self) -> dict[IPAddress, Owner | None]:
+    def all(self) -> dict[IPAddress, Owner | None]:
         """Every reserved address and its owner; removes leftovers of killed writers."""
         out: dict[IPAddress, Owner | None] = {}
         for entry in os.scandir(self.dir):
             name = entry.name
             if name.startswith(TMP_PREFIX):
-                _unlink(entry.path)
+                files.unlink(entry.path)
                 continue
             if name == LOCK or name.startswith(LAST_RESERVED) or not entry.is_file(follow_symlinks=False):
                 continue
@@ -105,21 +94,14 @@ class Store:
         return out
 
     def owned_by(self, container_id: str, ifname: str) -> list[IPAddress]:
-        return [ip for ip, o in self.leases().items() if o is not None and o.matches(container_id, ifname)]
+        return [ip for ip, o in self.all().items() if o is not None and o.matches(container_id, ifname)]
 
     def reserve(self, ip: IPAddress, container_id: str, ifname: str) -> bool:
-        """Atomically creates the lease; False if someone holds the address."""
-        tmp = self._write_tmp(f"{container_id}\r\n{ifname}".encode())
-        try:
-            os.link(tmp, self._path(str(ip)))
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            _unlink(tmp)
+        """Atomically creates the reservation; False if someone holds the address."""
+        return self._write(str(ip), f"{container_id}\r\n{ifname}".encode(), exclusive=True)
 
     def release(self, ip: IPAddress) -> None:
-        _unlink(self._path(str(ip)))
+        files.unlink(self._path(str(ip)))
 
     def last_reserved(self, index: int) -> IPAddress | None:
         try:
@@ -128,8 +110,7 @@ class Store:
             return None
 
     def set_last_reserved(self, index: int, ip: IPAddress) -> None:
-        tmp = self._write_tmp(str(ip).encode())
-        os.replace(tmp, self._path(f"{LAST_RESERVED}{index}"))
+        self._write(f"{LAST_RESERVED}{index}", str(ip).encode(), exclusive=False)
 
 
 def _read(path: str) -> bytes:
@@ -143,12 +124,3 @@ def _read(path: str) -> bytes:
         return b""
     finally:
         os.close(fd)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError as e:
-        if e.errno != errno.ENOENT:
-            raise
-

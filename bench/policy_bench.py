@@ -1,0 +1,188 @@
+"""NetworkPolicy benchmarks: compile and apply time at 1,000 pods and 200 policies, and pod-to-pod
+iperf3 throughput with those policies in force against without.
+
+Run with `make bench`. Everything runs in namespaces of its own; nothing here has a pass mark.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.weftd_bench import iperf
+from tests.cluster import Cluster
+from tests.lab import Lab
+from weftd.policy import model
+from weftd.policy.compile import PortBinding, State, compile_ruleset, transaction
+from weftlib.kernel import nft
+from weftlib.kernel.netns import NetNS
+
+PODS, POLICIES, NAMESPACES = 1000, 200, 20
+
+
+def objects(pods: int = PODS, policies: int = POLICIES, local_node: str = "n1",
+            extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A cluster's worth of objects: NAMESPACES namespaces, pods with app/tier labels and named ports, and
+    policies mixing pod and namespace selectors, numeric and named ports, endPort ranges, ipBlocks and
+    egress. Half of the pods are on `local_node`."""
+    rnd = random.Random(7)
+    out: list[dict[str, Any]] = []
+    for n in range(NAMESPACES):
+        out.append({"kind": "Namespace", "metadata": {"name": f"ns{n}", "labels": {"team": f"t{n % 5}"}}})
+    for i in range(pods):
+        ns = f"ns{i % NAMESPACES}"
+        ip = f"10.{100 + i // 250}.{(i // 250) % 250}.{i % 250 + 1}"
+        out.append({"kind": "Pod", "metadata": {"name": f"p{i}", "namespace": ns,
+                                                "labels": {"app": f"app{i % 10}", "tier": f"tier{i % 3}"}},
+                    "spec": {"nodeName": local_node if i % 2 == 0 else "other",
+                             "containers": [{"ports": [{"name": "http", "containerPort": 8080 + i % 4},
+                                                       {"name": "metrics", "containerPort": 9100}]}]},
+                    "status": {"podIP": ip}})
+    for j in range(policies):
+        ns = f"ns{j % NAMESPACES}"
+        kind = j % 4
+        rule: dict[str, Any]
+        if kind == 0:
+            rule = {"from": [{"podSelector": {"matchLabels": {"app": f"app{rnd.randrange(10)}"}}}],
+                    "ports": [{"port": 8080}, {"port": "http"}]}
+        elif kind == 1:
+            rule = {"from": [{"namespaceSelector": {"matchLabels": {"team": f"t{rnd.randrange(5)}"}},
+                              "podSelector": {"matchExpressions": [{"key": "tier", "operator": "In",
+                                                                    "values": ["tier0", "tier1"]}]}}],
+                    "ports": [{"port": 9000, "endPort": 9200, "protocol": "TCP"}]}
+        elif kind == 2:
+            rule = {"from": [{"ipBlock": {"cidr": "10.100.0.0/14", "except": [f"10.10{rnd.randrange(4)}.0.0/24"]}}]}
+        else:
+            rule = {"from": [{"namespaceSelector": {}}], "ports": [{"port": "metrics"}, {"protocol": "UDP"}]}
+        spec: dict[str, Any] = {"podSelector": {"matchLabels": {"app": f"app{j % 10}"}}, "ingress": [rule]}
+        if j % 5 == 0:
+            spec["egress"] = [{"to": [{"namespaceSelector": {"matchLabels": {"team": f"t{j % 5}"}}}],
+                               "ports": [{"port": "http"}]}]
+        out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": {"name": f"pol{j}", "namespace": ns}, "spec": spec})
+    return out + (extra or [])
+
+
+def state_of(raw: list[dict[str, Any]], node: str) -> tuple[State, list[model.Pod]]:
+    s = State()
+    for obj in (model.parse(o) for o in raw):
+        if isinstance(obj, model.Namespace):
+            s.namespaces[obj.name] = obj
+        elif isinstance(obj, model.Pod):
+            s.pods.append(obj)
+        else:
+            s.policies.append(obj)
+    return s, [p for p in s.pods if p.node_name == node]
+
+
+def apply_time(rounds: int = 5) -> dict[str, Any]:
+    """What weftd does on every change: parse, compile the node's ruleset, apply it in one transaction."""
+    raw = objects()
+    lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
+    try:
+        ns = lab.netns("policy")
+        netns = NetNS(ns.path)
+        parse, comp, apply = [], [], []
+        compiled = None
+        for r in range(rounds):
+            if r:  # a label change on one pod, as between two applies in production
+                raw[NAMESPACES + r]["metadata"]["labels"]["app"] = f"app{r}"
+            t0 = time.perf_counter()
+            state, local = state_of(raw, "n1")
+            t1 = time.perf_counter()
+            compiled = compile_ruleset(state, local, [PortBinding(f"weft{i:08x}", p.ips) for i, p in enumerate(local)])
+            t2 = time.perf_counter()
+            with netns.entered():
+                status, _, err = nft.run(transaction(compiled.text))
+            t3 = time.perf_counter()
+            if status != 0:
+                raise RuntimeError(err)
+            parse.append(t1 - t0)
+            comp.append(t2 - t1)
+            apply.append(t3 - t2)
+        netns.close()
+        assert compiled is not None
+        total = [a + b + c for a, b, c in zip(parse, comp, apply, strict=True)]
+        out = {"pods": PODS, "local_pods": len(local), "policies": POLICIES, "rules": compiled.rules,
+               "chains": compiled.chains, "sets": compiled.sets, "ruleset_kib": len(compiled.text) // 1024,
+               "parse_ms": round(statistics.median(parse) * 1000, 1),
+               "compile_ms": round(statistics.median(comp) * 1000, 1),
+               "nft_ms": round(statistics.median(apply) * 1000, 1),
+               "total_ms": round(statistics.median(total) * 1000, 1)}
+        print(f"  {PODS} pods ({len(local)} on this node), {POLICIES} policies: {compiled.rules} rules in "
+              f"{compiled.chains} pod chains, {compiled.sets} sets, {out['ruleset_kib']} KiB; median of {rounds}: "
+              f"parse {out['parse_ms']} ms, compile {out['compile_ms']} ms, nft transaction {out['nft_ms']} ms, "
+              f"total {out['total_ms']} ms", flush=True)
+        return out
+    finally:
+        lab.close()
+
+
+def throughput() -> dict[str, Any]:
+    """iperf3 from a pod on n1 to a pod on n2 without policies, then with 200 policies and 1,000 pods, in
+    which the server is selected and admits the client, and the client's egress is restricted too."""
+    base = Path(tempfile.mkdtemp(prefix="weft-bench-"))
+    lab = Lab(base / "lab")
+    lab.base.mkdir()
+    pdir = base / "policies"
+    pdir.mkdir()
+    c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+    try:
+        n1, n2 = c.boot(["n1", "n2"], extra=("--policy-dir", str(pdir)))
+        a, a_ip = c.pod(n1, "a")
+        b, b_ip = c.pod(n2, "b")
+        without = [iperf(a, b, b_ip) for _ in range(2)]
+
+        def pod(name: str, ip: str, node: str) -> dict[str, Any]:
+            return {"kind": "Pod", "metadata": {"name": name, "namespace": "ns0", "labels": {"app": name}},
+                    "spec": {"nodeName": node}, "status": {"podIP": ip}}
+
+        extra = [pod("a", a_ip, "n1"), pod("b", b_ip, "n2"),
+                 {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": "iperf", "namespace": "ns0"},
+                  "spec": {"podSelector": {"matchLabels": {"app": "b"}},
+                           "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}],
+                                        "ports": [{"port": 5201}]}]}},
+                 {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                  "metadata": {"name": "iperf-client", "namespace": "ns0"},
+                  "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
+                           "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}}]
+        (pdir / "cluster.yaml").write_text(yaml.safe_dump_all(objects(local_node="n1", extra=extra)))
+        for cn in (n1, n2):
+            c.until(lambda cn=cn: f"weft_policies {float(POLICIES + 2)}" in cn.http("/metrics")[1], 60,
+                    "policies applied", cn)
+        _, metrics = n2.http("/metrics")
+        rules = next(line.split()[1] for line in metrics.splitlines() if line.startswith("weft_policy_rules "))
+        with_policy = [iperf(a, b, b_ip) for _ in range(2)]
+        w, p = statistics.mean(without), statistics.mean(with_policy)
+        print(f"  vxlan pod-to-pod: without policies {w:.2f} Gbit/s, with {POLICIES + 2} policies "
+              f"({rules} rules on the server's node) {p:.2f} Gbit/s, ratio {p / w:.3f}", flush=True)
+        return {"without_gbps": round(w, 2), "with_gbps": round(p, 2), "ratio": round(p / w, 3)}
+    finally:
+        c.close()
+        lab.close()
+        subprocess.run(["rm", "-rf", str(base)], check=False)
+
+
+def main() -> int:
+    print("NetworkPolicy: parse + compile + one nftables transaction, as weftd does on every change")
+    out: dict[str, Any] = {"apply": apply_time()}
+    if os.environ.get("WEFT_BENCH_IPERF", "1") != "0":
+        print("NetworkPolicy: iperf3 TCP, 5 s, pod on n1 to pod on n2, with and without policies")
+        out["throughput"] = throughput()
+    print(json.dumps({"policy_bench": out}, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

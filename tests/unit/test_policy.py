@@ -1,0 +1,201 @@
+"""The NetworkPolicy engine's pure logic: parsing with API defaults, selectors, compiling. No root needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import netaddr
+import pytest
+
+from weftd.policy import model
+from weftd.policy.compile import PortBinding, State, compile_ruleset
+from weftd.policy.source import DirSource, parse_file
+
+
+def pol(spec: dict[str, Any], name: str = "p", ns: str = "x") -> dict[str, Any]:
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+
+def pod(ns: str, name: str, ip: str, labels: dict[str, str] | None = None, **spec: Any) -> model.Pod:
+    obj = model.parse({"kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+                       "spec": spec, "status": {"podIPs": [{"ip": ip}]} if ip else {}})
+    assert isinstance(obj, model.Pod)
+    return obj
+
+
+def test_policy_types_default_like_the_api_server() -> None:
+    p = model.parse(pol({"podSelector": {}}))
+    assert isinstance(p, model.NetworkPolicy) and p.policy_types == {"Ingress"}
+    p = model.parse(pol({"podSelector": {}, "egress": [{}]}))
+    assert isinstance(p, model.NetworkPolicy) and p.policy_types == {"Ingress", "Egress"}
+    p = model.parse(pol({"podSelector": {}, "policyTypes": ["Egress"], "ingress": [{}]}))
+    assert isinstance(p, model.NetworkPolicy) and p.policy_types == {"Egress"}
+
+
+def test_port_protocol_defaults_to_tcp_and_sctp_stays_sctp() -> None:
+    p = model.parse(pol({"podSelector": {}, "ingress": [{"ports": [{"port": 80}, {"protocol": "SCTP", "port": 80}]}]}))
+    assert isinstance(p, model.NetworkPolicy)
+    assert [s.protocol for s in p.ingress[0].ports] == ["TCP", "SCTP"]
+
+
+def test_namespace_gets_its_name_label() -> None:
+    ns = model.parse({"kind": "Namespace", "metadata": {"name": "y", "labels": {"ns": "y"}}})
+    assert isinstance(ns, model.Namespace) and ns.labels == {"ns": "y", model.NAME_LABEL: "y"}
+
+
+@pytest.mark.parametrize(("spec", "error"), [
+    ({"podSelector": {}, "ingress": [{"ports": [{"protocol": "ICMP"}]}]}, "protocol must be one of"),
+    ({"podSelector": {}, "ingress": [{"ports": [{"port": 81, "endPort": 80}]}]}, "endPort must be an integer"),
+    ({"podSelector": {}, "ingress": [{"ports": [{"port": "http", "endPort": 90}]}]}, "endPort needs a numeric"),
+    ({"podSelector": {}, "ingress": [{"ports": [{"port": 0}]}]}, "port must be an integer from 1"),
+    ({"podSelector": {}, "ingress": [{"ports": [{"port": "Not_A_Name"}]}]}, "is not a valid port name"),
+    ({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["11.0.0.0/16"]}}]}]},
+     "must lie strictly inside cidr"),
+    ({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.1"}}]}]}, "must be a CIDR"),
+    ({"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]},
+     "cannot be combined"),
+    ({"podSelector": {}, "ingress": [{"from": [{}]}]}, "must have a podSelector"),
+    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}, "needs values"),
+    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["b"]}]}}, "takes no values"),
+    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Gt", "values": ["1"]}]}}, "operator must be"),
+    ({"podSelector": {"matchLabels": {"a": 1}}}, "must be a string to a string"),
+    ({"podSelector": {}, "policyTypes": ["Sideways"]}, "is not Ingress or Egress"),
+    ({}, "spec.podSelector is required"),
+    ({"podSelector": {}, "ingres": []}, "unknown field 'ingres'"),
+])
+def test_bad_policies_name_the_object_and_the_field(spec: dict[str, Any], error: str) -> None:
+    with pytest.raises(model.ObjectError) as e:
+        model.parse(pol(spec, name="bad"))
+    assert str(e.value).startswith("NetworkPolicy x/bad: ") and error in str(e.value)
+
+
+def test_bad_kind_and_api_version() -> None:
+    with pytest.raises(model.ObjectError, match="kind 'Service' is not one of"):
+        model.parse({"kind": "Service", "metadata": {"name": "s"}})
+    with pytest.raises(model.ObjectError, match="apiVersion 'extensions/v1beta1'"):
+        model.parse({**pol({"podSelector": {}}), "apiVersion": "extensions/v1beta1"})
+
+
+def test_selectors() -> None:
+    s = model.parse_selector({"matchLabels": {"a": "1"}, "matchExpressions": [
+        {"key": "b", "operator": "NotIn", "values": ["x"]}, {"key": "c", "operator": "Exists"},
+        {"key": "d", "operator": "DoesNotExist"}]}, "s")
+    assert s.matches({"a": "1", "c": ""})
+    assert s.matches({"a": "1", "b": "y", "c": "z"})
+    assert not s.matches({"a": "1", "b": "x", "c": ""})
+    assert not s.matches({"a": "1", "c": "", "d": ""})
+    assert not s.matches({"a": "2", "c": ""})
+    assert model.LabelSelector().matches({})
+
+
+def test_pod_addresses_named_ports_and_peers() -> None:
+    p = model.parse({"kind": "Pod", "metadata": {"name": "a", "namespace": "x"},
+                     "spec": {"containers": [{"ports": [{"name": "http", "containerPort": 8080},
+                                                        {"name": "dns", "containerPort": 53, "protocol": "UDP"}]}]},
+                     "status": {"podIP": "10.0.0.5"}})
+    assert isinstance(p, model.Pod)
+    assert p.ips == (netaddr.IPAddress("10.0.0.5"),) and p.is_peer
+    assert p.named_port("http", "TCP") == [8080] and p.named_port("http", "UDP") == [] and \
+        p.named_port("dns", "UDP") == [53]
+    assert not pod("x", "h", "10.0.0.6", hostNetwork=True).is_peer
+    assert not pod("x", "n", "").is_peer
+    done = model.parse({"kind": "Pod", "metadata": {"name": "d"}, "status": {"phase": "Succeeded", "podIP": "1.2.3.4"}})
+    assert isinstance(done, model.Pod) and not done.is_peer and done.namespace == "default"
+
+
+def test_lists_and_multi_document_files(tmp_path: Path) -> None:
+    f = tmp_path / "m.yaml"
+    text = ("kind: List\nitems:\n- {kind: Namespace, metadata: {name: x}}\n- {kind: Namespace, metadata: {name: 7}}\n"
+            "---\nkind: NetworkPolicy\napiVersion: networking.k8s.io/v1\nmetadata: {name: p, namespace: x}\n"
+            "spec: {podSelector: {}}\n---\nkind: PodList\nitems:\n- {metadata: {name: a, namespace: x}}\n")
+    objs, errors = parse_file(f, text, {})
+    assert set(objs) == {("Namespace", "", "x"), ("NetworkPolicy", "x", "p"), ("Pod", "x", "a")}
+    assert len(errors) == 1 and "metadata.name must be a non-empty string; ignored" in errors[0]
+
+
+def test_a_bad_version_keeps_the_last_good_one_and_a_broken_file_keeps_its_objects(tmp_path: Path) -> None:
+    src = DirSource(tmp_path)
+    good = tmp_path / "p.json"
+    good.write_text('{"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "x"}, '
+                    '"spec": {"podSelector": {}}}')
+    assert src.poll()
+    assert ("NetworkPolicy", "x", "p") in src.objects()
+    good.write_text('{"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "x"}, "spec": {}}   ')
+    assert src.poll()
+    assert ("NetworkPolicy", "x", "p") in src.objects() and src.error_count() == 1
+    good.write_text('{"kind": ')
+    assert src.poll()
+    assert ("NetworkPolicy", "x", "p") in src.objects()
+    assert not src.poll()
+    good.unlink()
+    assert src.poll() and src.objects() == {}
+
+
+def _state(*objs: dict[str, Any]) -> State:
+    s = State()
+    for raw in objs:
+        o = model.parse(raw)
+        if isinstance(o, model.Namespace):
+            s.namespaces[o.name] = o
+        elif isinstance(o, model.Pod):
+            s.pods.append(o)
+        else:
+            s.policies.append(o)
+    return s
+
+
+def test_compile_peers_ipblocks_and_named_ports() -> None:
+    ports = {"containers": [{"ports": [{"name": "web", "containerPort": 8080}]}]}
+    s = State(pods=[pod("x", "a", "10.0.1.1", {"pod": "a"}, **ports), pod("y", "b", "10.0.2.1", {"pod": "b"}, **ports),
+                    pod("y", "c", "10.0.2.2", {"pod": "c"}), pod("y", "h", "10.0.2.3", {"pod": "b"}, hostNetwork=True)])
+    s.policies = [model.parse(pol({"podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress", "Egress"],
+                                   "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {
+                                       model.NAME_LABEL: "y"}}, "podSelector": {"matchLabels": {"pod": "b"}}},
+                                       {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}],
+                                       "ports": [{"port": "web"}, {"port": 80, "endPort": 90, "protocol": "UDP"}]}],
+                                   "egress": [{"ports": [{"port": "web"}]}]}))]  # type: ignore[list-item]
+    c = compile_ruleset(s, [s.pods[0]], [PortBinding("weftabcdef01", (netaddr.IPAddress("10.0.1.1"),))])
+    text = c.text
+    # y/b by selector (y/h is hostNetwork), the ipBlock minus its except
+    assert "10.0.2.1, 192.168.0.0-192.168.0.255, 192.168.2.0-192.168.255.255" in text and "10.0.2.3" not in text
+    assert "meta l4proto tcp th dport { 8080 } return" in text  # named port on the target
+    assert "meta l4proto udp th dport { 80-90 } return" in text
+    assert "10.0.1.1 . tcp . 8080, 10.0.2.1 . tcp . 8080" in text  # egress: on each peer that has it
+    assert "10.0.1.1 : jump i_" in text and "10.0.1.1 : jump e_" in text
+    assert '"weftabcdef01" . 10.0.1.1' in text
+    assert c.selected == {"x/p": {"x/a"}}
+
+
+def test_unselected_pods_have_no_verdicts_and_ingress_type_without_rules_denies() -> None:
+    s = _state(pol({"podSelector": {"matchLabels": {"pod": "a"}}}))
+    s.pods = [pod("x", "a", "10.0.1.1", {"pod": "a"}), pod("x", "b", "10.0.1.2", {"pod": "b"})]
+    text = compile_ruleset(s, s.pods, []).text
+    assert "10.0.1.1 : jump i_" in text and "10.0.1.2 :" not in text
+    chain = text.split("chain i_")[1].split("}")[0]
+    name = "i_" + chain.split()[0]
+    assert [x.strip() for x in chain.strip().splitlines()[1:]] == [
+        "ct state invalid drop", "fib saddr type local return", f'counter name "{name}" drop']
+
+
+def test_identical_pod_chains_are_shared() -> None:
+    s = _state(pol({"podSelector": {}}))
+    s.pods = [pod("x", n, f"10.0.1.{i}") for i, n in enumerate("abcdef", 1)]
+    c = compile_ruleset(s, s.pods, [])
+    assert c.chains == 1 and c.text.count(": jump i_") == 6
+
+
+def test_denied_packets_are_described_from_their_headers() -> None:
+    import socket
+    import struct
+
+    from weftd.policy.nflog import describe_packet
+
+    ip = struct.pack(">BBHHHBBH4s4s", 0x45, 0, 40, 0, 0, 64, 6, 0, socket.inet_aton("10.0.0.1"),
+                     socket.inet_aton("10.0.0.2"))
+    assert describe_packet(ip + struct.pack(">HH", 40000, 80) + b"\0" * 16) == ("TCP", "10.0.0.1:40000",
+                                                                                "10.0.0.2:80")
+    icmp = ip[:9] + b"\x01" + ip[10:]
+    assert describe_packet(icmp + b"\0" * 8) == ("ICMP", "10.0.0.1", "10.0.0.2")
+    assert describe_packet(b"") is None
