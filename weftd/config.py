@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,36 +24,113 @@ Env = Callable[[str, Any], Any]  # a command-line flag's default from the enviro
 
 
 @dataclass(frozen=True)
-class NetworkConfig:
+class FamilyConfig:
+    """One address family's pod network and how it is cut into node subnets (Flannel's Network, SubnetLen,
+    SubnetMin and SubnetMax, or their IPv6 twins)."""
+
     network: netaddr.IPNetwork
     subnet_len: int
+    subnet_min: netaddr.IPNetwork
+    subnet_max: netaddr.IPNetwork
+
+    @property
+    def version(self) -> int:
+        return int(self.network.version)
+
+    @classmethod
+    def parse(cls, d: Mapping[str, Any], version: int) -> FamilyConfig:
+        pre = "" if version == 4 else "IPv6"
+        key = f"{pre}Network"
+        raw = lookup_ci(d, key)
+        if raw is None:
+            raise ConfigError(f"{key} is required" + ("" if version == 4 else " when EnableIPv6 is true"))
+        try:
+            network = netaddr.IPNetwork(raw)
+        except (netaddr.AddrFormatError, TypeError, ValueError) as e:
+            raise ConfigError(f"{key} {raw!r} is not a CIDR: {e}") from None
+        if network.version != version:
+            raise ConfigError(f"{key} {raw!r} must be an IPv{version} CIDR")
+        if network.network != network.ip:
+            raise ConfigError(f"{key} {network} has host bits set")
+        bits, small = (32, 28) if version == 4 else (128, 124)
+        if network.prefixlen > small:
+            raise ConfigError(f"{key} {network} is too small; it must be /{small} or larger")
+        if version == 4:
+            default_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+        else:
+            default_len = 64 if network.prefixlen <= 62 else network.prefixlen + 2
+        subnet_len = lookup_ci(d, f"{pre}SubnetLen", default_len)
+        longest = bits - 2
+        if (not isinstance(subnet_len, int) or isinstance(subnet_len, bool)
+                or not network.prefixlen < subnet_len <= longest):
+            raise ConfigError(f"{pre}SubnetLen {subnet_len!r} must be longer than /{network.prefixlen} "
+                              f"and at most {longest}")
+        size = 1 << (bits - subnet_len)
+        first = netaddr.IPNetwork((network.first + size, subnet_len), version=version)  # Flannel skips the first
+        last = netaddr.IPNetwork((network.last + 1 - size, subnet_len), version=version)
+
+        def bound(name: str, default: netaddr.IPNetwork) -> netaddr.IPNetwork:
+            raw = lookup_ci(d, f"{pre}{name}")
+            if raw is None:
+                return default
+            try:
+                ip = netaddr.IPAddress(raw.split("/")[0] if isinstance(raw, str) else raw)
+            except (netaddr.AddrFormatError, TypeError, ValueError) as e:
+                raise ConfigError(f"{pre}{name} {raw!r} is not an address: {e}") from None
+            sn = netaddr.IPNetwork((int(ip), subnet_len), version=version) if ip.version == version else None
+            if sn is None or int(ip) % size or ip not in network:
+                raise ConfigError(f"{pre}{name} {raw!r} must be the start of a /{subnet_len} inside {network}")
+            return sn
+
+        lo, hi = bound("SubnetMin", first), bound("SubnetMax", last)
+        if lo.first > hi.first:
+            raise ConfigError(f"{pre}SubnetMin {lo.ip} is above {pre}SubnetMax {hi.ip}")
+        return cls(network.cidr, subnet_len, lo, hi)
+
+    def to_json(self) -> dict[str, Any]:
+        pre = "" if self.version == 4 else "IPv6"
+        return {f"{pre}Network": str(self.network), f"{pre}SubnetLen": self.subnet_len,
+                f"{pre}SubnetMin": str(self.subnet_min.ip), f"{pre}SubnetMax": str(self.subnet_max.ip)}
+
+    def subnets(self) -> Iterator[netaddr.IPNetwork]:
+        """Allocatable node subnets, SubnetMin to SubnetMax, lazily: an IPv6 network holds 2**64 of them."""
+        size = self.subnet_min.size
+        for start in range(self.subnet_min.first, self.subnet_max.first + 1, size):
+            yield netaddr.IPNetwork((start, self.subnet_len), version=self.version)
+
+    def valid(self, subnet: netaddr.IPNetwork | None) -> bool:
+        """A lease kept from before is reused only if it still fits the network and the SubnetMin..Max range."""
+        return (subnet is not None and subnet.version == self.version and subnet.prefixlen == self.subnet_len
+                and self.subnet_min.first <= subnet.first <= self.subnet_max.first)
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """The net-conf: an IPv4 family (unless EnableIPv4 is false), an IPv6 family (if EnableIPv6), the backend."""
+
+    ipv4: FamilyConfig | None
     backend: BackendConfig
     ip_masq: bool = True
+    ipv6: FamilyConfig | None = None
 
     @classmethod
     def parse(cls, d: Any) -> NetworkConfig:
         if not isinstance(d, dict):
             raise ConfigError("network config must be a JSON object")
-        try:
-            network = netaddr.IPNetwork(lookup_ci(d, "Network", ""))
-        except (netaddr.AddrFormatError, TypeError, ValueError) as e:
-            raise ConfigError(f"Network {lookup_ci(d, 'Network')!r} is not a CIDR: {e}") from None
-        if network.version != 4:
-            raise ConfigError("Network must be an IPv4 CIDR")
-        if network.network != network.ip:
-            raise ConfigError(f"Network {network} has host bits set")
-        if network.prefixlen > 28:
-            raise ConfigError(f"Network {network} is too small; it must be /28 or larger")
-        default_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
-        subnet_len = lookup_ci(d, "SubnetLen", default_len)
-        if not isinstance(subnet_len, int) or not network.prefixlen < subnet_len <= 30:
-            raise ConfigError(f"SubnetLen {subnet_len!r} must be longer than /{network.prefixlen} and at most 30")
+        enable4, enable6 = lookup_ci(d, "EnableIPv4", True), lookup_ci(d, "EnableIPv6", False)
+        for key, val in (("EnableIPv4", enable4), ("EnableIPv6", enable6)):
+            if not isinstance(val, bool):
+                raise ConfigError(f"{key} must be true or false, not {val!r}")
+        if not enable4 and not enable6:
+            raise ConfigError("EnableIPv4 and EnableIPv6 are both false: enable at least one family")
+        ipv4 = FamilyConfig.parse(d, 4) if enable4 else None
+        ipv6 = FamilyConfig.parse(d, 6) if enable6 else None
         masq = lookup_ci(d, "IPMasq", True)
         if not isinstance(masq, bool):
             raise ConfigError("IPMasq must be true or false")
         from weftd import backend  # it imports this module for ConfigError
 
-        return cls(network.cidr, subnet_len, backend.parse_config(lookup_ci(d, "Backend")), masq)
+        return cls(ipv4, backend.parse_config(lookup_ci(d, "Backend")), masq, ipv6)
 
     @classmethod
     def load(cls, path: str | Path) -> NetworkConfig:
@@ -63,12 +140,32 @@ class NetworkConfig:
             raise ConfigError(f"reading network config {path}: {e}") from None
 
     def to_json(self) -> dict[str, Any]:
-        return {"Network": str(self.network), "SubnetLen": self.subnet_len, "IPMasq": self.ip_masq,
-                "Backend": self.backend.to_json()}
+        out: dict[str, Any] = {"EnableIPv4": self.ipv4 is not None, "EnableIPv6": self.ipv6 is not None}
+        for fam in self.families:
+            out.update(fam.to_json())
+        return {**out, "IPMasq": self.ip_masq, "Backend": self.backend.to_json()}
 
-    def subnets(self) -> list[netaddr.IPNetwork]:
-        """Allocatable node subnets. The first is skipped, as Flannel does, so the network address stays free."""
-        return list(self.network.subnet(self.subnet_len))[1:]
+    @property
+    def families(self) -> list[FamilyConfig]:
+        """The enabled families, IPv4 first."""
+        return [f for f in (self.ipv4, self.ipv6) if f is not None]
+
+    def family(self, version: int) -> FamilyConfig | None:
+        return self.ipv4 if version == 4 else self.ipv6
+
+    @property
+    def network(self) -> netaddr.IPNetwork | None:
+        """The IPv4 pod network; None in an IPv6-only cluster."""
+        return self.ipv4.network if self.ipv4 is not None else None
+
+    @property
+    def ipv6_network(self) -> netaddr.IPNetwork | None:
+        return self.ipv6.network if self.ipv6 is not None else None
+
+    @property
+    def networks(self) -> list[netaddr.IPNetwork]:
+        """Every enabled family's pod network, IPv4 first."""
+        return [f.network for f in self.families]
 
 
 @dataclass(frozen=True)

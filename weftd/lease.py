@@ -1,4 +1,9 @@
-"""A node's subnet lease and what peers need to reach it (Flannel's LeaseAttrs, plus the node name)."""
+"""A node's subnet lease and what peers need to reach it (Flannel's LeaseAttrs, plus the node name).
+
+A lease carries one subnet per enabled family (`subnet`: IPv4, `ipv6_subnet`: IPv6; either is None
+when its family is off), and per family the address peers reach the node at and the backend's data
+for it: Flannel's PublicIP/BackendData and PublicIPv6/BackendV6Data.
+"""
 
 from __future__ import annotations
 
@@ -17,60 +22,125 @@ class LeaseError(ValueError):
 
 @dataclass(frozen=True)
 class Attrs:
-    """What a node publishes: where to reach it and how."""
+    """What a node publishes: where to reach it and how, per family."""
 
-    public_ip: netaddr.IPAddress
+    public_ip: netaddr.IPAddress | None  # None: the node has no IPv4 underlay (IPv6-only)
     backend_type: str
-    vtep_mac: str | None = None
+    vtep_mac: str | None = None  # vxlan: the IPv4 VTEP's MAC
     vni: int | None = None
-    public_key: str | None = None  # wireguard: the node's public key, base64
-    wg_port: int | None = None  # wireguard: the port it listens on
+    public_key: str | None = None  # wireguard: the node's public key, base64 (one key for both families)
+    wg_port: int | None = None  # wireguard: the port it listens on over IPv4
+    public_ipv6: netaddr.IPAddress | None = None
+    vtep_mac6: str | None = None  # vxlan: the IPv6 VTEP's MAC
+    wg_port6: int | None = None  # wireguard: the port it listens on over IPv6
+
+    def public(self, version: int) -> netaddr.IPAddress | None:
+        return self.public_ip if version == 4 else self.public_ipv6
+
+    def mac(self, version: int) -> str | None:
+        return self.vtep_mac if version == 4 else self.vtep_mac6
 
     def backend_data(self) -> dict[str, Any] | None:
+        return self._data(self.wg_port, self.vtep_mac)
+
+    def backend_v6_data(self) -> dict[str, Any] | None:
+        return self._data(self.wg_port6, self.vtep_mac6)
+
+    def _data(self, port: int | None, mac: str | None) -> dict[str, Any] | None:
         if self.public_key is not None:
-            return {"PublicKey": self.public_key, "Port": self.wg_port}  # Flannel's wireguard backend data
-        if self.vtep_mac is None:
+            return {"PublicKey": self.public_key, "Port": port}  # Flannel's wireguard backend data
+        if mac is None:
             return None
-        return {"VNI": self.vni, "VtepMAC": self.vtep_mac}
+        return {"VNI": self.vni, "VtepMAC": mac}
+
+
+def _net(raw: Any) -> netaddr.IPNetwork | None:
+    return None if raw is None else netaddr.IPNetwork(raw).cidr
+
+
+def _ip(raw: Any) -> netaddr.IPAddress | None:
+    return None if raw is None else netaddr.IPAddress(raw)
+
+
+def _mac(raw: Any) -> str | None:
+    return None if raw is None else str(netaddr.EUI(raw, dialect=netaddr.mac_unix_expanded))
 
 
 @dataclass(frozen=True)
 class Lease:
     node: str
-    subnet: netaddr.IPNetwork
+    subnet: netaddr.IPNetwork | None  # IPv4; None in an IPv6-only cluster
     attrs: Attrs
+    ipv6_subnet: netaddr.IPNetwork | None = None
 
     @property
-    def public_ip(self) -> netaddr.IPAddress:
+    def public_ip(self) -> netaddr.IPAddress | None:
         return self.attrs.public_ip
 
+    @property
+    def public_ipv6(self) -> netaddr.IPAddress | None:
+        return self.attrs.public_ipv6
+
+    @property
+    def subnets(self) -> list[netaddr.IPNetwork]:
+        """The lease's subnets, IPv4 first."""
+        return [s for s in (self.subnet, self.ipv6_subnet) if s is not None]
+
+    def family_subnet(self, version: int) -> netaddr.IPNetwork | None:
+        return self.subnet if version == 4 else self.ipv6_subnet
+
     def to_json(self) -> dict[str, Any]:
-        return {"Node": self.node, "Subnet": str(self.subnet), "PublicIP": str(self.attrs.public_ip),
-                "BackendType": self.attrs.backend_type, "BackendData": self.attrs.backend_data()}
+        a = self.attrs
+        out: dict[str, Any] = {"Node": self.node, "BackendType": a.backend_type}
+        if self.subnet is not None:
+            out["Subnet"] = str(self.subnet)
+        if self.ipv6_subnet is not None:
+            out["IPv6Subnet"] = str(self.ipv6_subnet)
+        # Flannel's LeaseAttrs: PublicIP always present, PublicIPv6 a pointer (null), the data omitempty.
+        out["PublicIP"] = None if a.public_ip is None else str(a.public_ip)
+        out["PublicIPv6"] = None if a.public_ipv6 is None else str(a.public_ipv6)
+        out["BackendData"] = a.backend_data()
+        if (v6 := a.backend_v6_data()) is not None:
+            out["BackendV6Data"] = v6
+        return out
 
     def dumps(self) -> str:
         return json.dumps(self.to_json(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, d: Any, subnet: str | None = None) -> Lease:
+    def from_json(cls, d: Any, subnet: str | None = None, ipv6_subnet: str | None = None) -> Lease:
+        """`subnet`, `ipv6_subnet`: where the store keeps them outside the value (etcd's key, a Node's podCIDRs);
+        when either is given, both come from the arguments."""
         if not isinstance(d, dict):
             raise LeaseError(f"lease must be an object, not {type(d).__name__}")
         try:
-            net = netaddr.IPNetwork(subnet or d["Subnet"])
-            ip = netaddr.IPAddress(d["PublicIP"])
-            node = d.get("Node") or str(ip)
-            data = d.get("BackendData") or {}
-            mac, vni = data.get("VtepMAC"), data.get("VNI")
-            if mac is not None:
-                mac = str(netaddr.EUI(mac, dialect=netaddr.mac_unix_expanded))
+            if subnet is not None or ipv6_subnet is not None:
+                net, net6 = _net(subnet), _net(ipv6_subnet)
+            else:
+                net, net6 = _net(d.get("Subnet")), _net(d.get("IPv6Subnet"))
+            if net is None and net6 is None:
+                raise ValueError("no Subnet and no IPv6Subnet")
+            if (net is not None and net.version != 4) or (net6 is not None and net6.version != 6):
+                raise ValueError("Subnet must be IPv4 and IPv6Subnet IPv6")
+            ip, ip6 = _ip(d.get("PublicIP")), _ip(d.get("PublicIPv6"))
+            if ip is None and ip6 is None:
+                raise ValueError("no PublicIP and no PublicIPv6")
+            if (ip is not None and ip.version != 4) or (ip6 is not None and ip6.version != 6):
+                raise ValueError("PublicIP must be IPv4 and PublicIPv6 IPv6")
+            node = d.get("Node") or str(ip or ip6)
+            data, data6 = d.get("BackendData") or {}, d.get("BackendV6Data") or {}
+            mac, mac6 = _mac(data.get("VtepMAC")), _mac(data6.get("VtepMAC"))
+            vni = data.get("VNI", data6.get("VNI"))
             backend = d.get("BackendType") or "host-gw"
-            key, port = data.get("PublicKey"), data.get("Port")
+            key = data.get("PublicKey") or data6.get("PublicKey")
             if key is not None and len(base64.b64decode(key, validate=True)) != 32:
                 raise ValueError("PublicKey is not a WireGuard key")
+            port, port6 = data.get("Port"), data6.get("Port")
         except (KeyError, TypeError, AttributeError, ValueError, binascii.Error, netaddr.AddrFormatError) as e:
             raise LeaseError(f"unreadable lease {str(d)[:200]}: {e}") from None
         if not isinstance(node, str) or not isinstance(backend, str) or (vni is not None and not isinstance(vni, int)):
             raise LeaseError(f"unreadable lease {str(d)[:200]}")
-        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
-            raise LeaseError(f"unreadable lease {str(d)[:200]}: Port {port!r}")
-        return cls(node, net.cidr, Attrs(ip, backend, mac, vni, key, port or None))
+        for p in (port, port6):
+            if p is not None and (not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= 65535):
+                raise LeaseError(f"unreadable lease {str(d)[:200]}: Port {p!r}")
+        return cls(node, net, Attrs(ip, backend, mac, vni, key, port or None, ip6, mac6, port6 or None), net6)

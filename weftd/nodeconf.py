@@ -67,7 +67,7 @@ def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, subnet: netadd
         return
     gw = gateway(subnet)
     stale = [a for a in ipr.get_addr(family=socket.AF_INET, index=br["index"])
-             if netaddr.IPAddress(a.get("IFA_ADDRESS")) in network.network
+             if network.network is not None and netaddr.IPAddress(a.get("IFA_ADDRESS")) in network.network
              and netaddr.IPNetwork(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") != gw]
     if not stale:
         return

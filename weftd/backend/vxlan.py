@@ -100,6 +100,7 @@ class VXLAN(Backend[VXLANConfig]):
             self.ipr.link("set", index=self.index, mtu=self.mtu())
         self.ipr.link("set", index=self.index, state="up")
         # The subnet's network address as a /32: a source address for host-to-pod traffic, no broadcast routes.
+        assert own.subnet is not None
         want = str(own.subnet.network)
         for a in self.ipr.get_addr(family=socket.AF_INET, index=self.index):
             if a.get("IFA_ADDRESS") != want or a["prefixlen"] != 32:
@@ -119,6 +120,8 @@ class VXLAN(Backend[VXLANConfig]):
         neigh: dict[str, str] = {}
         fdb: dict[str, str] = {}
         for p in overlay:
+            if p.subnet is None:
+                continue
             if p.attrs.vtep_mac is None:
                 log.warning("peer %s publishes no VTEP MAC (backend %s); skipping it", p.node, p.attrs.backend_type)
                 stats.unreachable.append(p.node)

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import netaddr
 
-from weftd.config import NetworkConfig
+from weftd.config import FamilyConfig, NetworkConfig
 from weftd.lease import Attrs, Lease
 from weftlib.registry import import_modules
 
@@ -90,14 +90,30 @@ def types() -> dict[str, type[SubnetStore]]:
     return _registry
 
 
-def pick_subnet(network: NetworkConfig, taken: set[netaddr.IPNetwork]) -> netaddr.IPNetwork:
-    for subnet in network.subnets():
+def pick_subnet(family: FamilyConfig, taken: set[netaddr.IPNetwork]) -> netaddr.IPNetwork:
+    for subnet in family.subnets():
         if subnet not in taken:
             return subnet
-    raise StoreError(f"out of subnets: every /{network.subnet_len} of {network.network} is leased")
+    raise StoreError(f"out of subnets: every /{family.subnet_len} from {family.subnet_min} to "
+                     f"{family.subnet_max} of {family.network} is leased")
 
 
-def valid_for(network: NetworkConfig, subnet: netaddr.IPNetwork) -> bool:
-    """A lease kept from before is reused only if it still fits the network."""
-    return (subnet.prefixlen == network.subnet_len and subnet in network.network
-            and subnet.first != network.network.first)
+Subnets = tuple[netaddr.IPNetwork | None, netaddr.IPNetwork | None]
+
+
+def allocate(network: NetworkConfig, mine: Lease | None, others: Iterable[Lease]) -> Subnets:
+    """This node's (IPv4, IPv6) subnets: per enabled family, the one it holds if it still fits the network,
+    else the first free one. A disabled family's is None."""
+    others = list(others)
+    out: list[netaddr.IPNetwork | None] = []
+    for version in (4, 6):
+        family = network.family(version)
+        held = mine.family_subnet(version) if mine is not None else None
+        if family is None:
+            out.append(None)
+        elif family.valid(held):
+            out.append(held)
+        else:
+            taken = {s for le in others if (s := le.family_subnet(version)) is not None}
+            out.append(pick_subnet(family, taken))
+    return out[0], out[1]

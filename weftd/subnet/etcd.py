@@ -21,19 +21,27 @@ from etcd3gw.lease import Lease as EtcdLease
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, StoreError, SubnetStore, log, pick_subnet, register, valid_for
+from weftd.subnet import Env, StoreError, SubnetStore, allocate, log, register
 
 DEFAULT_PREFIX = "/weft/network"
 DEFAULT_TTL = 24 * 3600
 
 
-def subnet_key(prefix: str, subnet: netaddr.IPNetwork) -> str:
-    return f"{prefix}/subnets/{subnet.network}-{subnet.prefixlen}"
+def subnet_key(prefix: str, lease: Lease) -> str:
+    """Flannel's key: `10.5.52.0-24`, dual stack `10.5.52.0-24&fc00::-64`, IPv6-only `fc00::-64`."""
+    return f"{prefix}/subnets/" + "&".join(f"{s.network}-{s.prefixlen}" for s in lease.subnets)
 
 
-def subnet_from_key(key: str) -> netaddr.IPNetwork:
-    ip, _, plen = key.rsplit("/", 1)[-1].partition("-")
-    return netaddr.IPNetwork(f"{ip}/{plen}")
+def subnets_from_key(key: str) -> tuple[str | None, str | None]:
+    """(IPv4, IPv6) subnets named by a key."""
+    out: dict[int, str] = {}
+    for part in key.rsplit("/", 1)[-1].split("&"):
+        ip, _, plen = part.rpartition("-")
+        net = netaddr.IPNetwork(f"{ip}/{plen}")
+        if net.version in out:
+            raise ValueError(f"two IPv{net.version} subnets in {key}")
+        out[net.version] = str(net.cidr)
+    return out.get(4), out.get(6)
 
 
 @register
@@ -84,38 +92,57 @@ class EtcdStore(SubnetStore):
         except (ConfigError, ValueError) as e:
             raise StoreError(f"etcd {key}: {e}") from None
 
-    def _raw(self) -> dict[str, Lease]:
+    def _raw(self) -> dict[str, tuple[Lease, int]]:
+        """Every lease, by node, with the revision its key was created at."""
         items = self._call("list leases", self.client.get_prefix, f"{self.prefix}/subnets/")
-        out = {}
+        out: dict[str, tuple[Lease, int]] = {}
         for value, meta in items:
             key = meta["key"].decode() if isinstance(meta.get("key"), bytes) else str(meta.get("key"))
             try:
-                lease = Lease.from_json(json.loads(value), subnet=str(subnet_from_key(key)))
+                v4, v6 = subnets_from_key(key)
+                lease = Lease.from_json(json.loads(value), subnet=v4, ipv6_subnet=v6)
             except (LeaseError, ValueError, netaddr.AddrFormatError) as e:
                 log.warning("ignoring etcd key %s: %s", key, e)
                 continue
-            out[lease.node] = lease
+            out[lease.node] = (lease, int(meta.get("create_revision") or 0))
         return out
 
     def acquire(self, node: str, attrs: Attrs) -> Lease:
         for _ in range(10):
             leases = self._raw()
             grant = self._call("grant lease", self.client.lease, self.ttl)
-            mine = leases.get(node)
-            if mine is not None and valid_for(self.network, mine.subnet):
-                lease = Lease(node, mine.subnet, attrs)
-                self._call("put lease", self.client.put, subnet_key(self.prefix, lease.subnet), lease.dumps(), grant)
+            mine = leases[node][0] if node in leases else None
+            v4, v6 = allocate(self.network, mine, (le for n, (le, _) in leases.items() if n != node))
+            lease = Lease(node, v4, attrs, v6)
+            key = subnet_key(self.prefix, lease)
+            if mine is not None and mine.subnets == lease.subnets:
+                self._call("put lease", self.client.put, key, lease.dumps(), grant)
             else:
-                taken = {le.subnet for n, le in leases.items() if n != node}
-                lease = Lease(node, pick_subnet(self.network, taken), attrs)
-                if not self._call("create lease", self.client.create, subnet_key(self.prefix, lease.subnet),
-                                  lease.dumps(), grant):
+                if not self._call("create lease", self.client.create, key, lease.dumps(), grant):
                     self._call("revoke lease", grant.revoke)
                     continue  # another node took it first
+                if self._lost_race(node, key, lease):
+                    self._call("revoke lease", grant.revoke)
+                    continue
+                if mine is not None:  # the lease moved (a family was added, or the network changed)
+                    self._call("delete old lease", self.client.delete, subnet_key(self.prefix, mine))
             self._lease, self._own, self._renewed = grant, lease, time.monotonic()
             self._start_watch()
             return lease
         raise StoreError("could not acquire a subnet: lost 10 races in a row")
+
+    def _lost_race(self, node: str, key: str, lease: Lease) -> bool:
+        """Keys hold both subnets, so two nodes can create different keys sharing one subnet (both keeping their
+        IPv4 subnet and picking the same new IPv6 one). The key created first keeps it; the other tries again."""
+        got = self._call("get lease", self.client.get, key, metadata=True)
+        if not got:
+            return True
+        rev = int(got[0][1].get("create_revision") or 0)
+        for other, (le, other_rev) in self._raw().items():
+            if other != node and set(le.subnets) & set(lease.subnets) and other_rev < rev:
+                log.warning("%s took one of %s first; picking again", other, [str(s) for s in lease.subnets])
+                return True
+        return False
 
     def renew(self) -> bool:
         """Refreshes the TTL at a third of it; re-publishes the lease if etcd expired it meanwhile."""
@@ -134,16 +161,16 @@ class EtcdStore(SubnetStore):
         return True
 
     def leases(self) -> dict[str, Lease]:
-        return self._raw()
+        return {n: le for n, (le, _) in self._raw().items()}
 
     def lease(self, node: str) -> Lease | None:
-        return self._raw().get(node)
+        return self.leases().get(node)
 
     def remove(self, node: str) -> bool:
-        lease = self._raw().get(node)
+        lease = self.leases().get(node)
         if lease is None:
             return False
-        return bool(self._call("delete", self.client.delete, subnet_key(self.prefix, lease.subnet)))
+        return bool(self._call("delete", self.client.delete, subnet_key(self.prefix, lease)))
 
     def _start_watch(self) -> None:
         if self._watcher is None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, StoreError, SubnetStore, log, pick_subnet, register, valid_for
+from weftd.subnet import Env, StoreError, SubnetStore, allocate, log, register
 from weftlib.kernel import files
 
 
@@ -73,13 +73,9 @@ class FileStore(SubnetStore):
             data = self._read()
             leases: dict[str, Any] = data.setdefault("leases", {})
             mine = self._parse(node, leases.get(node))
-            if mine is not None and valid_for(self.network, mine.subnet):
-                subnet = mine.subnet
-            else:
-                taken = {lease.subnet for n, raw in leases.items() if n != node
-                         if (lease := self._parse(n, raw)) is not None}
-                subnet = pick_subnet(self.network, taken)
-            lease = Lease(node, subnet, attrs)
+            others = [le for n, raw in leases.items() if n != node if (le := self._parse(n, raw)) is not None]
+            v4, v6 = allocate(self.network, mine, others)
+            lease = Lease(node, v4, attrs, v6)
             leases[node] = lease.to_json()
             self._write(data)
         return lease
@@ -101,7 +97,7 @@ class FileStore(SubnetStore):
         except LeaseError as e:
             log.warning("ignoring lease of %s: %s", node, e)
             return None
-        return Lease(node, lease.subnet, lease.attrs)
+        return Lease(node, lease.subnet, lease.attrs, lease.ipv6_subnet)
 
     def lease(self, node: str) -> Lease | None:
         return self.leases().get(node)

@@ -24,7 +24,7 @@ import netaddr
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, StoreError, SubnetStore, log, register
+from weftd.subnet import Env, StoreError, Subnets, SubnetStore, log, register
 
 PREFIX = "weft.dev"
 ANN_MANAGED = f"{PREFIX}/kube-subnet-manager"
@@ -32,6 +32,9 @@ ANN_TYPE = f"{PREFIX}/backend-type"
 ANN_DATA = f"{PREFIX}/backend-data"
 ANN_IP = f"{PREFIX}/public-ip"
 ANN_IP_OVERWRITE = f"{PREFIX}/public-ip-overwrite"
+ANN_DATA6 = f"{PREFIX}/backend-v6-data"
+ANN_IP6 = f"{PREFIX}/public-ipv6"
+ANN_IP6_OVERWRITE = f"{PREFIX}/public-ipv6-overwrite"
 
 # The API calls this module makes, as (resource, verb); the RBAC test checks the manifest grants them.
 API_CALLS = (("nodes", "get"), ("nodes", "list"), ("nodes", "watch"), ("nodes/status", "patch"))
@@ -41,9 +44,14 @@ WATCH_TIMEOUT = 300
 GONE = 410
 
 
-def node_annotations(attrs: Attrs) -> dict[str, str]:
-    return {ANN_MANAGED: "true", ANN_TYPE: attrs.backend_type, ANN_DATA: json.dumps(attrs.backend_data()),
-            ANN_IP: str(attrs.public_ip)}
+def node_annotations(attrs: Attrs) -> dict[str, str | None]:
+    """Flannel's annotations. A family the node does not publish is removed (None in a merge patch)."""
+    ann: dict[str, str | None] = {ANN_MANAGED: "true", ANN_TYPE: attrs.backend_type}
+    ann[ANN_IP] = None if attrs.public_ip is None else str(attrs.public_ip)
+    ann[ANN_DATA] = json.dumps(attrs.backend_data()) if attrs.public_ip is not None else None
+    ann[ANN_IP6] = None if attrs.public_ipv6 is None else str(attrs.public_ipv6)
+    ann[ANN_DATA6] = json.dumps(attrs.backend_v6_data()) if attrs.public_ipv6 is not None else None
+    return ann
 
 
 def network_up_condition(now: datetime | None = None) -> dict[str, str]:
@@ -53,18 +61,35 @@ def network_up_condition(now: datetime | None = None) -> dict[str, str]:
             "message": "Weft is running on this node", "lastTransitionTime": stamp, "lastHeartbeatTime": stamp}
 
 
-def pod_cidr(node: dict[str, Any], network: NetworkConfig) -> netaddr.IPNetwork:
-    """The node's IPv4 pod CIDR, which must lie inside the cluster network."""
+def pod_cidrs(node: dict[str, Any], network: NetworkConfig) -> Subnets:
+    """The node's (IPv4, IPv6) pod CIDRs from spec.podCIDRs (or the older spec.podCIDR): at most one per family,
+    each inside its family's cluster network, one for every enabled family (a disabled family's is ignored)."""
     spec = node.get("spec") or {}
-    cidrs = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
+    raw = spec.get("podCIDRs") or ([spec["podCIDR"]] if spec.get("podCIDR") else [])
     name = (node.get("metadata") or {}).get("name")
-    v4 = [c for c in cidrs if netaddr.IPNetwork(c).version == 4]
-    if not v4:
-        raise StoreError(f"node {name!r} pod cidr not assigned")
-    subnet = netaddr.IPNetwork(v4[0]).cidr
-    if subnet not in network.network:
-        raise StoreError(f"node {name!r} pod cidr {subnet} is outside the cluster network {network.network}")
-    return subnet
+    by_family: dict[int, netaddr.IPNetwork] = {}
+    for c in raw:
+        try:
+            cidr = netaddr.IPNetwork(c).cidr
+        except (netaddr.AddrFormatError, TypeError, ValueError):
+            raise StoreError(f"node {name!r} pod cidr {c!r} is not a CIDR") from None
+        if cidr.version in by_family:
+            raise StoreError(f"node {name!r} has more than one IPv{cidr.version} pod cidr: {raw}")
+        by_family[cidr.version] = cidr
+    out: list[netaddr.IPNetwork | None] = []
+    for version in (4, 6):
+        family = network.family(version)
+        if family is None:
+            out.append(None)
+            continue
+        cidr = by_family.get(version)
+        if cidr is None:
+            raise StoreError(f"node {name!r} IPv{version} pod cidr not assigned (podCIDRs {raw}); "
+                             f"the controller-manager's --cluster-cidr must include {family.network}")
+        if cidr not in family.network:
+            raise StoreError(f"node {name!r} pod cidr {cidr} is outside the cluster network {family.network}")
+        out.append(cidr)
+    return out[0], out[1]
 
 
 def lease_from_node(node: dict[str, Any], network: NetworkConfig) -> Lease | None:
@@ -74,11 +99,12 @@ def lease_from_node(node: dict[str, Any], network: NetworkConfig) -> Lease | Non
     if ann.get(ANN_MANAGED) != "true":
         return None
     try:
-        subnet = pod_cidr(node, network)
-        data = json.loads(ann.get(ANN_DATA) or "null")
-        raw = {"Node": meta["name"], "PublicIP": ann.get(ANN_IP_OVERWRITE) or ann[ANN_IP],
-               "BackendType": ann.get(ANN_TYPE), "BackendData": data}
-        return Lease.from_json(raw, subnet=str(subnet))
+        v4, v6 = pod_cidrs(node, network)
+        raw = {"Node": meta["name"], "PublicIP": ann.get(ANN_IP_OVERWRITE) or ann.get(ANN_IP),
+               "PublicIPv6": ann.get(ANN_IP6_OVERWRITE) or ann.get(ANN_IP6),
+               "BackendType": ann.get(ANN_TYPE), "BackendData": json.loads(ann.get(ANN_DATA) or "null"),
+               "BackendV6Data": json.loads(ann.get(ANN_DATA6) or "null")}
+        return Lease.from_json(raw, subnet=None if v4 is None else str(v4), ipv6_subnet=None if v6 is None else str(v6))
     except (StoreError, LeaseError, KeyError, ValueError, netaddr.AddrFormatError) as e:
         log.warning("ignoring node %s: %s", meta.get("name"), e)
         return None
@@ -143,7 +169,7 @@ class KubeStore(SubnetStore):
     def acquire(self, node: str, attrs: Attrs) -> Lease:
         obj = self._read_node(node)
         try:
-            subnet = pod_cidr(obj, self.network)
+            v4, v6 = pod_cidrs(obj, self.network)
             self.api.patch_node_status(node, {"metadata": {"annotations": node_annotations(attrs)}},
                                        _content_type=PATCH)
         except StoreError:
@@ -151,7 +177,7 @@ class KubeStore(SubnetStore):
         except Exception as e:  # noqa: BLE001 - ApiException, urllib3 errors: the API is unreachable
             raise StoreError(f"kube API: {type(e).__name__}: {e}") from None
         self._start()
-        return Lease(node, subnet, attrs)
+        return Lease(node, v4, attrs, v6)
 
     def network_ready(self, node: str) -> None:
         try:

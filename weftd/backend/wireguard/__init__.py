@@ -27,7 +27,7 @@ from weftd.backend.wireguard.config import WireGuardConfig
 from weftd.backend.wireguard.device import Device, NotSupported, valid_ifname
 from weftd.backend.wireguard.keys import KEY_FILE, KeyPair, load_or_create
 from weftd.backend.wireguard.peers import Desired, PeerConfig, RemovePeer, SetPeer, desired_peers, plan
-from weftd.config import Env, NetworkConfig
+from weftd.config import ConfigError, Env, NetworkConfig
 from weftd.lease import Attrs, Lease
 from weftlib.kernel.netlink import ignore_errno, kind
 
@@ -110,6 +110,8 @@ class WireGuard(Backend[WireGuardConfig]):
         log.info("WireGuard device %s: %s", args.wireguard_device, device.implementation)
         cfg = network.backend
         assert isinstance(cfg, WireGuardConfig)
+        if network.network is None or network.ipv6 is not None:
+            raise ConfigError("the wireguard backend carries IPv4 only so far: it needs EnableIPv4 and no EnableIPv6")
         return cls(ipr, cfg, underlay, device=device, keys=keys, network=network.network)
 
     @classmethod
@@ -166,6 +168,7 @@ class WireGuard(Backend[WireGuardConfig]):
             ipr.link("set", index=self.index, state="up")
         # The subnet's network address as /32: the source of host-to-pod traffic, within the
         # AllowedIPs peers have for this node.
+        assert own.subnet is not None  # create() refuses IPv6
         want = str(own.subnet.network)
         family = socket.AF_INET if own.subnet.version == 4 else socket.AF_INET6
         plen = 32 if family == socket.AF_INET else 128
