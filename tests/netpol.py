@@ -1,7 +1,7 @@
 """The upstream NetworkPolicy e2e model (kubernetes test/e2e/network/netpol) on simulated nodes.
 
 Namespaces x, y, z (label ns=<name>), each with pods a, b, c (label pod=<name>), spread over the nodes;
-every pod serves TCP and UDP on 80 and 81 (named ports serve-80-tcp, ...). Objects are written to the
+every pod serves TCP and UDP on 80 and 81 over both families (named ports serve-80-tcp, ...). Objects are written to the
 directory every weftd reads with --policy-dir. A reachability table holds, for each (client, server,
 port, protocol), whether a new connection must get through; probes run in parallel, each thread
 entering the client pod's network namespace.
@@ -36,9 +36,10 @@ import selectors, socket, sys
 sel = selectors.DefaultSelector()
 for port in (80, 81):
     for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
-        s = socket.socket(socket.AF_INET, kind)
+        s = socket.socket(socket.AF_INET6, kind)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", port))
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
         if kind == socket.SOCK_STREAM:
             s.listen(128)
         s.setblocking(False)
@@ -74,7 +75,8 @@ class ModelPod:
     name: str
     node: ClusterNode
     netns: Netns
-    ip: str = ""
+    ip: str = ""  # IPv4, or the only address
+    ip6: str = ""  # IPv6 beside an IPv4 address (dual stack)
     labels: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -83,7 +85,8 @@ class ModelPod:
 
     def obj(self) -> dict[str, Any]:
         ports = [{"name": f"serve-{p}-{proto.lower()}", "containerPort": p, "protocol": proto} for p, proto in SERVED]
-        status = {"podIP": self.ip, "podIPs": [{"ip": self.ip}]} if self.ip else {}
+        ips = [ip for ip in (self.ip, self.ip6) if ip]
+        status = {"podIP": ips[0], "podIPs": [{"ip": ip} for ip in ips]} if ips else {}
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": self.name, "namespace": self.namespace, "labels": self.labels},
                 "spec": {"nodeName": self.node.name, "containers": [{"name": "cont", "ports": ports}]},
@@ -139,7 +142,7 @@ def _probe(netns_path: str, ip: str, port: int, proto: str, timeout: float) -> b
     try:
         with ns.entered():
             kind = socket.SOCK_STREAM if proto == "TCP" else socket.SOCK_DGRAM
-            s = socket.socket(socket.AF_INET, kind)
+            s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, kind)
     finally:
         ns.close()
     with s:
@@ -155,8 +158,10 @@ def _probe(netns_path: str, ip: str, port: int, proto: str, timeout: float) -> b
 
 
 class NetpolModel:
-    def __init__(self, cluster: Cluster, nodes: list[ClusterNode], policy_dir: Path) -> None:
+    def __init__(self, cluster: Cluster, nodes: list[ClusterNode], policy_dir: Path,
+                 conflists: dict[str, Path] | None = None) -> None:
         self.cluster = cluster
+        self.conflists = conflists or {}  # node name -> the conflist its pods are added with (default: weftd's)
         self.nodes = nodes
         self.dir = policy_dir
         self.pods: dict[str, ModelPod] = {}
@@ -203,15 +208,20 @@ class NetpolModel:
             self.write_pod(pod)
         return pod
 
+    def conflist(self, node: ClusterNode) -> Path:
+        return self.conflists.get(node.name, node.conflist)
+
     def remove_pod(self, pod_id: str) -> None:
         pod = self.pods.pop(pod_id)
-        pod.node.node.drive("del", pod.node.conflist, f"{pod.namespace}-{pod.name}", pod.netns.path)
+        pod.node.node.drive("del", self.conflist(pod.node), f"{pod.namespace}-{pod.name}", pod.netns.path)
         (self.dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
 
     def attach(self, pod: ModelPod) -> None:
-        res = pod.node.node.drive("add", pod.node.conflist, f"{pod.namespace}-{pod.name}", pod.netns.path,
+        res = pod.node.node.drive("add", self.conflist(pod.node), f"{pod.namespace}-{pod.name}", pod.netns.path,
                                   CNIDRIVE_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}").json
-        pod.ip = res["ips"][0]["address"].split("/")[0]
+        ips = [ip["address"].split("/")[0] for ip in res["ips"]]
+        pod.ip = ips[0]
+        pod.ip6 = next((ip for ip in ips[1:] if ":" in ip), "")
 
     def serve(self, pod: ModelPod) -> None:
         srv = subprocess.Popen(["ip", "netns", "exec", pod.netns.name, sys.executable, "-c", SERVER],
@@ -238,26 +248,30 @@ class NetpolModel:
 
     # ---- probes ----
 
-    def reachability(self, ports: Iterable[tuple[int, str]] = ((80, "TCP"),)) -> Reachability:
-        return Reachability(sorted(self.pods), ports)
+    def reachability(self, ports: Iterable[tuple[int, str]] = ((80, "TCP"),),
+                     pods: Iterable[str] | None = None) -> Reachability:
+        return Reachability(sorted(self.pods if pods is None else pods), ports)
 
-    def probe(self, r: Reachability, timeout: float = PROBE_TIMEOUT) -> dict[Key, bool]:
+    def probe(self, r: Reachability, timeout: float = PROBE_TIMEOUT, family: int = 4) -> dict[Key, bool]:
         keys = list(r.want)
-        futures = [self.pool.submit(_probe, self.pods[a].netns.path, self.pods[b].ip, p, proto, timeout)
+        futures = [self.pool.submit(_probe, self.pods[a].netns.path,
+                                    self.pods[b].ip6 if family == 6 else self.pods[b].ip, p, proto, timeout)
                    for a, b, p, proto in keys]
         return {k: f.result() for k, f in zip(keys, futures, strict=True)}
 
-    def expect(self, r: Reachability, within: float = 10.0) -> float:
-        """Probes until the table matches (changes take effect asynchronously); the seconds it took."""
+    def expect(self, r: Reachability, within: float = 10.0, family: int = 4) -> float:
+        """Probes (to IPv4 addresses, or IPv6 with family=6) until the table matches (changes take effect
+        asynchronously); the seconds it took."""
         start = time.monotonic()
         while True:
-            got = self.probe(r)
+            got = self.probe(r, family=family)
             if got == r.want:
                 return time.monotonic() - start
             if time.monotonic() - start > within:
                 wrong = sum(got[k] != r.want[k] for k in r.want)
                 logs = "".join(f"\n--- {n.name} ---\n" + n.log.read_text()[-2000:] for n in self.nodes)
-                raise AssertionError(f"{wrong} probes differ from the expected table:\n{r.render(got)}{logs}")
+                raise AssertionError(f"{wrong} IPv{family} probes differ from the expected table:\n"
+                                     f"{r.render(got)}{logs}")
             time.sleep(0.2)
 
     def effect(self, client: str, server: str, want: bool, port: int = 80, proto: str = "TCP",

@@ -64,7 +64,7 @@ class Daemon:
         self.backend.setup(self.own)
         if self.policy is not None:
             # Before any pod of this run can be attached; the previous run's tables stay until then.
-            self.policy.start(self.own.subnet)
+            self.policy.start(self.own.subnets)
         sysctl.write("/proc/sys/net/ipv4/ip_forward", "1", missing_ok=False)
         while not self.stop.is_set() and not self.reconcile():
             self.stop.wait(1.0)

@@ -168,6 +168,30 @@ def test_compile_peers_ipblocks_and_named_ports() -> None:
     assert c.selected == {"x/p": {"x/a"}}
 
 
+def test_compile_dual_stack_pods_ipv6_blocks_and_named_ports() -> None:
+    ports = {"containers": [{"ports": [{"name": "web", "containerPort": 8080}]}]}
+    a, b = (model.parse({"kind": "Pod", "metadata": {"name": n, "namespace": "x", "labels": {"pod": n}},
+                         "spec": ports, "status": {"podIPs": [{"ip": f"10.0.1.{i}"}, {"ip": f"fd00:1::{i}"}]}})
+            for i, n in ((1, "a"), (2, "b")))
+    assert isinstance(a, model.Pod) and isinstance(b, model.Pod)
+    s = State(pods=[a, b], policies=[model.parse(pol({  # type: ignore[list-item]
+        "podSelector": {"matchLabels": {"pod": "a"}}, "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"pod": "b"}}},
+                              {"ipBlock": {"cidr": "fd00:2::/32", "except": ["fd00:2:0:1::/64"]}}]}],
+        "egress": [{"to": [{"podSelector": {}}], "ports": [{"port": "web"}]}]}))])
+    c = compile_ruleset(s, [a], [PortBinding("weftabcdef01", a.ips)])
+    text = c.text
+    assert "ip saddr @a4_" in text and "ip6 saddr @a6_" in text  # both families of the peer pod
+    assert "fd00:1::2, fd00:2::-fd00:2::ffff:ffff:ffff:ffff, fd00:2:0:2::-fd00:2:ffff:ffff:ffff:ffff:ffff:ffff" in text
+    assert "fd00:1::1 . tcp . 8080, fd00:1::2 . tcp . 8080" in text  # egress named port over IPv6
+    assert "ip6 daddr . meta l4proto . th dport @n6_" in text
+    assert "fd00:1::1 : jump i_" in text and "fd00:1::1 : jump e_" in text and "10.0.1.1 : jump i_" in text
+    # anti-spoofing: both families, and the neighbour advertisement's target as a 128-bit number
+    assert '"weftabcdef01" . 10.0.1.1' in text and '"weftabcdef01" . fd00:1::1' in text
+    assert '"weftabcdef01" . 0xfd000001000000000000000000000001' in text
+    assert "ip6 saddr :: icmpv6 type { nd-neighbor-solicit, mld2-listener-report } return" in text
+
+
 def test_unselected_pods_have_no_verdicts_and_ingress_type_without_rules_denies() -> None:
     s = _state(pol({"podSelector": {"matchLabels": {"pod": "a"}}}))
     s.pods = [pod("x", "a", "10.0.1.1", {"pod": "a"}), pod("x", "b", "10.0.1.2", {"pod": "b"})]

@@ -2,11 +2,13 @@
 
     table inet weft_policy
       forward (hook forward, sees every pod-to-pod path with br_netfilter on)
-        ct established,related accept; a pod to itself accept
+        ct established,related accept; neighbour discovery on the bridge accept; a pod to itself accept
         ip saddr vmap @egress4    -> e_<hash>: the source pod's egress rules, `return` when allowed, else drop
         ip daddr vmap @ingress4   -> i_<hash>: the destination pod's ingress rules, likewise
     table bridge weft_policy
-      prerouting: a Weft veth port may send IPv4 and ARP only from its pod's own address
+      prerouting: a Weft veth port may send IPv4, ARP and IPv6 only from its pod's own addresses
+        (IPv6 also: duplicate address detection from ::, neighbour discovery and MLD from link-local;
+        never router advertisements, nor neighbour advertisements for another pod's address)
 
 Allowed traffic `return`s from a pod chain and only the base chain's policy accepts, so a packet
 allowed by the source's egress still meets the destination's ingress (kube-router#916). Pod chains
@@ -290,25 +292,60 @@ def _render(b: _Builder, vmaps: dict[str, dict[int, list[str]]], local: list[Pod
         out.append(f"  counter {name} {{ }}\n  chain {name} {{\n" + "".join(f"    {x}\n" for x in lines) + "  }\n")
         nrules += len(lines)
     base = ["ct state established,related accept",
+            # Neighbour discovery between pods on one bridge: conntrack leaves it untracked (invalid to
+            # the pod chains), and hop limit 255 proves it was not routed (RFC 4861 7.1).
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
             "ip saddr . ip daddr @self4 accept", "ip6 saddr . ip6 daddr @self6 accept",
             "ip saddr vmap @egress4", "ip6 saddr vmap @egress6",
             "ip daddr vmap @ingress4", "ip6 daddr vmap @ingress6"]
     out.append("  chain forward {\n    type filter hook forward priority filter - 5; policy accept;\n"
                + "".join(f"    {x}\n" for x in base) + "  }\n}\n")
     nrules += len(base)
-    ports = sorted({f'"{bd.ifname}"' for bd in bindings if any(ip.version == 4 for ip in bd.ips)})
-    own = sorted({f'"{bd.ifname}" . {ip}' for bd in bindings for ip in bd.ips if ip.version == 4})
-    out.append(f"table bridge {TABLE} {{\n"
-               f"  set ports4 {{ type ifname;{' elements = { ' + ', '.join(ports) + ' }' if ports else ''} }}\n"
-               f"  set own4 {{ type ifname . ipv4_addr;{' elements = { ' + ', '.join(own) + ' }' if own else ''} }}\n"
-               f"  counter {SPOOFED} {{ }}\n"
-               "  chain prerouting {\n    type filter hook prerouting priority -300; policy accept;\n"
-               f'    iifname @ports4 ether type ip iifname . ip saddr != @own4 counter name "{SPOOFED}" drop\n'
-               # 0.0.0.0: an ARP probe before an address is used (RFC 5227) claims nothing
-               f'    iifname @ports4 ether type arp arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @own4 '
-               f'counter name "{SPOOFED}" drop\n'
-               "  }\n}\n")
-    return "".join(out), nrules + 2
+    out.append(_bridge_table(bindings))
+    return "".join(out), nrules + len(BRIDGE_RULES)
+
+
+# What a pod may send over IPv6 before, or besides, its own address (RFC 4861, 4862, 3810): duplicate
+# address detection and MLD reports from ::, neighbour discovery and MLD from its link-local address.
+# Nothing else from link-local: bridged link-local traffic between pods would bypass every policy.
+ND_FROM_UNSPECIFIED = "nd-neighbor-solicit, mld2-listener-report"
+ND_FROM_LINK_LOCAL = ("nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert, mld-listener-report, "
+                      "mld-listener-done, mld2-listener-report")
+BRIDGE_RULES = (
+    "iifname != @ports return",
+    # IPv4 and ARP only from the pod's address; 0.0.0.0: an ARP probe (RFC 5227) claims nothing
+    f'ether type ip iifname . ip saddr != @own4 counter name "{SPOOFED}" drop',
+    f'ether type arp arp saddr ip != 0.0.0.0 iifname . arp saddr ip != @own4 counter name "{SPOOFED}" drop',
+    # a pod is no router: no router advertisements or redirects
+    f'ether type ip6 icmpv6 type {{ nd-router-advert, nd-redirect }} counter name "{SPOOFED}" drop',
+    f"ether type ip6 ip6 saddr :: icmpv6 type {{ {ND_FROM_UNSPECIFIED} }} return",
+    # a neighbour advertisement claims its target address (the ARP reply of IPv6): own or link-local
+    f'ether type ip6 icmpv6 type nd-neighbor-advert @th,64,16 & 0xffc0 != 0xfe80 '
+    f'iifname . @th,64,128 != @target6 counter name "{SPOOFED}" drop',
+    f"ether type ip6 ip6 saddr fe80::/10 icmpv6 type {{ {ND_FROM_LINK_LOCAL} }} return",
+    f'ether type ip6 iifname . ip6 saddr != @own6 counter name "{SPOOFED}" drop',
+)
+
+
+def _elements(items: Iterable[str]) -> str:
+    items = sorted(set(items))
+    return f" elements = {{ {', '.join(items)} }}" if items else ""
+
+
+def _bridge_table(bindings: list[PortBinding]) -> str:
+    """Anti-spoofing on every Weft veth port: a pod sends only from its own addresses."""
+    ports = _elements(f'"{bd.ifname}"' for bd in bindings)
+    own = {v: _elements(f'"{bd.ifname}" . {ip}' for bd in bindings for ip in bd.ips if ip.version == v)
+           for v in (4, 6)}
+    target6 = _elements(f'"{bd.ifname}" . {int(ip):#034x}' for bd in bindings for ip in bd.ips if ip.version == 6)
+    return (f"table bridge {TABLE} {{\n"
+            f"  set ports {{ type ifname;{ports} }}\n"
+            f"  set own4 {{ type ifname . ipv4_addr;{own[4]} }}\n"
+            f"  set own6 {{ type ifname . ipv6_addr;{own[6]} }}\n"
+            f"  set target6 {{ typeof iifname . @th,64,128;{target6} }}\n"
+            f"  counter {SPOOFED} {{ }}\n"
+            "  chain prerouting {\n    type filter hook prerouting priority -300; policy accept;\n"
+            + "".join(f"    {r}\n" for r in BRIDGE_RULES) + "  }\n}\n")
 
 
 def transaction(text: str) -> str:

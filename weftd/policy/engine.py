@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -149,7 +149,7 @@ class PolicyEngine:
         self.metrics = PolicyMetrics(registry)
         registry.register(DropCollector(self))
         self._dropped: dict[tuple[str, str], tuple[int, int]] = {}
-        self.subnet: netaddr.IPNetwork | None = None
+        self.subnets: tuple[netaddr.IPNetwork, ...] = ()  # the node's pod subnets, one per family
         self.bindings: dict[str, Binding] = self._load_bindings()
         self.ready = threading.Event()
         self.stopped = threading.Event()
@@ -168,9 +168,10 @@ class PolicyEngine:
 
     # ---- lifecycle ----
 
-    def start(self, subnet: netaddr.IPNetwork) -> None:
-        """Reads every source, applies the full ruleset once, then follows changes."""
-        self.subnet = subnet
+    def start(self, subnets: Iterable[netaddr.IPNetwork]) -> None:
+        """Reads every source, applies the full ruleset once, then follows changes. `subnets`: the node's pod
+        subnets (IPv4, IPv6 or both); a pod with an address in one of them is local."""
+        self.subnets = tuple(subnets)
         enable_br_netfilter()
         if self.nflog_group is not None:
             from weftd.policy.nflog import NflogReader
@@ -337,8 +338,7 @@ class PolicyEngine:
         pods.update(bound)
         state.pods = sorted(pods.values(), key=lambda p: p.key)
         local = [p for p in state.pods if p.is_peer and (p.key in bound or p.node_name == self.node
-                                                          or (self.subnet is not None
-                                                              and any(ip in self.subnet for ip in p.ips)))]
+                                                          or any(ip in s for ip in p.ips for s in self.subnets))]
         return state, local
 
     # ---- apply ----
