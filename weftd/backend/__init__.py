@@ -15,20 +15,38 @@ import argparse
 import builtins
 import errno
 import logging
+import os
 import socket
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import netaddr
 from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
+from pyroute2.netlink.rtnl import RTM_DELNEIGH, RTM_DELROUTE, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWNEIGH, RTM_NEWROUTE
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 from weftd.config import ConfigError, Env
 from weftd.lease import Attrs, Lease
 from weftlib.gojson import lookup_ci
-from weftlib.kernel.netlink import ignore_errno
+from weftlib.kernel.rtnl import (
+    IFINFOMSG,
+    NDA_DST,
+    NDA_IFINDEX,
+    NDA_LLADDR,
+    NDMSG,
+    RTA_DST,
+    RTA_GATEWAY,
+    RTA_OIF,
+    RTMSG,
+    U32,
+    Rtnl,
+    attribute,
+    attributes,
+)
 from weftlib.registry import import_modules
 
 if TYPE_CHECKING:
@@ -39,6 +57,9 @@ PROTO = 119  # route protocol number marking Weft's routes (`ip route show proto
 RTNH_F_ONLINK = 4
 MAIN_TABLE = 254
 SCOPE_LINK = 253
+RT_SCOPE_NOWHERE = 255  # in a delete: any scope
+RTN_UNICAST = 1
+AF_BRIDGE = 7
 DEFAULT_TYPE = "vxlan"
 
 
@@ -130,38 +151,193 @@ class RouteSpec:
     onlink: bool = False
 
 
-def on_link(ipr: IPRoute, ip: netaddr.IPAddress, underlay: Underlay) -> bool:
-    """True if `ip` is reached directly through the underlay, with no router between."""
-    try:
-        r = ipr.route("get", dst=str(ip))[0]
-    except NetlinkError:
-        return False
-    return r.get("RTA_GATEWAY") is None and r.get("RTA_OIF") == underlay.index
+def _packed(ip: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in ip else socket.AF_INET, ip)
 
 
-def sync_routes(ipr: IPRoute, desired: dict[netaddr.IPNetwork, RouteSpec], stats: Stats) -> None:
-    """Makes Weft's routes (proto PROTO, main table) exactly `desired`."""
-    actual: dict[netaddr.IPNetwork, Any] = {}
-    for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-        if r["proto"] == PROTO:
-            actual[netaddr.IPNetwork(f"{r.get('RTA_DST') or '0.0.0.0'}/{r['dst_len']}")] = r
-    for dst in actual:
-        if dst not in desired:
-            ignore_errno(ipr.route, "del", dst=str(dst), table=MAIN_TABLE, proto=PROTO, codes=(errno.ESRCH,))
+def _family(packed: bytes) -> int:
+    return socket.AF_INET if len(packed) == 4 else socket.AF_INET6
+
+
+def _text(packed: bytes) -> str:
+    return socket.inet_ntop(_family(packed), packed)
+
+
+def _mac_bytes(mac: str) -> bytes:
+    return bytes.fromhex(mac.replace(":", ""))
+
+
+def _u32(value: bytes | None) -> int | None:
+    return None if value is None else U32.unpack(value)[0]
+
+
+@contextmanager
+def _socket(rt: Rtnl | None) -> Iterator[Rtnl]:
+    """`rt`, or a socket of this call's own (each thread opens its own)."""
+    if rt is not None:
+        yield rt
+        return
+    with Rtnl() as own:
+        yield own
+
+
+def on_link(ips: list[netaddr.IPAddress], underlay: Underlay, rt: Rtnl | None = None) -> set[netaddr.IPAddress]:
+    """Those of `ips` reached directly through the underlay, with no router between (one batch of route gets)."""
+    unique = list(dict.fromkeys(ips))
+    requests = []
+    for ip in unique:
+        packed = ip.packed
+        body = RTMSG.pack(_family(packed), len(packed) * 8, 0, 0, 0, 0, 0, 0, 0) + attribute(RTA_DST, packed)
+        requests.append((RTM_GETROUTE, NLM_F_REQUEST, body))
+    with _socket(rt) as sock:
+        answers = sock.batch(requests)
+    out = set()
+    for ip, answer in zip(unique, answers, strict=True):
+        if isinstance(answer, bytes):
+            a = attributes(answer, RTMSG.size)
+            if RTA_GATEWAY not in a and _u32(a.get(RTA_OIF)) == underlay.index:
+                out.add(ip)
+    return out
+
+
+def _apply(rt: Rtnl, requests: list[tuple[int, int, bytes]], what: list[tuple[Any, ...]],
+           describe: Callable[..., str], ignore: tuple[int, ...], stats: Stats) -> None:
+    """Sends the changes in batches; counts the ones made; raises on the first refused (after trying them all).
+
+    `describe(*what[i])` names change i in an error (only failures are described: 5,000 strings cost)."""
+    failed = []
+    for answer, name in zip(rt.batch(requests), what, strict=True):
+        if answer == 0:
             stats.changes += 1
+        elif isinstance(answer, int) and answer not in ignore:
+            failed.append(f"{describe(*name)}: {os.strerror(answer)}")
+    if failed:
+        more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise BackendError(f"{failed[0]}{more}")
+
+
+def _describe_route(dst: bytes, dst_len: int, via: str | int | None) -> str:
+    return f"route {_text(dst)}/{dst_len} via {via}" if via is not None else f"deleting route {_text(dst)}/{dst_len}"
+
+
+def _describe_neighbour(ip: bytes, mac: bytes | None) -> str:
+    return f"neighbour {_text(ip)} at {mac.hex(':')}" if mac is not None else f"deleting neighbour {_text(ip)}"
+
+
+def _describe_fdb(mac: bytes, dst: bytes, add: bool) -> str:
+    return f"{'' if add else 'deleting '}FDB entry {mac.hex(':')} -> {_text(dst)}"
+
+
+def sync_routes(desired: dict[netaddr.IPNetwork, RouteSpec], stats: Stats, rt: Rtnl | None = None) -> None:
+    """Makes Weft's routes (proto PROTO, main table, both families) exactly `desired`.
+
+    One dump, then only the differences, sent in batches: a route of another protocol or table is
+    never looked at, a Weft route that drifted is replaced, one nobody wants is deleted.
+    """
+    want: dict[tuple[bytes, int], tuple[bytes | None, int, bool]] = {}
     for dst, spec in desired.items():
-        have = actual.get(dst)
-        if have is not None and have.get("RTA_GATEWAY") == spec.gateway and have.get("RTA_OIF") == spec.oif:
-            continue
-        extra: dict[str, Any] = {"gateway": spec.gateway} if spec.gateway else {"scope": SCOPE_LINK}
-        if spec.onlink:
-            extra["flags"] = RTNH_F_ONLINK
-        try:
-            ipr.route("replace", dst=str(dst), oif=spec.oif, proto=PROTO, table=MAIN_TABLE, **extra)
-            stats.changes += 1
-        except NetlinkError as e:
-            raise BackendError(f"route {dst} via {spec.gateway or spec.oif}: {e}") from None
+        gateway = _packed(spec.gateway) if spec.gateway else None
+        want[(dst.network.packed, dst.prefixlen)] = (gateway, spec.oif, spec.onlink)
+    with _socket(rt) as sock:
+        have: dict[tuple[bytes, int], tuple[bytes | None, int | None, bool]] = {}
+        for body in sock.dump_raw(RTM_GETROUTE, RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)):
+            family, dst_len, _src, _tos, table, proto, _scope, _kind, flags = RTMSG.unpack_from(body)
+            if proto != PROTO or table != MAIN_TABLE or family not in (socket.AF_INET, socket.AF_INET6):
+                continue
+            a = attributes(body, RTMSG.size)
+            dst = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
+            have[(dst, dst_len)] = (a.get(RTA_GATEWAY), _u32(a.get(RTA_OIF)), bool(flags & RTNH_F_ONLINK))
+        requests: list[tuple[int, int, bytes]] = []
+        what: list[tuple[Any, ...]] = []
+        for dst, dst_len in have.keys() - want.keys():
+            body = RTMSG.pack(_family(dst), dst_len, 0, 0, MAIN_TABLE, PROTO, RT_SCOPE_NOWHERE, 0, 0)
+            requests.append((RTM_DELROUTE, NLM_F_REQUEST | NLM_F_ACK, body + attribute(RTA_DST, dst)))
+            what.append((dst, dst_len, None))
+        for key, (gateway, oif, onlink) in want.items():
+            if have.get(key) == (gateway, oif, onlink):
+                continue
+            dst, dst_len = key
+            body = RTMSG.pack(_family(dst), dst_len, 0, 0, MAIN_TABLE, PROTO, SCOPE_LINK if gateway is None else 0,
+                              RTN_UNICAST, RTNH_F_ONLINK if onlink else 0)
+            body += attribute(RTA_DST, dst) + attribute(RTA_OIF, U32.pack(oif))
+            if gateway is not None:
+                body += attribute(RTA_GATEWAY, gateway)
+            requests.append((RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body))
+            what.append((dst, dst_len, _text(gateway) if gateway else oif))
+        _apply(sock, requests, what, _describe_route, (errno.ESRCH,), stats)
     stats.routes = len(desired)
+
+
+def sync_neighbours(ifindex: int, desired: dict[str, str], families: tuple[int, ...], stats: Stats,
+                    rt: Rtnl | None = None) -> None:
+    """Makes the neighbours of `families` on link `ifindex` exactly `desired` (IP: MAC), all permanent.
+
+    For a device that is Weft's own: every neighbour of those families on it is Weft's, but for
+    the kernel's NOARP entries.
+    """
+    want = {_packed(ip): _mac_bytes(mac) for ip, mac in desired.items()}
+    with _socket(rt) as sock:
+        have: dict[bytes, tuple[bytes | None, int]] = {}
+        for family in families:
+            query = NDMSG.pack(family, 0, 0, 0, 0) + attribute(NDA_IFINDEX, U32.pack(ifindex))
+            for body in sock.dump_raw(RTM_GETNEIGH, query):
+                fam, index, state, _flags, _kind = NDMSG.unpack_from(body)
+                if index != ifindex or fam != family:
+                    continue
+                if state & NUD_NOARP:  # the kernel's own (multicast, from MLD), remade as it needs them
+                    continue
+                a = attributes(body, NDMSG.size)
+                if NDA_DST in a:
+                    have[a[NDA_DST]] = (a.get(NDA_LLADDR), state)
+        requests: list[tuple[int, int, bytes]] = []
+        what: list[tuple[Any, ...]] = []
+        for ip in have.keys() - want.keys():
+            body = NDMSG.pack(_family(ip), ifindex, 0, 0, 0) + attribute(NDA_DST, ip)
+            requests.append((RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, body))
+            what.append((ip, None))
+        for ip, mac in want.items():
+            had = have.get(ip)
+            if had is not None and had[0] == mac and had[1] & NUD_PERMANENT:
+                continue
+            body = NDMSG.pack(_family(ip), ifindex, NUD_PERMANENT, 0, 0)
+            body += attribute(NDA_DST, ip) + attribute(NDA_LLADDR, mac)
+            requests.append((RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body))
+            what.append((ip, mac))
+        _apply(sock, requests, what, _describe_neighbour, (errno.ENOENT,), stats)
+    stats.neighbours += len(desired)
+
+
+def sync_fdb(ifindex: int, desired: dict[str, str], stats: Stats, rt: Rtnl | None = None) -> None:
+    """Makes the remote FDB entries of VXLAN device `ifindex` exactly `desired` (MAC: remote IP), one remote each."""
+    want = {_mac_bytes(mac): _packed(ip) for mac, ip in desired.items()}
+    with _socket(rt) as sock:
+        have: dict[bytes, list[bytes]] = {}
+        # An ifinfomsg header: the kernel then dumps only port `ifindex`.
+        for body in sock.dump_raw(RTM_GETNEIGH, IFINFOMSG.pack(AF_BRIDGE, 0, ifindex, 0, 0)):
+            _fam, index, _state, _flags, _kind = NDMSG.unpack_from(body)
+            if index != ifindex:
+                continue
+            a = attributes(body, NDMSG.size)
+            if NDA_DST in a and NDA_LLADDR in a:
+                have.setdefault(a[NDA_LLADDR], []).append(a[NDA_DST])
+        requests: list[tuple[int, int, bytes]] = []
+        what: list[tuple[Any, ...]] = []
+        for mac, dsts in have.items():
+            for dst in dsts:
+                if want.get(mac) != dst:
+                    body = NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
+                    body += attribute(NDA_LLADDR, mac) + attribute(NDA_DST, dst)
+                    requests.append((RTM_DELNEIGH, NLM_F_REQUEST | NLM_F_ACK, body))
+                    what.append((mac, dst, False))
+        for mac, dst in want.items():
+            if dst in have.get(mac, ()):  # its other remotes, if any, are deleted above
+                continue
+            body = NDMSG.pack(AF_BRIDGE, ifindex, NUD_PERMANENT, NTF_SELF, 0)
+            body += attribute(NDA_LLADDR, mac) + attribute(NDA_DST, dst)
+            requests.append((RTM_NEWNEIGH, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE, body))
+            what.append((mac, dst, True))
+        _apply(sock, requests, what, _describe_fdb, (errno.ENOENT,), stats)
+    stats.fdb += len(desired)
 
 
 C = TypeVar("C", bound=BackendConfig)
@@ -206,7 +382,7 @@ class Backend(ABC, Generic[C]):
     @classmethod
     def teardown(cls, ipr: IPRoute, args: argparse.Namespace) -> None:
         """Removes everything a backend of this type may have made on the node, whatever its config (uninstall)."""
-        sync_routes(ipr, {}, Stats())
+        sync_routes({}, Stats())
 
     def info(self) -> dict[str, str]:
         """What /healthz says about the backend beyond ok or not."""
@@ -221,8 +397,9 @@ class Backend(ABC, Generic[C]):
     def hostgw_routes(self, peers: list[Lease], stats: Stats) -> dict[netaddr.IPNetwork, RouteSpec]:
         """Routes to peers' subnets through their underlay address, for peers that are on-link."""
         out = {}
+        direct = on_link([p.public_ip for p in peers], self.underlay)
         for p in peers:
-            if on_link(self.ipr, p.public_ip, self.underlay):
+            if p.public_ip in direct:
                 out[p.subnet] = RouteSpec(str(p.public_ip), self.underlay.index)
             else:
                 stats.unreachable.append(p.node)

@@ -25,5 +25,5 @@ class HostGW(Backend[BackendConfig]):
             for node in stats.unreachable:
                 log.error("host-gw: peer %s is not on-link from %s; it cannot be reached without an overlay "
                           "(use the vxlan backend, or vxlan with DirectRouting)", node, self.underlay.ifname)
-        sync_routes(self.ipr, routes, stats)
+        sync_routes(routes, stats)
         return stats

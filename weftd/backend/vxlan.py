@@ -16,14 +16,26 @@ from typing import Any
 
 import netaddr
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_PERMANENT
 
-from weftd.backend import Backend, BackendConfig, BackendError, RouteSpec, Stats, Underlay, log, register, sync_routes
+from weftd.backend import (
+    Backend,
+    BackendConfig,
+    BackendError,
+    RouteSpec,
+    Stats,
+    Underlay,
+    log,
+    register,
+    sync_fdb,
+    sync_neighbours,
+    sync_routes,
+)
 from weftd.config import ConfigError
 from weftd.lease import Attrs, Lease
 from weftlib.gojson import lookup_ci
 from weftlib.kernel import sysctl
 from weftlib.kernel.netlink import GROUP, get_link, ignore_errno, kind, owned, random_mac
+from weftlib.kernel.rtnl import Rtnl
 
 OVERHEAD = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
@@ -130,42 +142,11 @@ class VXLAN(Backend[VXLANConfig]):
             fdb[p.attrs.vtep_mac] = str(p.public_ip)
             routes[p.subnet] = RouteSpec(str(p.subnet.network), self.index, onlink=True)
         # Neighbours and FDB first: the kernel would ARP for the onlink gateway otherwise.
-        self._sync_neighbours(neigh, stats)
-        self._sync_fdb(fdb, stats)
-        sync_routes(self.ipr, routes, stats)
+        with Rtnl() as rt:
+            sync_neighbours(self.index, neigh, (socket.AF_INET,), stats, rt)
+            sync_fdb(self.index, fdb, stats, rt)
+            sync_routes(routes, stats, rt)
         return stats
-
-    def _sync_neighbours(self, desired: dict[str, str], stats: Stats) -> None:
-        actual = {n.get("NDA_DST"): n for n in self.ipr.get_neighbours(ifindex=self.index, family=socket.AF_INET)}
-        for ip in actual:
-            if ip not in desired:
-                ignore_errno(self.ipr.neigh, "del", dst=ip, ifindex=self.index, codes=(errno.ENOENT,))
-                stats.changes += 1
-        for ip, mac in desired.items():
-            have = actual.get(ip)
-            if have is not None and have.get("NDA_LLADDR") == mac and have["state"] & NUD_PERMANENT:
-                continue
-            self.ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=self.index, state=NUD_PERMANENT)
-            stats.changes += 1
-        stats.neighbours = len(desired)
-
-    def _sync_fdb(self, desired: dict[str, str], stats: Stats) -> None:
-        actual: dict[str, list[str]] = {}
-        for e in self.ipr.fdb("dump", ifindex=self.index):
-            if e.get("NDA_DST") is not None:
-                actual.setdefault(e.get("NDA_LLADDR"), []).append(e.get("NDA_DST"))
-        for mac, dsts in actual.items():
-            for dst in dsts:
-                if desired.get(mac) != dst:
-                    ignore_errno(self.ipr.fdb, "del", ifindex=self.index, lladdr=mac, dst=dst, state=NUD_PERMANENT,
-                                 flags=NTF_SELF, codes=(errno.ENOENT,))
-                    stats.changes += 1
-        for mac, dst in desired.items():
-            if actual.get(mac) == [dst]:
-                continue
-            self.ipr.fdb("replace", ifindex=self.index, lladdr=mac, dst=dst, state=NUD_PERMANENT, flags=NTF_SELF)
-            stats.changes += 1
-        stats.fdb = len(desired)
 
     @classmethod
     def teardown(cls, ipr: IPRoute, args: argparse.Namespace) -> None:

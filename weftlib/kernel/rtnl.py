@@ -4,6 +4,10 @@ pyroute2 0.9's synchronous IPRoute runs an asyncio event loop for every call; on
 paths (CHECK, DEL, GC) that loop cost more than the kernel's work. Here a request is one send()
 and the recv()s that answer it. The messages are pyroute2's own (ifinfmsg, ifaddrmsg, rtmsg), so
 callers read them as they read IPRoute's (`link["index"]`, `link.get("IFLA_ADDRESS")`).
+
+For thousands of entries (weftd's peers) even pyroute2's message classes cost more than the
+kernel: `dump_raw` and `batch` work on the wire format directly (struct headers, attributes
+as bytes), and `batch` sends many requests per send() without waiting for each answer.
 """
 
 from __future__ import annotations
@@ -41,8 +45,22 @@ from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from weftlib.kernel.netns import NetNS
 
+SOL_NETLINK = 270
+
 _HEADER = struct.Struct("=IHHII")  # length, type, flags, sequence number, port
+_NLA = struct.Struct("=HH")  # attribute length, type
+_ERRNO = struct.Struct("=i")
+RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
+NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
+IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+U32 = struct.Struct("=I")
+RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 _RECV = 1 << 17
+_RCVBUF = 4 << 20  # room for a batch's answers: the kernel drops answers that do not fit (ENOBUFS)
+SO_RCVBUFFORCE = 33
+NETLINK_CAP_ACK = 10  # error answers without a copy of the request
+_BATCH_MAX = 256
 IFF_UP, IFF_PROMISC = 0x1, 0x100
 IFA_F_NODAD = 0x02  # linux/if_addr.h: an address without duplicate address detection
 RTPROT_STATIC, RTN_UNICAST, RT_TABLE_MAIN = 4, 1, 254
@@ -55,6 +73,20 @@ class Rtnl:
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
         self.sock.bind((0, 0))
         self._seq = itertools.count(1)
+        self._batch_size = 0
+
+    def _bigger_buffer(self) -> int:
+        """Asks for a receive buffer big enough for a batch's answers; how many answers fit in the one we got."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)  # CAP_NET_ADMIN: beyond rmem_max
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        try:
+            self.sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+        except OSError:
+            pass
+        # An answer to a get can take a whole page of the buffer (the kernel allocates NLMSG_GOODSIZE).
+        return max(4, min(_BATCH_MAX, self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 8192))
 
     @classmethod
     def open_in(cls, ns: NetNS) -> Rtnl:
@@ -105,6 +137,66 @@ class Rtnl:
                 off += (length + 3) & ~3
             if not flags & NLM_F_DUMP and out:
                 return out
+
+    def dump_raw(self, kind: int, body: bytes) -> list[bytes]:
+        """A dump request (message type `kind`, family header `body`); each answer's payload as bytes."""
+        seq = next(self._seq)
+        self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        out: list[bytes] = []
+        while True:
+            data = self.sock.recv(_RECV)
+            off = 0
+            while off + _HEADER.size <= len(data):
+                length, mtype, _flags, mseq, _port = _HEADER.unpack_from(data, off)
+                if length < _HEADER.size:
+                    raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+                if mseq == seq:
+                    if mtype == NLMSG_DONE:
+                        return out
+                    if mtype == NLMSG_ERROR:
+                        code = -_ERRNO.unpack_from(data, off + _HEADER.size)[0]
+                        if code:
+                            raise NetlinkError(code)
+                        return out
+                    out.append(data[off + _HEADER.size:off + length])
+                off += (length + 3) & ~3
+
+    def batch(self, requests: list[tuple[int, int, bytes]]) -> list[int | bytes]:
+        """Sends each (message type, flags, payload) without waiting for the one before to be answered.
+
+        Each request must draw exactly one answer: NLM_F_ACK for a change, a plain get for a get.
+        Returns, per request in order, 0 (acknowledged), the kernel's errno, or the answer's payload.
+        The kernel handles the requests of one send() in order, one after the other.
+        """
+        if not self._batch_size:
+            self._batch_size = self._bigger_buffer()
+        out: list[int | bytes] = [0] * len(requests)
+        for start in range(0, len(requests), self._batch_size):
+            chunk = requests[start:start + self._batch_size]
+            first = next(self._seq)
+            self._seq = itertools.count(first + len(chunk))
+            buf = bytearray()
+            for i, (kind, flags, body) in enumerate(chunk):
+                buf += _HEADER.pack(_HEADER.size + len(body), kind, flags, first + i, 0)
+                buf += body
+            self.sock.send(buf)
+            pending = len(chunk)
+            while pending:
+                data = self.sock.recv(_RECV)
+                off = 0
+                while off + _HEADER.size <= len(data):
+                    length, mtype, _flags, mseq, _port = _HEADER.unpack_from(data, off)
+                    if length < _HEADER.size:
+                        raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+                    i = mseq - first
+                    if 0 <= i < len(chunk):
+                        if mtype == NLMSG_ERROR:
+                            out[start + i] = -_ERRNO.unpack_from(data, off + _HEADER.size)[0]
+                        else:
+                            out[start + i] = data[off + _HEADER.size:off + length]
+                        pending -= 1
+                    off += (length + 3) & ~3
+        return out
 
     def link(self, name: str | None = None, index: int = 0) -> Any:
         """The link called `name` (or with `index`), or None if there is none."""
@@ -195,3 +287,22 @@ class Rtnl:
             attrs.append(("RTA_TABLE", table))
         msg["attrs"] = attrs
         self.request(msg, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+
+
+def attributes(data: bytes, off: int) -> dict[int, bytes]:
+    """The netlink attributes of a message payload from `off` on, by type (nested ones left encoded)."""
+    out = {}
+    end = len(data)
+    while off + 4 <= end:
+        length, kind = _NLA.unpack_from(data, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = data[off + 4:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def attribute(kind: int, value: bytes) -> bytes:
+    """One netlink attribute, padded."""
+    length = 4 + len(value)
+    return _NLA.pack(length, kind) + value + bytes(-length & 3)

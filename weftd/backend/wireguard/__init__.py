@@ -203,7 +203,7 @@ class WireGuard(Backend[WireGuardConfig]):
             stats.changes += len(ops)
         self._nodes = dict(desired.nodes)
         stats.unreachable = sorted(desired.refused)
-        sync_routes(ipr, {self.network: RouteSpec(None, self.index)}, stats)
+        sync_routes({self.network: RouteSpec(None, self.index)}, stats)
         return stats
 
     def _log_set(self, peer: PeerConfig, node: str, had: Any) -> None:
