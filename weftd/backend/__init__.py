@@ -397,9 +397,11 @@ class Backend(ABC, Generic[C]):
     def hostgw_routes(self, peers: list[Lease], stats: Stats) -> dict[netaddr.IPNetwork, RouteSpec]:
         """Routes to peers' subnets through their underlay address, for peers that are on-link."""
         out = {}
-        direct = on_link([p.public_ip for p in peers], self.underlay)
+        direct = on_link([p.public_ip for p in peers if p.public_ip is not None], self.underlay)
         for p in peers:
-            if p.public_ip in direct:
+            if p.subnet is None:
+                continue
+            if p.public_ip is not None and p.public_ip in direct:
                 out[p.subnet] = RouteSpec(str(p.public_ip), self.underlay.index)
             else:
                 stats.unreachable.append(p.node)
