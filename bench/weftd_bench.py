@@ -1,6 +1,8 @@
 """weftd benchmarks: convergence to N peers, memory at 5,000 peers, pod-to-pod throughput.
 
 Run with `make bench`. Each figure is measured in namespaces of its own; nothing here has a pass mark.
+WEFT_BENCH_SIZES (100,1000,5000) and WEFT_BENCH_BACKENDS (vxlan,host-gw,wireguard) narrow the
+convergence runs; WEFT_BENCH_THROUGHPUT=0 skips the iperf3 runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from tests.cluster import Cluster
 from tests.lab import Lab, proc_kib
 
 SIZES = tuple(int(n) for n in os.environ.get("WEFT_BENCH_SIZES", "100,1000,5000").split(","))
+BACKENDS = tuple(os.environ.get("WEFT_BENCH_BACKENDS", "vxlan,host-gw,wireguard").split(","))
+CHURN = 500
 
 
 def fake_peers(n: int, backend: str = "vxlan") -> dict[str, Any]:
@@ -68,10 +72,35 @@ def convergence(backend: str) -> dict[str, Any]:
             results[str(n)] = {"seconds": round(took, 3), "routes": routes, "rss_mib": rss}
             print(f"  {backend:9} N={n:5}: all peers programmed in {took:7.2f} s ({routes} routes), "
                   f"weftd RSS {results[str(n)]['rss_mib']} MiB", flush=True)
+            if n == max(SIZES) and backend != "wireguard":
+                results[f"churn_{n}"] = churn(c, cn, data, n, backend)
         finally:
             c.close()
             lab.close()
     return results
+
+
+def churn(c: Cluster, cn: Any, data: dict[str, Any], n: int, backend: str, moved: int = CHURN) -> dict[str, Any]:
+    """`moved` of the N peers leave and as many others join, in one store update: seconds until the
+    node's routes are exactly the new set (routes are the last step of a round, after neighbours and FDB)."""
+    leases = data["leases"]
+    for name in [f"peer{i}" for i in range(moved)]:
+        del leases[name]
+    newcomers = fake_peers(n + moved, backend)
+    leases.update({f"peer{i}": newcomers[f"peer{i}"] for i in range(n, n + moved)})
+    want = {lease["Subnet"] for name, lease in leases.items() if name.startswith("peer")}
+    store = c.dir / "store.json"
+    tmp = store.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data))
+    t0 = time.perf_counter()
+    os.replace(tmp, store)
+    c.until(lambda: {r["dst"] for r in cn.routes()} == want, 600, f"{moved} peers replaced", cn)
+    took = time.perf_counter() - t0
+    assert cn.proc is not None
+    peak = round(proc_kib(cn.proc.pid, "VmHWM") / 1024, 1)
+    print(f"  {backend:9} N={n:5}: {moved} leave and {moved} join at once, kernel matches in {took:7.2f} s, "
+          f"weftd peak RSS {peak} MiB", flush=True)
+    return {"seconds": round(took, 3), "peak_rss_mib": peak}
 
 
 def iperf(client: Any, server: Any, server_ip: str, seconds: int = 5) -> float:
@@ -109,10 +138,15 @@ def throughput(backend: str) -> dict[str, float]:
 
 def main() -> int:
     out: dict[str, Any] = {"convergence": {}, "throughput": {}}
-    print("convergence: one node, N peers appear in the store at once")
-    for backend in ("vxlan", "host-gw", "wireguard"):
+    print(f"convergence: one node, N peers appear in the store at once; at N={max(SIZES)}, then {CHURN} of them "
+          "leave and as many join")
+    for backend in BACKENDS:
         out["convergence"][backend] = convergence(backend)
-    out[f"weftd_rss_mib_at_{max(SIZES)}"] = out["convergence"]["vxlan"][str(max(SIZES))]["rss_mib"]
+    if "vxlan" in BACKENDS:
+        out[f"weftd_rss_mib_at_{max(SIZES)}"] = out["convergence"]["vxlan"][str(max(SIZES))]["rss_mib"]
+    if os.environ.get("WEFT_BENCH_THROUGHPUT", "1") == "0":
+        print(json.dumps({"weftd_bench": out}, sort_keys=True))
+        return 0
     print("throughput: iperf3 TCP, 5 s, pod on node 1 to pod on node 2, against node 1 to node 2")
     print("  (wireguard runs in userspace here, wireguard-go: no kernel module; not a proxy for kernel WireGuard)")
     for backend in ("vxlan", "host-gw", "wireguard"):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,16 +56,47 @@ class Attrs:
         return {"VNI": self.vni, "VtepMAC": mac}
 
 
+# weftd parses every peer's lease at each change; at 5,000 peers netaddr's string parsers cost a
+# second. The plain spellings (all that Weft and Flannel write) take a fast path to the same
+# objects; anything else goes through netaddr, which accepts or refuses it as before.
+_CANONICAL_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+def _fast_ip(raw: str) -> netaddr.IPAddress | None:
+    for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
+        try:
+            return netaddr.IPAddress(int.from_bytes(socket.inet_pton(family, raw)), version)
+        except OSError:
+            continue
+    return None
+
+
 def _net(raw: Any) -> netaddr.IPNetwork | None:
-    return None if raw is None else netaddr.IPNetwork(raw).cidr
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        addr, slash, plen = raw.partition("/")
+        ip = _fast_ip(addr) if slash and plen.isascii() and plen.isdigit() else None
+        bits = 32 if ip is not None and ip.version == 4 else 128
+        if ip is not None and int(plen) <= bits:
+            mask = ((1 << bits) - 1) ^ ((1 << (bits - int(plen))) - 1)
+            return netaddr.IPNetwork((int(ip) & mask, int(plen)), version=ip.version)  # .cidr: host bits cleared
+    return netaddr.IPNetwork(raw).cidr
 
 
 def _ip(raw: Any) -> netaddr.IPAddress | None:
-    return None if raw is None else netaddr.IPAddress(raw)
+    if raw is None:
+        return None
+    ip = _fast_ip(raw) if isinstance(raw, str) else None
+    return ip if ip is not None else netaddr.IPAddress(raw)
 
 
 def _mac(raw: Any) -> str | None:
-    return None if raw is None else str(netaddr.EUI(raw, dialect=netaddr.mac_unix_expanded))
+    if raw is None:
+        return None
+    if isinstance(raw, str) and _CANONICAL_MAC.fullmatch(raw):
+        return raw
+    return str(netaddr.EUI(raw, dialect=netaddr.mac_unix_expanded))
 
 
 @dataclass(frozen=True)
