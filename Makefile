@@ -169,6 +169,7 @@ demo: deps venv cnidrive shim
 bench: deps venv cnidrive build
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.plugin_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.weftd_bench
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.dataplane_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.policy_bench
 
 clean:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from bench.weftd_bench import iperf
+from bench.dataplane_bench import iperf
 from tests.cluster import Cluster
 from tests.lab import Lab
 from weftd.policy import model

@@ -1,8 +1,8 @@
-"""weftd benchmarks: convergence to N peers, memory at 5,000 peers, pod-to-pod throughput.
+"""weftd benchmarks: convergence to N peers, memory at 5,000 peers (throughput: bench/dataplane_bench.py).
 
 Run with `make bench`. Each figure is measured in namespaces of its own; nothing here has a pass mark.
 WEFT_BENCH_SIZES (100,1000,5000) and WEFT_BENCH_BACKENDS (vxlan,host-gw,wireguard) narrow the
-convergence runs; WEFT_BENCH_THROUGHPUT=0 skips the iperf3 runs.
+convergence runs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,56 +102,14 @@ def churn(c: Cluster, cn: Any, data: dict[str, Any], n: int, backend: str, moved
     return {"seconds": round(took, 3), "peak_rss_mib": peak}
 
 
-def iperf(client: Any, server: Any, server_ip: str, seconds: int = 5) -> float:
-    srv = subprocess.Popen(["ip", "netns", "exec", server.name, "iperf3", "-s", "-1", "-B", server_ip],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(50):
-            p = client.run("iperf3", "-c", server_ip, "-t", str(seconds), "-J", check=False)
-            received = json.loads(p.stdout or "{}").get("end", {}).get("sum_received") if p.returncode == 0 else None
-            if received:
-                return float(received["bits_per_second"]) / 1e9
-            time.sleep(0.1)
-        raise RuntimeError(f"iperf3 to {server_ip} failed: {p.stdout[-300:]}")
-    finally:
-        srv.kill()
-        srv.wait()
-
-
-def throughput(backend: str) -> dict[str, float]:
-    lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
-    c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
-    try:
-        n1, n2 = c.boot(["n1", "n2"])
-        a, _ = c.pod(n1, "a")
-        b, b_ip = c.pod(n2, "b")
-        node = iperf(n1.ns, n2.ns, n2.ip)
-        pod = iperf(a, b, b_ip)
-        print(f"  {backend:9} node-to-node {node:6.2f} Gbit/s, pod-to-pod {pod:6.2f} Gbit/s, ratio {pod / node:.2f}",
-              flush=True)
-        return {"node_gbps": round(node, 2), "pod_gbps": round(pod, 2), "ratio": round(pod / node, 3)}
-    finally:
-        c.close()
-        lab.close()
-
-
 def main() -> int:
-    out: dict[str, Any] = {"convergence": {}, "throughput": {}}
+    out: dict[str, Any] = {"convergence": {}}
     print(f"convergence: one node, N peers appear in the store at once; at N={max(SIZES)}, then {CHURN} of them "
           "leave and as many join")
     for backend in BACKENDS:
         out["convergence"][backend] = convergence(backend)
     if "vxlan" in BACKENDS:
         out[f"weftd_rss_mib_at_{max(SIZES)}"] = out["convergence"]["vxlan"][str(max(SIZES))]["rss_mib"]
-    if os.environ.get("WEFT_BENCH_THROUGHPUT", "1") == "0":
-        print(json.dumps({"weftd_bench": out}, sort_keys=True))
-        return 0
-    print("throughput: iperf3 TCP, 5 s, pod on node 1 to pod on node 2, against node 1 to node 2")
-    print("  (wireguard runs in userspace here, wireguard-go: no kernel module; not a proxy for kernel WireGuard)")
-    for backend in ("vxlan", "host-gw", "wireguard"):
-        out["throughput"][backend] = throughput(backend)
-    t = out["throughput"]
-    print(f"  wireguard/vxlan pod-to-pod ratio {t['wireguard']['pod_gbps'] / t['vxlan']['pod_gbps']:.2f}")
     print(json.dumps({"weftd_bench": out}, sort_keys=True))
     return 0
 
