@@ -7,6 +7,7 @@ request weftd made and the answer it got.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import yaml
 from tests.cluster import Cluster, ClusterNode, MakeCluster
 from tests.kubeapi import KubeAPI
 from tests.lab import ROOT
+from tests.test_weftd import all_pods_reach_each_other, ping
 from weftd.policy import kube as policy_kube
 from weftd.subnet import kube as store
 
@@ -267,3 +269,63 @@ def test_helpers_stand_in_for_the_missing_controllers(kube_api: KubeAPI) -> None
     finally:
         kube.delete_namespace("helpers")
         kube.delete_node("h1")
+
+
+def test_wireguard_keys_travel_in_node_annotations(kube_api: KubeAPI, make_cluster: MakeCluster,
+                                                   weft_token: str) -> None:
+    """The wireguard backend on the kube store: each weftd publishes its public key and port in its Node's
+    backend-data annotation and takes its peers from the other Nodes'; pods talk through wireguard-go.
+    A rotated key reaches the peers through the annotation; a deleted Node's peer goes."""
+    kube = kube_api
+    c = make_cluster("wireguard", store="kube", PersistentKeepaliveInterval=25)
+    kube.attach(c.underlay)
+    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=weft_token)
+    try:
+        nodes = [join(kube, c, f"n{i}", f"10.244.{i}.0/24") for i in (1, 2, 3)]
+        n1, n2, n3 = nodes
+
+        def published(cn: ClusterNode) -> dict[str, Any]:
+            ann = kube.node(cn.name)["metadata"]["annotations"]
+            assert ann[store.ANN_TYPE] == "wireguard" and ann[store.ANN_IP] == cn.ip
+            return json.loads(ann[store.ANN_DATA])  # type: ignore[no-any-return]
+
+        def wired(cn: ClusterNode) -> dict[str, tuple[str, str]]:
+            """The node's WireGuard peers: public key -> (endpoint, allowed IPs)."""
+            return {k: (p["endpoint"], p["allowed_ips"]) for k, p in c.wg_peers(cn).items()}
+
+        def expected(cn: ClusterNode) -> dict[str, tuple[str, str]]:
+            return {published(p)["PublicKey"]: (f"{p.ip}:51820", kube.node(p.name)["spec"]["podCIDRs"][0])
+                    for p in nodes if p is not cn}
+
+        for cn in nodes:
+            data = published(cn)
+            assert data["Port"] == 51820 and len(base64.b64decode(data["PublicKey"])) == 32
+            c.until(lambda cn=cn: wired(cn) == expected(cn), 30, f"{cn.name}'s peers from the annotations", cn)
+        for cn in nodes:
+            c.pod(cn, f"pod-{cn.name}")
+        all_pods_reach_each_other(c)
+
+        # Key rotation: n3 loses its key file and restarts with a fresh device; the others learn the new
+        # key from n3's annotation and drop the old one.
+        old = published(n3)["PublicKey"]
+        c.stop(n3)
+        c.stop_wireguard_go(n3)
+        (n3.state_dir / "wireguard.key").unlink()
+        c.start(n3)
+        c.wait_ready(n3)
+        c.until(lambda: published(n3)["PublicKey"] != old, 30, "n3's new key in its annotation", n3)
+        for cn in (n1, n2):
+            c.until(lambda cn=cn: wired(cn) == expected(cn), 30, f"{cn.name} takes n3's new key", cn)
+        assert old not in wired(n1)
+        assert ping(n1.pods["pod-n1"][0], n3.pods["pod-n3"][1])
+        assert ping(n3.pods["pod-n3"][0], n2.pods["pod-n2"][1])
+
+        # n3 leaves: its Node object goes, and so does its peer everywhere.
+        c.stop(n3)
+        kube.delete_node("n3")
+        nodes.remove(n3)
+        for cn in nodes:
+            c.until(lambda cn=cn: wired(cn) == expected(cn), 30, f"{cn.name} drops n3's peer", cn)
+        assert ping(n1.pods["pod-n1"][0], n2.pods["pod-n2"][1])
+    finally:
+        kube.delete_all_nodes()
