@@ -18,7 +18,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from weftlib.cni import errors
 from weftlib.cni.errors import CniError
 from weftlib.cni.result import Interface, Route
-from weftlib.kernel import sysctl
+from weftlib.kernel import rtnl, sysctl
 from weftlib.kernel.netlink import GROUP, ignore_errno, kind, random_mac
 from weftlib.kernel.netns import NetNS
 from weftlib.kernel.rtnl import IFA_F_NODAD, IFF_PROMISC, IFF_UP, Rtnl
@@ -241,37 +241,32 @@ def check(rt: Rtnl, ns: NetNS, bridge: str, host_name: str, container: Interface
     def fail(what: str) -> CniError:
         return CniError(errors.INVALID_CONFIG, what, msg="attachment check failed")
 
-    br = rt.link(bridge)
-    if br is None or kind(br) != "bridge":
+    # Host side: two gets (a dump would read every pod's veth). Pod side: one dump per kind.
+    br = rtnl.link_facts_by_name(rt, bridge)
+    if br is None or br.kind != "bridge":
         raise fail(f"bridge {bridge} is missing or not a bridge")
-    host = rt.link(host_name)
-    if host is None or host.get("group") != GROUP:
+    host = rtnl.link_facts_by_name(rt, host_name)
+    if host is None or host.group != GROUP:
         raise fail(f"host veth {host_name} is missing")
-    if host.get("master") != br["index"]:
+    if host.master != br.index:
         raise fail(f"host veth {host_name} is not attached to {bridge}")
     with Rtnl.open_in(ns) as pod:
-        link = pod.link(container.name)
+        link = next((lk for lk in rtnl.links_facts(pod) if lk.name == container.name), None)
         if link is None:
             raise fail(f"interface {container.name} is missing from {ns.path}")
-        if kind(link) != "veth":
-            raise fail(f"interface {container.name} is {kind(link)}, not veth")
-        if container.mac and link.get("IFLA_ADDRESS", "").lower() != container.mac.lower():
-            raise fail(f"interface {container.name} has MAC {link.get('IFLA_ADDRESS')}, expected {container.mac}")
-        if link.get("IFLA_LINK") != host["index"]:
+        if link.kind != "veth":
+            raise fail(f"interface {container.name} is {link.kind}, not veth")
+        if container.mac and (link.mac or "").lower() != container.mac.lower():
+            raise fail(f"interface {container.name} has MAC {link.mac}, expected {container.mac}")
+        if link.peer != host.index:
             raise fail(f"interface {container.name} is not the peer of {host_name}")
-        have = {ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}")
-                for a in pod.addrs(link["index"])}
+        have = {ipaddress.ip_interface(f"{addr}/{plen}") for index, addr, plen in rtnl.addresses(pod)
+                if index == link.index}
         for a in addresses:
             if a not in have:
                 raise fail(f"address {a} is missing from {container.name}")
-        table = []
-        for fam in sorted({2 if r.dst.version == 4 else 10 for r in routes}):
-            for r in pod.routes(fam):
-                dst = r.get("RTA_DST")
-                net = ipaddress.ip_network(f"{dst}/{r['dst_len']}" if dst else
-                                           ("0.0.0.0/0" if fam == 2 else "::/0"))
-                gw = r.get("RTA_GATEWAY")
-                table.append((net, ipaddress.ip_address(gw) if gw else None))
+        table = [(ipaddress.ip_network(f"{dst}/{plen}"), ipaddress.ip_address(gw) if gw else None)
+                 for dst, plen, gw in rtnl.unicast_routes(pod)] if routes else []
         for route in routes:
             if not any(net == route.dst and (route.gw is None or gw == route.gw) for net, gw in table):
                 raise fail(f"route {route.dst}{' via ' + str(route.gw) if route.gw else ''} is missing "

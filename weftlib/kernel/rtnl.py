@@ -16,6 +16,7 @@ import errno
 import itertools
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 from pyroute2.netlink import (
@@ -168,11 +169,12 @@ class Rtnl:
         Returns, per request in order, 0 (acknowledged), the kernel's errno, or the answer's payload.
         The kernel handles the requests of one send() in order, one after the other.
         """
-        if not self._batch_size:
+        if len(requests) > 4 and not self._batch_size:  # a few answers fit any buffer
             self._batch_size = self._bigger_buffer()
+        size = self._batch_size or 4
         out: list[int | bytes] = [0] * len(requests)
-        for start in range(0, len(requests), self._batch_size):
-            chunk = requests[start:start + self._batch_size]
+        for start in range(0, len(requests), size):
+            chunk = requests[start:start + size]
             first = next(self._seq)
             self._seq = itertools.count(first + len(chunk))
             buf = bytearray()
@@ -218,12 +220,6 @@ class Rtnl:
         """The addresses on link `index` (the kernel dumps them all; the filter is here)."""
         return [a for a in self.request(ifaddrmsg(), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, ifaddrmsg)
                 if a["index"] == index]
-
-    def routes(self, family: int) -> list[Any]:
-        """Every route of `family`, in all tables."""
-        msg = rtmsg()
-        msg["family"] = family
-        return self.request(msg, RTM_GETROUTE, NLM_F_REQUEST | NLM_F_DUMP, rtmsg)
 
     def del_link(self, index: int) -> bool:
         """Deletes link `index`; False if it was already gone."""
@@ -306,3 +302,78 @@ def attribute(kind: int, value: bytes) -> bytes:
     """One netlink attribute, padded."""
     length = 4 + len(value)
     return _NLA.pack(length, kind) + value + bytes(-length & 3)
+
+
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_GROUP = 1, 3, 5, 10, 18, 27
+IFLA_INFO_KIND = 1
+IFA_ADDRESS = 1
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+
+
+@dataclass(frozen=True)
+class LinkFacts:
+    """What CHECK reads of a link, from the wire format (no pyroute2 object: a link decodes in ~1 ms)."""
+
+    index: int
+    name: str
+    kind: str | None
+    mac: str | None
+    peer: int | None  # IFLA_LINK: a veth's peer index (in the peer's namespace)
+    master: int | None
+    group: int
+
+
+def link_facts(body: bytes) -> LinkFacts:
+    _family, _type, index, _flags, _change = IFINFOMSG.unpack_from(body)
+    a = attributes(body, IFINFOMSG.size)
+    info = attributes(a[IFLA_LINKINFO], 0) if IFLA_LINKINFO in a else {}
+    kind = info.get(IFLA_INFO_KIND)
+    mac = a.get(IFLA_ADDRESS)
+    return LinkFacts(index, a.get(IFLA_IFNAME, b"\0").rstrip(b"\0").decode(errors="replace"),
+                     kind.rstrip(b"\0").decode() if kind else None, mac.hex(":") if mac else None,
+                     _u32(a.get(IFLA_LINK)), _u32(a.get(IFLA_MASTER)), _u32(a.get(IFLA_GROUP)) or 0)
+
+
+def _u32(value: bytes | None) -> int | None:
+    return None if value is None or len(value) != 4 else U32.unpack(value)[0]
+
+
+def links_facts(rt: Rtnl) -> list[LinkFacts]:
+    """Every link of the socket's namespace, one dump."""
+    return [link_facts(b) for b in rt.dump_raw(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
+
+
+def link_facts_by_name(rt: Rtnl, name: str) -> LinkFacts | None:
+    """The link called `name`, or None: one get."""
+    body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attribute(IFLA_IFNAME, name.encode() + b"\0")
+    answer = rt.batch([(RTM_GETLINK, NLM_F_REQUEST, body)])[0]
+    if isinstance(answer, int):
+        if answer in (errno.ENODEV, errno.ENOENT):
+            return None
+        raise NetlinkError(answer)
+    return link_facts(answer)
+
+
+def addresses(rt: Rtnl) -> list[tuple[int, str, int]]:
+    """Every address of the socket's namespace, one dump: (link index, address, prefix length)."""
+    out = []
+    for body in rt.dump_raw(RTM_GETADDR, IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+        family, prefixlen, _flags, _scope, index = IFADDRMSG.unpack_from(body)
+        a = attributes(body, IFADDRMSG.size)
+        if IFA_ADDRESS in a:
+            out.append((index, socket.inet_ntop(family, a[IFA_ADDRESS]), prefixlen))
+    return out
+
+
+def unicast_routes(rt: Rtnl) -> list[tuple[str, int, str | None]]:
+    """The unicast routes of every table of both families, one dump: (destination, prefix length, gateway)."""
+    out = []
+    for body in rt.dump_raw(RTM_GETROUTE, RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)):
+        family, dst_len, _src, _tos, _table, _proto, _scope, kind, _flags = RTMSG.unpack_from(body)
+        if family not in (socket.AF_INET, socket.AF_INET6) or kind != 1:  # RTN_UNICAST
+            continue
+        a = attributes(body, RTMSG.size)
+        dst = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
+        gw = a.get(RTA_GATEWAY)
+        out.append((socket.inet_ntop(family, dst), dst_len, socket.inet_ntop(family, gw) if gw else None))
+    return out
