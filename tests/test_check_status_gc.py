@@ -37,6 +37,21 @@ def test_check_reports_drift(node: Node, drift: str) -> None:
     assert out.rc == 1 and words in out.json["details"], out.stdout
 
 
+@pytest.mark.parametrize("drift", ["detached", "bridge gone"])
+def test_check_reports_host_side_drift(node: Node, drift: str) -> None:
+    pod = node.pod()
+    conf, res = _added(node, pod)
+    host = next(i["name"] for i in res["interfaces"] if i["name"].startswith("weft") and "sandbox" not in i)
+    if drift == "detached":
+        node.ns.run("ip", "link", "set", host, "nomaster")
+        words = f"host veth {host} is not attached to cni0"
+    else:
+        node.ns.run("ip", "link", "del", "cni0")
+        words = "bridge cni0 is missing or not a bridge"
+    out = node.plugin("CHECK", {**conf, "prevResult": res}, cid="c1", netns=pod.path)
+    assert out.rc == 1 and words in out.json["details"], out.stdout
+
+
 def test_check_reports_missing_lease_and_rules(node: Node) -> None:
     pod = node.pod()
     conf, res = _added(node, pod, ipMasq=True)
