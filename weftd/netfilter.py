@@ -1,10 +1,11 @@
 """Outbound NAT and forwarding for the pod network, in whichever netfilter mode the node uses.
 
 Pod traffic leaving the cluster network is masqueraded; pod-to-pod traffic
-never is; forwarding is accepted for the pod network. On nodes in nft mode these
-are weftd's elements in the node's NAT table (`inet weft`, weftlib.kernel.nat),
-whose fixed rules the plugin's per-pod ipMasq shares; on nodes in legacy mode,
-Weft's own chains (WEFT-POSTRTG, WEFT-FWD) through python-iptables. The
+never is. On nodes in nft mode these are weftd's elements in the node's NAT table
+(`inet weft`, weftlib.kernel.nat), whose fixed rules the plugin's per-pod ipMasq
+shares (no forward chain: an nftables accept cannot override another chain's drop,
+see there); on nodes in legacy mode, Weft's own chains through python-iptables:
+WEFT-POSTRTG, and WEFT-FWD, which accepts forwarding for the pod network. The
 mode is detected as Kubernetes documents it (kubelet's KUBE-IPTABLES-HINT or
 KUBE-KUBELET-CANARY chain in the mangle table), and the two are never mixed:
 applying one mode removes Weft's rules of the other.

@@ -1,9 +1,9 @@
-"""The node's NAT and forwarding rules in nftables: one table, fixed rules, and sets that say whom they apply to.
+"""The node's NAT rules in nftables: one table, fixed rules, and sets that say whom they apply to.
 
 Table `inet weft` holds a handful of rules that never change, keyed on sets:
 
 - `masq_nets4/6`: networks whose traffic is masqueraded when it leaves all of them (weftd's
-  per-network NAT, Flannel's IPMasq); `fwd_nets4/6`: networks whose forwarding is accepted (weftd).
+  per-network NAT, Flannel's IPMasq); `fwd_nets4/6`: the networks weftd serves, with or without NAT.
 - `masq_pods4/6`: pod addresses masqueraded when they leave their own subnet (the plugin's per-pod
   `ipMasq`), with `pod_local4/6`: (pod address . pod subnet) pairs that stay unmasqueraded.
 
@@ -12,6 +12,13 @@ kernel commit, whereas a rule change rebuilds the chain (8-24 ms). Every element
 owner in its comment (the plugin's owner tag, or weftd's), and only the owner's own elements are
 ever deleted, so the plugin, weftd and GC never remove each other's, nor anything Weft did not add.
 Packets marked by kube-proxy (0x4000) are left to kube-proxy's own masquerade.
+
+No forward chain: in nftables an `accept` ends only its own base chain, and another table's chain
+on the same hook still sees the packet and can drop it, so a chain of accepts (Flannel's nftables
+mode has one) lets nothing through that would not pass anyway; it only cost every forwarded pod
+packet a set lookup, about 3% of the CPU of a host-gw pod-to-pod stream (bench/dataplane_bench.py).
+A table made by an older Weft loses it when the table is declared again. Legacy iptables nodes keep
+weftd's WEFT-FWD chain (weftd/netfilter.py), where an ACCEPT in FORWARD does count.
 """
 
 from __future__ import annotations
@@ -62,15 +69,13 @@ def _sets() -> list[str]:
 
 def _rules() -> dict[str, list[str]]:
     post = [f"meta mark & {KUBE_PROXY_MARK} == {KUBE_PROXY_MARK} return"]
-    fwd = []
     for v, (p, _, mcast) in _FAM.items():
         post += [f"{p} daddr {mcast} return",
                  f"{p} saddr @{MASQ_NETS}{v} {p} daddr @{MASQ_NETS}{v} return",
                  f"{p} saddr @{MASQ_NETS}{v} masquerade fully-random",
                  f"{p} saddr . {p} daddr @{POD_LOCAL}{v} return",
                  f"{p} saddr @{MASQ_PODS}{v} masquerade"]
-        fwd += [f"{p} saddr @{FWD_NETS}{v} accept", f"{p} daddr @{FWD_NETS}{v} accept"]
-    return {POSTROUTING: post, FORWARD: fwd}
+    return {POSTROUTING: post}
 
 
 def declare() -> str:
@@ -79,7 +84,9 @@ def declare() -> str:
     chain = f"add chain {FAMILY} {TABLE}"
     out = [f"add table {FAMILY} {TABLE}\n", *_sets(),
            f"{chain} {POSTROUTING} {{ type nat hook postrouting priority srcnat; policy accept; }}\n",
-           f"{chain} {FORWARD} {{ type filter hook forward priority filter; policy accept; }}\n"]
+           # An older Weft's forward chain (see above), gone in the same transaction; no-op without one.
+           f"{chain} {FORWARD}\n", f"flush chain {FAMILY} {TABLE} {FORWARD}\n",
+           f"delete chain {FAMILY} {TABLE} {FORWARD}\n"]
     for chain, rules in _rules().items():
         out.append(f"flush chain {FAMILY} {TABLE} {chain}\n")
         out += [f"add rule {FAMILY} {TABLE} {chain} {r}\n" for r in rules]
@@ -110,7 +117,7 @@ def pod_elements(owner: str, addresses: Iterable[ipaddress.IPv4Interface | ipadd
 
 def network_elements(owner: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network,
                      masquerade: bool) -> list[Element]:
-    """What weftd's per-network rules need: forwarding accepted, and NAT when it leaves the network."""
+    """weftd's elements for a network it serves: the record of it, and NAT when traffic leaves it."""
     out = [Element(f"{FWD_NETS}{network.version}", str(network), owner)]
     if masquerade:
         out.append(Element(f"{MASQ_NETS}{network.version}", str(network), owner))
