@@ -23,7 +23,11 @@ from weftd.metrics import Metrics
 from weftlib.cni import errors, handoff, skel
 
 log = logging.getLogger("weftd.cni")
-CONCURRENCY = 8
+# Invocations served at once. Most of an ADD's or DEL's wall time is the kernel waiting (RCU grace
+# periods as veths are created, moved into the pod and deleted) with the GIL released, so a burst
+# needs many in flight: 8 left those waits queued one behind another. IPAM's flock still orders the
+# address choices.
+CONCURRENCY = 64
 
 
 class PodHooks(Protocol):
