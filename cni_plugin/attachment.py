@@ -102,7 +102,8 @@ def ensure_bridge(rt: Rtnl, br: Bridge, mtu: int | None, promisc: bool) -> bool:
                                              ("IFLA_INFO_DATA", {"attrs": [("IFLA_BR_FORWARD_DELAY", 0)]})]})]
             if mtu:
                 attrs.append(("IFLA_MTU", mtu))
-            rt.new_link(attrs, up=True, promisc=promisc, create=True)
+            # Down until its IPv6 settings below are in: it comes up further down.
+            rt.new_link(attrs, up=False, promisc=promisc, create=True)
             created = True
         except NetlinkError as e:
             if e.code != errno.EEXIST:
@@ -112,6 +113,10 @@ def ensure_bridge(rt: Rtnl, br: Bridge, mtu: int | None, promisc: bool) -> bool:
             raise CniError(errors.INTERNAL, f"bridge {br.name} vanished while it was being set up")
         br.link, br.addresses = found.link, found.addresses
     sysctl.write(f"/proc/sys/net/ipv6/conf/{br.name}/accept_ra", "0")
+    # No duplicate address detection for the bridge's link-local address either: the kernel solicits
+    # neighbours for forwarded IPv6 packets from it, and sends no solicitation while it is tentative
+    # (pods on a new node were unreachable from other nodes for 2 s).
+    sysctl.write(f"/proc/sys/net/ipv6/conf/{br.name}/accept_dad", "0")
     flags = br.link["flags"]
     if not flags & IFF_UP or (promisc and not flags & IFF_PROMISC):
         rt.new_link([], index=br.index, up=True, promisc=promisc)

@@ -7,6 +7,9 @@ Topology (every box is a network namespace this module creates):
     [etcd]    eth0 ─┤                └─ [router] (192.168.77.1 / 192.168.78.1)
     [kube]    kube0 ┤   kube-apiserver at 192.168.77.3, when tests/kubeapi attaches it
     [outside] eth0 ─┘                    segment A (192.168.77.0/24)
+
+With IPv6 in the underlay (`families`), every interface also gets the same host number in
+fd00:77::/64 (segment A) or fd00:78::/64 (segment B); an IPv6-only cluster's underlay has no IPv4.
 """
 
 from __future__ import annotations
@@ -25,18 +28,22 @@ from typing import Any
 from tests.lab import Lab, Netns, Node, file_store, weftd_command, weftd_exe
 
 SEGMENTS = {"A": ("br0", "192.168.77"), "B": ("br1", "192.168.78")}
+SEGMENTS6 = {"A": "fd00:77:", "B": "fd00:78:"}
 ETCD_IP = "192.168.77.2"
 OUTSIDE_IP = "192.168.77.200"
+OUTSIDE_IP6 = "fd00:77::200"
 
 
 @dataclass
 class ClusterNode:
     name: str
     node: Node
-    ip: str
+    ip: str  # "" when the underlay has no IPv4
     segment: str
     proc: subprocess.Popen[bytes] | None = None
     pods: dict[str, tuple[Netns, str]] = field(default_factory=dict)
+    ip6: str = ""  # the underlay IPv6 address, when the underlay has IPv6
+    pod_ips: dict[str, list[str]] = field(default_factory=dict)  # every address of each pod, IPv4 first
 
     @property
     def ns(self) -> Netns:
@@ -66,8 +73,8 @@ class ClusterNode:
     def state(self) -> dict[str, str]:
         return dict(line.split("=", 1) for line in self.subnet_file.read_text().split())
 
-    def routes(self) -> list[dict[str, Any]]:
-        return self.ns.ip_json("-4", "route", "show", "proto", "119")
+    def routes(self, version: int = 4) -> list[dict[str, Any]]:
+        return self.ns.ip_json(f"-{version}", "route", "show", "proto", "119")
 
     def http(self, path: str) -> tuple[int, str]:
         code = ("import urllib.request,urllib.error,sys\n"
@@ -82,9 +89,14 @@ class ClusterNode:
 
 
 class Cluster:
-    def __init__(self, lab: Lab, net_conf: dict[str, Any], store: str = "file", two_segments: bool = False) -> None:
+    def __init__(self, lab: Lab, net_conf: dict[str, Any], store: str = "file", two_segments: bool = False,
+                 families: tuple[int, ...] | None = None) -> None:
         self.lab = lab
         self.net_conf = net_conf
+        # The pod network's families, and the underlay's (by default the same).
+        self.versions = tuple(v for v, key, default in ((4, "EnableIPv4", True), (6, "EnableIPv6", False))
+                              if net_conf.get(key, default))
+        self.families = families or self.versions
         self.backend = (net_conf.get("Backend") or {}).get("Type", "vxlan")
         self.wireguard = "userspace"  # the path this machine has; tests of the kernel path change it
         self.weftd = weftd_exe()  # or the frozen bundle's weftd
@@ -106,29 +118,38 @@ class Cluster:
         if two_segments:
             router = lab.netns("router")
             for seg in segments:
-                self.uplink(router, f"eth{seg}", seg, f"{SEGMENTS[seg][1]}.1/24")
+                self.uplink(router, f"eth{seg}", seg, f"{SEGMENTS[seg][1]}.1/24", 1)
             router.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+            if 6 in self.families:
+                router.run("sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
         self.outside = lab.netns("outside")
-        self.uplink(self.outside, "eth0", "A", f"{OUTSIDE_IP}/24")
+        self.uplink(self.outside, "eth0", "A", f"{OUTSIDE_IP}/24", 0x200)
 
-    def uplink(self, ns: Netns, ifname: str, segment: str, cidr: str) -> None:
-        """A veth from `ns` to the segment's bridge in the underlay namespace."""
+    def uplink(self, ns: Netns, ifname: str, segment: str, cidr: str, host6: int | None = None) -> None:
+        """A veth from `ns` to the segment's bridge in the underlay namespace; with `host6` and IPv6 in the
+        underlay, also the segment's IPv6 address with that host number (hex digits as written)."""
         self._ports += 1
         port = f"p{self._ports}"
         ns.run("ip", "link", "add", ifname, "type", "veth", "peer", "name", port, "netns", self.underlay.name)
         self.underlay.run("ip", "link", "set", port, "master", SEGMENTS[segment][0], "up")
-        ns.run("ip", "addr", "add", cidr, "dev", ifname)
+        if 4 in self.families:
+            ns.run("ip", "addr", "add", cidr, "dev", ifname)
+        if host6 is not None and 6 in self.families:
+            ns.run("ip", "addr", "add", f"{SEGMENTS6[segment]}:{host6:x}/64", "dev", ifname, "nodad")
         ns.run("ip", "link", "set", ifname, "up")
         ns.run("ip", "link", "set", "lo", "up")
 
     def add_node(self, name: str, segment: str = "A") -> ClusterNode:
         node = self.lab.node(name)
         host = 10 + len(self.nodes)
-        ip = f"{SEGMENTS[segment][1]}.{host}"
-        self.uplink(node.ns, "eth0", segment, f"{ip}/24")
-        if len(SEGMENTS) and self._has_router():
-            node.ns.run("ip", "route", "add", "default", "via", f"{SEGMENTS[segment][1]}.1")
-        cn = ClusterNode(name, node, ip, segment)
+        ip = f"{SEGMENTS[segment][1]}.{host}" if 4 in self.families else ""
+        self.uplink(node.ns, "eth0", segment, f"{ip}/24", host)
+        if self._has_router():
+            if 4 in self.families:
+                node.ns.run("ip", "route", "add", "default", "via", f"{SEGMENTS[segment][1]}.1")
+            if 6 in self.families:
+                node.ns.run("ip", "-6", "route", "add", "default", "via", f"{SEGMENTS6[segment]}:1")
+        cn = ClusterNode(name, node, ip, segment, ip6=f"{SEGMENTS6[segment]}:{host:x}" if 6 in self.families else "")
         self.nodes[name] = cn
         return cn
 
@@ -214,7 +235,7 @@ class Cluster:
     def peers_programmed(self, cn: ClusterNode) -> int:
         """Peers the node's kernel reaches: routes, or WireGuard peers (one route covers the network)."""
         if self.backend != "wireguard":
-            return len(cn.routes())
+            return min(len(cn.routes(v)) for v in self.versions)
         return len(self.wg_peers(cn))
 
     def wg_peers(self, cn: ClusterNode) -> dict[str, dict[str, str]]:
@@ -230,8 +251,10 @@ class Cluster:
     def pod(self, cn: ClusterNode, cid: str) -> tuple[Netns, str]:
         ns = cn.node.pod(cid)
         res = cn.node.drive("add", cn.conflist, cid, ns.path).json
-        ip = res["ips"][0]["address"].split("/")[0]
+        ips = [a["address"].split("/")[0] for a in res["ips"]]
+        ip = ips[0]
         cn.pods[cid] = (ns, ip)
+        cn.pod_ips[cid] = ips
         return ns, ip
 
     def close(self) -> None:

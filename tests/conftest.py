@@ -70,8 +70,11 @@ def node(lab: Lab) -> Node:
 def make_cluster(lab: Lab) -> Iterator[MakeCluster]:
     made: list[Cluster] = []
 
-    def make(backend: str = "vxlan", store: str = "file", two_segments: bool = False, **opts: Any) -> Cluster:
-        c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend, **opts}}, store, two_segments)
+    def make(backend: str = "vxlan", store: str = "file", two_segments: bool = False, net: dict[str, Any] | None = None,
+             families: tuple[int, ...] | None = None, **opts: Any) -> Cluster:
+        """`net`: net-conf keys beside Network and Backend; `families`: the underlay's (default: the pod network's)."""
+        c = Cluster(lab, {"Network": "10.244.0.0/16", **(net or {}), "Backend": {"Type": backend, **opts}}, store,
+                    two_segments, families)
         made.append(c)
         return c
 

@@ -59,8 +59,8 @@ def install_bundle(bundle: Path, libdir: Path, cnibin: Path, bindir: Path | None
 
 
 def host_veths(node: Node) -> list[str]:
-    """The host ends of pod veths Weft made on `node` (named weft + hash; the VTEP is weft.<VNI>)."""
-    return sorted(n for n in node.ns.links() if n.startswith("weft") and not n.startswith("weft."))
+    """The host ends of pod veths Weft made on `node` (named weft + hash; the VTEPs are weft.<VNI>, weft6.<VNI>)."""
+    return sorted(n for n in node.ns.links() if n.startswith("weft") and "." not in n)
 
 
 def weftd_exe(bundle: Path | None = None) -> list[str]:
@@ -85,8 +85,9 @@ def weftd_command(ns: Netns, exe: list[str], node_name: str, store: list[str], n
 
 
 def peer_address(server: Netns, server_ip: str, client: Netns) -> str:
-    """The source address `server` sees when `client` connects to it."""
-    code = ("import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+    """The source address `server` sees when `client` connects to it (TCP, over `server_ip`'s family)."""
+    family = "AF_INET6" if ":" in server_ip else "AF_INET"
+    code = (f"import socket;s=socket.socket(socket.{family});s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
             f"s.bind(('{server_ip}',7000));s.listen();print('up',flush=True);c,a=s.accept();print(a[0])")
     srv = subprocess.Popen(["ip", "netns", "exec", server.name, sys.executable, "-c", code],
                            stdout=subprocess.PIPE, text=True)

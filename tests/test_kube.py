@@ -329,3 +329,45 @@ def test_wireguard_keys_travel_in_node_annotations(kube_api: KubeAPI, make_clust
         assert ping(n1.pods["pod-n1"][0], n2.pods["pod-n2"][1])
     finally:
         kube.delete_all_nodes()
+
+
+@pytest.fixture
+def kube_dual_cluster(kube_api: KubeAPI, make_cluster: MakeCluster, weft_token: str) -> Iterator[Cluster]:
+    """As kube_cluster, with IPv6 on: the underlay has both families, the net-conf EnableIPv6."""
+    c = make_cluster("vxlan", store="kube", net={"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"})
+    kube_api.attach(c.underlay)
+    c.kubeconfig = kube_api.kubeconfig(c.dir / "kubeconfig", token=weft_token)
+    try:
+        yield c
+    finally:
+        kube_api.delete_all_nodes()
+
+
+@pytest.mark.slow
+def test_kube_store_dual_stack_pod_cidrs(kube_api: KubeAPI, kube_dual_cluster: Cluster) -> None:
+    kube, c = kube_api, kube_dual_cluster
+    n1 = join(kube, c, "n1", "10.244.1.0/24")  # podCIDRs [10.244.1.0/24, fd00:10:244:1::/64]
+    n2 = join(kube, c, "n2", "10.244.2.0/24")
+    c.until(lambda: {r["dst"] for r in n1.routes(6)} == {"fd00:10:244:2::/64"}
+            and {r["dst"] for r in n2.routes(6)} == {"fd00:10:244:1::/64"} and peer_routes(n1) == {"10.244.2.0/24"},
+            30, "IPv4 and IPv6 routes between n1 and n2")
+    for cn in (n1, n2):
+        ann = kube.node(cn.name)["metadata"]["annotations"]
+        assert ann[store.ANN_IP] == cn.ip and ann[store.ANN_IP6] == cn.ip6
+        assert json.loads(ann[store.ANN_DATA6]) == {"VNI": 1, "VtepMAC": cn.ns.links()["weft6.1"]["address"]}
+        v4, v6 = kube.node(cn.name)["spec"]["podCIDRs"]
+        assert cn.state()["WEFT_SUBNET"] == v4.replace(".0/24", ".1/24")
+        assert cn.state()["WEFT_IPV6_SUBNET"] == v6.replace("::/64", "::1/64")
+    ns1, _ = c.pod(n1, "p1")
+    c.pod(n2, "p2")
+    for ip in n2.pod_ips["p2"]:
+        ns1.run("ping", "-c1", "-W2", ip)
+
+    # A node whose IPv6 podCIDR lies outside IPv6Network is refused with the reason, and stays out.
+    n3 = c.add_node("n3")
+    kube.create_node("n3", ["10.244.3.0/24", "fd00:99:1::/64"], internal_ip=n3.ip)
+    c.start(n3)
+    c.until(lambda: "pod cidr fd00:99:1::/64 is outside the cluster network fd00:10:244::/56" in n3.log.read_text(),
+            30, "n3 refused", n3)
+    assert not n3.conflist.exists()
+    assert store.ANN_MANAGED not in (kube.node("n3")["metadata"].get("annotations") or {})

@@ -31,9 +31,10 @@ def dual_stack_conflist(conflist: Path, v6_subnet: str) -> Path:
     directory, so weftd binds the pods and knows their leases)."""
     conf = json.loads(conflist.read_text())
     ipam = conf["plugins"][0]["ipam"]
-    if "ranges" in ipam:
+    if len(ipam.get("ranges", [])) > 1:
         return conflist  # weftd's own is dual-stack already
-    ipam["ranges"] = [[{"subnet": ipam.pop("subnet")}], [{"subnet": v6_subnet}]]
+    v4 = ipam.pop("ranges", None) or [[{"subnet": ipam.pop("subnet")}]]  # weftd writes range sets
+    ipam["ranges"] = [*v4, [{"subnet": v6_subnet}]]
     ipam["routes"].append({"dst": V6_NETWORK})
     out = conflist.with_name("dual-stack.conflist")
     out.write_text(json.dumps(conf))

@@ -59,13 +59,16 @@ class Daemon:
                 self.stop.wait(1.0)
         if self.own is None:
             return
-        log.info("node %s: subnet %s, backend %s, MTU %d", self.node, self.own.subnet, self.backend.type,
-                 self.backend.mtu())
+        log.info("node %s: subnet %s, backend %s, MTU %d", self.node, " ".join(map(str, self.own.subnets)),
+                 self.backend.type, self.backend.mtu())
         self.backend.setup(self.own)
         if self.policy is not None:
             # Before any pod of this run can be attached; the previous run's tables stay until then.
             self.policy.start(self.own.subnets)
+        # In this node's network namespace: weftd runs in it.
         sysctl.write("/proc/sys/net/ipv4/ip_forward", "1", missing_ok=False)
+        if self.store.network.ipv6 is not None:
+            sysctl.write("/proc/sys/net/ipv6/conf/all/forwarding", "1", missing_ok=False)
         while not self.stop.is_set() and not self.reconcile():
             self.stop.wait(1.0)
         self.publish()
@@ -75,9 +78,8 @@ class Daemon:
     def publish(self) -> None:
         """The node config, for the bridge and for the runtime: only once the backend is programmed."""
         assert self.own is not None
-        nodeconf.fix_bridge(self.ipr, self.bridge, self.store.network, self.own.subnet)
-        nodeconf.write(self.paths, self.bridge, self.store.network, self.own.subnet, self.backend.mtu(),
-                       self.portmap)
+        nodeconf.fix_bridge(self.ipr, self.bridge, self.store.network, self.own)
+        nodeconf.write(self.paths, self.bridge, self.store.network, self.own, self.backend.mtu(), self.portmap)
 
     def reconcile(self) -> bool:
         assert self.own is not None
@@ -88,11 +90,12 @@ class Daemon:
             self.peers = [le for n, le in sorted(leases.items()) if n != self.node]
             if self.node not in leases:
                 log.warning("own lease vanished from the store; publishing it again")
-                before = self.own.subnet
+                before = self.own.subnets
                 self.own = self.store.acquire(self.node, self.backend.attrs())
                 self.announced = False
-                if self.own.subnet != before:
-                    log.warning("this node's subnet changed from %s to %s", before, self.own.subnet)
+                if self.own.subnets != before:
+                    log.warning("this node's subnets changed from %s to %s", " ".join(map(str, before)),
+                                " ".join(map(str, self.own.subnets)))
                     self.backend.setup(self.own)
                     self.publish()
         except StoreError as e:

@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--iface", default=_env("iface"), help="underlay interface (default: the default route's)")
     run.add_argument("--public-ip", default=_env("public-ip"), help="underlay address peers reach this node at")
+    run.add_argument("--public-ipv6", default=_env("public-ipv6"),
+                     help="underlay IPv6 address peers reach this node at (IPv6 enabled; default: the interface's "
+                          "first global one)")
     run.add_argument("--subnet-file", default=_env("subnet-file", str(Paths.subnet_file)))
     run.add_argument("--cni-conf-dir", default=_env("cni-conf-dir", str(Paths.cni_conf_dir)))
     run.add_argument("--cni-conf-name", default=_env("cni-conf-name", Paths.cni_conf_name))
@@ -115,14 +118,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = _store(args)
     net = store.network
     ipr = IPRoute()
-    underlay = backend.find_underlay(ipr, args.iface, args.public_ip)
+    underlay = backend.find_underlay(ipr, args.iface, args.public_ip, args.public_ipv6,
+                                     tuple(f.version for f in net.families))
     try:
         published = store.lease(args.node_name)
     except subnet.StoreError as e:
         log.warning("cannot read this node's published lease (%s); a new VTEP MAC may be chosen", e)
         published = None
     node_backend = backend.create(ipr, net, underlay, published.attrs if published is not None else None, args)
-    rules = netfilter.install(net.network, net.ip_masq, None if args.iptables_mode == "auto" else args.iptables_mode)
+    rules = netfilter.install(net.networks, net.ip_masq, None if args.iptables_mode == "auto" else args.iptables_mode)
     metrics, health = Metrics(), Health(max_age=max(30.0, 3 * args.resync))
     server = serve(args.listen, metrics, health)
     paths = _paths(args)
@@ -157,8 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                     portmap=not args.no_portmap, bridge=args.bridge, policy=policy)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: daemon.stop.set())
-    log.info("weftd on %s: underlay %s %s (MTU %d), store %s", args.node_name, underlay.ifname, underlay.ip,
-             underlay.mtu, args.store)
+    log.info("weftd on %s: underlay %s %s (MTU %d), store %s", args.node_name, underlay.ifname,
+             " ".join(str(a) for a in (underlay.ip, underlay.ip6) if a is not None), underlay.mtu, args.store)
     try:
         daemon.run()
     finally:

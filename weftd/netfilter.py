@@ -1,11 +1,12 @@
 """Outbound NAT and forwarding for the pod network, in whichever netfilter mode the node uses.
 
-Pod traffic leaving the cluster network is masqueraded; pod-to-pod traffic
-never is. On nodes in nft mode these are weftd's elements in the node's NAT table
+Pod traffic leaving the cluster networks (one per enabled family) is masqueraded;
+pod-to-pod traffic never is, nor multicast (224.0.0.0/4, ff00::/8). On nodes in nft mode
+these are weftd's elements in the node's NAT table
 (`inet weft`, weftlib.kernel.nat), whose fixed rules the plugin's per-pod ipMasq
 shares (no forward chain: an nftables accept cannot override another chain's drop,
 see there); on nodes in legacy mode, Weft's own chains through python-iptables:
-WEFT-POSTRTG, and WEFT-FWD, which accepts forwarding for the pod network. The
+WEFT-POSTRTG, and WEFT-FWD, which accepts forwarding for the pod networks. The
 mode is detected as Kubernetes documents it (kubelet's KUBE-IPTABLES-HINT or
 KUBE-KUBELET-CANARY chain in the mangle table), and the two are never mixed:
 applying one mode removes Weft's rules of the other.
@@ -61,8 +62,8 @@ def detect_mode() -> str:
 class Rules(ABC):
     mode: str
 
-    def __init__(self, network: netaddr.IPNetwork, masquerade: bool) -> None:
-        self.network = network
+    def __init__(self, networks: list[netaddr.IPNetwork], masquerade: bool) -> None:
+        self.networks = networks
         self.masquerade = masquerade
 
     @abstractmethod
@@ -85,7 +86,8 @@ class NftRules(Rules):
     OWNER = "weftd"
 
     def _wanted(self) -> set[nat.Element]:
-        return set(nat.network_elements(self.OWNER, ipaddress.ip_network(str(self.network)), self.masquerade))
+        return {e for n in self.networks
+                for e in nat.network_elements(self.OWNER, ipaddress.ip_network(str(n)), self.masquerade)}
 
     _applied: dict[str, list[Any]] | None = None
 
@@ -120,33 +122,58 @@ class NftRules(Rules):
 
 
 class LegacyRules(Rules):
-    """python-iptables drives libiptc, which is legacy x_tables only: exactly the legacy-mode case."""
+    """python-iptables drives libiptc, which is legacy x_tables only: exactly the legacy-mode case.
+
+    IPv6 goes through ip6tables-legacy-restore instead: libxtables registers an extension (MASQUERADE)
+    for the family current when its library is first loaded, and never again, so once python-iptables
+    has used a target for IPv4 in a process it refuses every IPv6 rule using it ("invalid rule").
+    """
 
     mode = "legacy"
     NAT_CHAIN = "WEFT-POSTRTG"
     FWD_CHAIN = "WEFT-FWD"
     COMMENT = "weft"
 
-    def _rules(self) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        c = str(self.network)
+    _MCAST: ClassVar[dict[int, str]] = {4: "224.0.0.0/4", 6: "ff00::/8"}
+    _TOOLS: ClassVar[dict[int, str]] = {4: "iptables-legacy-save", 6: "ip6tables-legacy-save"}
+
+    def _rules(self, version: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
+        """One family's chains (iptables or ip6tables): its network's rules; empty chains for a disabled family."""
         tag = {"comment": {"comment": self.COMMENT}}
         post = [{"mark": {"mark": f"{KUBE_PROXY_MARK}/{KUBE_PROXY_MARK}"}, "target": "RETURN", **tag}]
-        if self.masquerade:
-            post += [{"src": c, "dst": c, "target": "RETURN", **tag},
-                    {"src": c, "dst": "224.0.0.0/4", "target": "RETURN", **tag},
-                    {"src": c, "target": {"MASQUERADE": {"random-fully": ""}}, **tag}]
-        fwd = [{"src": c, "target": "ACCEPT", **tag}, {"dst": c, "target": "ACCEPT", **tag}]
+        fwd = []
+        for n in self.networks:
+            if n.version != version:
+                continue
+            c = str(n)
+            if self.masquerade:
+                post += [{"src": c, "dst": c, "target": "RETURN", **tag},
+                         {"src": c, "dst": self._MCAST[version], "target": "RETURN", **tag},
+                         {"src": c, "target": {"MASQUERADE": {"random-fully": ""}}, **tag}]
+            fwd += [{"src": c, "target": "ACCEPT", **tag}, {"dst": c, "target": "ACCEPT", **tag}]
         return {("nat", self.NAT_CHAIN): post, ("filter", self.FWD_CHAIN): fwd}
+
+    def _versions(self) -> list[int]:
+        return sorted({n.version for n in self.networks})
 
     _HOOKS: ClassVar[dict[str, str]] = {"nat": "POSTROUTING", "filter": "FORWARD"}
 
     def ensure(self) -> bool:
-        with _iptc() as easy:
-            return self._ensure(easy)
+        changed = []
+        if 4 in self._versions():
+            with _iptc() as easy:
+                changed.append(self._ensure(easy))
+        if 6 in self._versions():
+            changed.append(self._ensure6())
+        for v in {4, 6} - set(self._versions()):
+            if self._present(v):  # a family turned off
+                self._remove_family(v)
+                changed.append(True)
+        return any(changed)
 
     def _ensure(self, easy: Any) -> bool:
         changed = False
-        for (table, chain), rules in self._rules().items():
+        for (table, chain), rules in self._rules(4).items():
             jump = {"target": chain, **{"comment": {"comment": self.COMMENT}}}
             if not easy.has_chain(table, chain):
                 easy.add_chain(table, chain)
@@ -161,24 +188,97 @@ class LegacyRules(Rules):
                 changed = True
         return changed
 
-    def present(self) -> bool:
+    def _present(self, version: int) -> bool:
         # Asked through the CLI, with no -t: importing python-iptables, or naming a table, would load
         # legacy x_tables modules on a node that does not use them.
-        saved = _save("iptables-legacy-save")
+        saved = _save(self._TOOLS[version])
         return f":{self.NAT_CHAIN} " in saved or f":{self.FWD_CHAIN} " in saved
 
+    def present(self) -> bool:
+        return self._present(4) or self._present(6)
+
     def remove(self) -> None:
+        for version in (4, 6):
+            if self._present(version):
+                self._remove_family(version)
+
+    def _remove_family(self, version: int) -> None:
+        if version == 6:
+            self._remove6()
+            return
         with _iptc() as easy:
             self._remove(easy)
 
     def _remove(self, easy: Any) -> None:
-        for (table, chain), _ in self._rules().items():
+        for (table, chain), _ in self._rules(4).items():
             if not easy.has_chain(table, chain):
                 continue
             for r in easy.dump_chain(table, self._HOOKS[table]):
                 if r.get("target") == chain:
                     easy.delete_rule(table, self._HOOKS[table], r)
             easy.delete_chain(table, chain, flush=True)
+
+
+    # --- IPv6, through ip6tables-legacy-save and -restore
+
+    @staticmethod
+    def _line(chain: str, rule: dict[str, Any]) -> str:
+        """A rule as ip6tables-legacy-save prints it."""
+        out = [f"-A {chain}"]
+        out += [f"-s {rule['src']}"] if "src" in rule else []
+        out += [f"-d {rule['dst']}"] if "dst" in rule else []
+        out += [f"-m mark --mark {rule['mark']['mark']}"] if "mark" in rule else []
+        out += [f"-m comment --comment {rule['comment']['comment']}"] if "comment" in rule else []
+        target = rule["target"]
+        if isinstance(target, dict):
+            (name, opts), = target.items()
+            out += [f"-j {name}", *(f"--{k}" + (f" {v}" if v else "") for k, v in opts.items())]
+        else:
+            out.append(f"-j {target}")
+        return " ".join(out)
+
+    def _jump(self, table: str, chain: str) -> str:
+        return f"-A {self._HOOKS[table]} -m comment --comment {self.COMMENT} -j {chain}"
+
+    def _ensure6(self) -> bool:
+        script = []
+        for (table, chain), rules in self._rules(6).items():
+            saved = _save("ip6tables-legacy-save", "-t", table).splitlines()
+            want = [self._line(chain, r) for r in rules]
+            have = [line for line in saved if line.startswith(f"-A {chain} ")]
+            jump = self._jump(table, chain) in saved
+            if f":{chain} " in "\n".join(saved) and have == want and jump:
+                continue
+            script += [f"*{table}", f":{chain} - [0:0]", *want]  # --noflush still flushes a declared chain
+            if not jump:
+                script.append(self._jump(table, chain).replace("-A ", "-I ", 1).replace(" -m ", " 1 -m ", 1))
+            script.append("COMMIT")
+        if not script:
+            return False
+        _restore6("\n".join(script) + "\n")
+        return True
+
+    def _remove6(self) -> None:
+        script = []
+        for (table, chain), _ in self._rules(6).items():
+            saved = _save("ip6tables-legacy-save", "-t", table).splitlines()
+            if f":{chain} " not in "\n".join(saved):
+                continue
+            jumps = [line for line in saved if line.startswith(f"-A {self._HOOKS[table]} ") and
+                     line.endswith(f" -j {chain}")]
+            script += [f"*{table}", *(line.replace("-A ", "-D ", 1) for line in jumps), f"-F {chain}", f"-X {chain}",
+                       "COMMIT"]
+        if script:
+            _restore6("\n".join(script) + "\n")
+
+
+def _restore6(script: str) -> None:
+    exe = shutil.which("ip6tables-legacy-restore", path=_SEARCH)
+    if exe is None:
+        raise NetfilterError("ip6tables-legacy-restore is missing: install the Debian package iptables")
+    p = subprocess.run([exe, "--noflush"], input=script, capture_output=True, text=True, check=False)
+    if p.returncode != 0:
+        raise NetfilterError(f"ip6tables-legacy-restore: {p.stderr.strip()}")
 
 
 @contextmanager
@@ -207,27 +307,27 @@ def _norm(rule: dict[str, Any]) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def rules_for(mode: str, network: netaddr.IPNetwork, masquerade: bool) -> Rules:
-    return (NftRules if mode == "nft" else LegacyRules)(network, masquerade)
+def rules_for(mode: str, networks: list[netaddr.IPNetwork], masquerade: bool) -> Rules:
+    return (NftRules if mode == "nft" else LegacyRules)(networks, masquerade)
 
 
-def install(network: netaddr.IPNetwork, masquerade: bool, mode: str | None = None) -> Rules:
+def install(networks: list[netaddr.IPNetwork], masquerade: bool, mode: str | None = None) -> Rules:
     """Rules for the node's mode, after removing any Weft left in the other mode."""
     mode = mode or detect_mode()
-    other = rules_for("legacy" if mode == "nft" else "nft", network, masquerade)
+    other = rules_for("legacy" if mode == "nft" else "nft", networks, masquerade)
     if other.present():
         log.warning("removing weft's %s rules: this node now uses %s", other.mode, mode)
         other.remove()
-    rules = rules_for(mode, network, masquerade)
+    rules = rules_for(mode, networks, masquerade)
     rules.ensure()
-    log.info("netfilter mode %s: NAT for %s %s", mode, network, "on" if masquerade else "off")
+    log.info("netfilter mode %s: NAT for %s %s", mode, " ".join(map(str, networks)), "on" if masquerade else "off")
     return rules
 
 
 def uninstall() -> None:
     """Removes weftd's rules in both modes, and the node's NAT table if no pod's elements are left in it."""
     for mode in ("nft", "legacy"):
-        rules = rules_for(mode, netaddr.IPNetwork("0.0.0.0/0"), True)
+        rules = rules_for(mode, [], True)
         if rules.present():
             rules.remove()
     try:

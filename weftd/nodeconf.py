@@ -17,10 +17,12 @@ import netaddr
 from pyroute2 import IPRoute
 
 from weftd.config import NetworkConfig, Paths
+from weftd.lease import Lease
 from weftlib import ipnet
 from weftlib.cni import handoff
 from weftlib.kernel import files
 from weftlib.kernel.netlink import GROUP, get_link, ignore_errno
+from weftlib.kernel.rtnl import IFA_F_NODAD
 
 log = logging.getLogger("weftd.nodeconf")
 NETWORK_NAME = "weft"
@@ -31,18 +33,27 @@ def gateway(subnet: netaddr.IPNetwork) -> netaddr.IPNetwork:
     return netaddr.IPNetwork(str(ipnet.gateway_interface(ipaddress.ip_network(str(subnet)))))
 
 
-def subnet_env(network: NetworkConfig, subnet: netaddr.IPNetwork, mtu: int) -> str:
-    return (f"WEFT_NETWORK={network.network}\nWEFT_SUBNET={gateway(subnet)}\nWEFT_MTU={mtu}\n"
-            f"WEFT_IPMASQ={'true' if network.ip_masq else 'false'}\nWEFT_BACKEND={network.backend.type}\n")
+def subnet_env(network: NetworkConfig, own: Lease, mtu: int) -> str:
+    """Flannel's subnet.env keys with Weft's prefix; a family's keys only when it is enabled."""
+    out = []
+    if network.network is not None and own.subnet is not None:
+        out += [f"WEFT_NETWORK={network.network}", f"WEFT_SUBNET={gateway(own.subnet)}"]
+    if network.ipv6_network is not None and own.ipv6_subnet is not None:
+        out += [f"WEFT_IPV6_NETWORK={network.ipv6_network}", f"WEFT_IPV6_SUBNET={gateway(own.ipv6_subnet)}"]
+    out += [f"WEFT_MTU={mtu}", f"WEFT_IPMASQ={'true' if network.ip_masq else 'false'}",
+            f"WEFT_BACKEND={network.backend.type}"]
+    return "".join(f"{line}\n" for line in out)
 
 
-def conflist(bridge: str, network: NetworkConfig, subnet: netaddr.IPNetwork, mtu: int, paths: Paths,
+def conflist(bridge: str, network: NetworkConfig, own: Lease, mtu: int, paths: Paths,
              portmap: bool = True) -> dict[str, Any]:
+    """One IPAM range set per family ([[v4], [v6]], as Flannel's plugin builds it), routes to every network."""
     plugins: list[dict[str, Any]] = [{
         "type": "weft", "bridge": bridge, "isGateway": True, "isDefaultGateway": True, "hairpinMode": True,
         "forceAddress": True, "mtu": mtu,
-        "ipam": {"type": "weft-ipam", "subnet": str(subnet), "dataDir": str(paths.ipam_data_dir),
-                 "routes": [{"dst": str(network.network)}]},
+        "ipam": {"type": "weft-ipam", "ranges": [[{"subnet": str(s)}] for s in own.subnets],
+                 "dataDir": str(paths.ipam_data_dir),
+                 "routes": [{"dst": str(n)} for n in network.networks]},
     }]
     if paths.cni_socket is not None:
         plugins[0][handoff.SOCKET_KEY] = str(paths.cni_socket)
@@ -51,23 +62,29 @@ def conflist(bridge: str, network: NetworkConfig, subnet: netaddr.IPNetwork, mtu
     return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
 
 
-def write(paths: Paths, bridge: str, network: NetworkConfig, subnet: netaddr.IPNetwork, mtu: int,
-          portmap: bool = True) -> bool:
-    env = files.replace_if_changed(paths.subnet_file, subnet_env(network, subnet, mtu))
+def write(paths: Paths, bridge: str, network: NetworkConfig, own: Lease, mtu: int, portmap: bool = True) -> bool:
+    env = files.replace_if_changed(paths.subnet_file, subnet_env(network, own, mtu))
     conf = files.replace_if_changed(paths.conflist,
-                                    json.dumps(conflist(bridge, network, subnet, mtu, paths, portmap), indent=2) + "\n")
+                                    json.dumps(conflist(bridge, network, own, mtu, paths, portmap), indent=2) + "\n")
     return env or conf
 
 
-def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, subnet: netaddr.IPNetwork) -> None:
+def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, own: Lease) -> None:
     """When the node's subnet changed, cni0 still holds the old gateway: replace it (Flannel's
-    "cni0 already has an IP address different from ..."). Only a bridge Weft created is touched."""
+    "cni0 already has an IP address different from ..."), in each family. Only a bridge Weft created is touched."""
     br = get_link(ipr, bridge)
     if br is None:
         return
-    gw = gateway(subnet)
-    stale = [a for a in ipr.get_addr(family=socket.AF_INET, index=br["index"])
-             if network.network is not None and netaddr.IPAddress(a.get("IFA_ADDRESS")) in network.network
+    for fam in network.families:
+        subnet = own.family_subnet(fam.version)
+        if subnet is not None:
+            _fix_gateway(ipr, bridge, br, fam.network, gateway(subnet))
+
+
+def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork, gw: netaddr.IPNetwork) -> None:
+    family = socket.AF_INET if gw.version == 4 else socket.AF_INET6
+    stale = [a for a in ipr.get_addr(family=family, index=br["index"])
+             if netaddr.IPAddress(a.get("IFA_ADDRESS")) in network
              and netaddr.IPNetwork(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") != gw]
     if not stale:
         return
@@ -79,7 +96,9 @@ def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, subnet: netadd
         log.warning("%s: replacing stale address %s/%d with %s", bridge, a.get("IFA_ADDRESS"), a["prefixlen"], gw)
         ignore_errno(ipr.addr, "del", index=br["index"], address=a.get("IFA_ADDRESS"), prefixlen=a["prefixlen"],
                      codes=(errno.EADDRNOTAVAIL,))
-    ignore_errno(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.prefixlen, codes=(errno.EEXIST,))
+    extra = {} if gw.version == 4 else {"flags": IFA_F_NODAD}  # usable at once, as the plugin adds it
+    ignore_errno(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.prefixlen, codes=(errno.EEXIST,),
+                 **extra)
 
 
 def remove(paths: Paths) -> None:

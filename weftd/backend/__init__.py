@@ -95,43 +95,76 @@ class BackendConfig:
 
 @dataclass(frozen=True)
 class Underlay:
-    """The interface peers reach this node through."""
+    """The interface peers reach this node through, and its address in each enabled family."""
 
     ifname: str
     index: int
-    ip: netaddr.IPAddress
+    ip: netaddr.IPAddress | None  # None: IPv4 is off (an IPv6-only cluster)
     mtu: int
+    ip6: netaddr.IPAddress | None = None  # None: IPv6 is off
+
+    def address(self, version: int) -> netaddr.IPAddress | None:
+        return self.ip if version == 4 else self.ip6
 
 
-def find_underlay(ipr: IPRoute, iface: str | None = None, public_ip: str | None = None) -> Underlay:
-    """By interface name, by the address it holds, or else the interface of the IPv4 default route."""
+_AF = {4: socket.AF_INET, 6: socket.AF_INET6}
+IFA_F_TENTATIVE, IFA_F_DADFAILED, IFA_F_DEPRECATED = 0x40, 0x08, 0x20
+
+
+def _global_addresses(ipr: IPRoute, version: int, index: int | None = None) -> list[tuple[int, str]]:
+    """(interface index, address) of usable global addresses: no link-local, no failed or deprecated IPv6."""
+    out = []
+    kw = {} if index is None else {"index": index}
+    for a in ipr.get_addr(family=_AF[version], **kw):
+        flags = a.get("IFA_FLAGS") or a["flags"]
+        if a["scope"] == 0 and not flags & (IFA_F_DADFAILED | IFA_F_DEPRECATED):
+            out.append((a["index"], a.get("IFA_ADDRESS")))
+    return out
+
+
+def find_underlay(ipr: IPRoute, iface: str | None = None, public_ip: str | None = None,
+                  public_ipv6: str | None = None, versions: tuple[int, ...] = (4,)) -> Underlay:
+    """By interface name, by an address it holds, or else the interface of the default route of the first
+    enabled family; then its address in every enabled family (`versions`)."""
     index = None
+    wanted = {4: public_ip, 6: public_ipv6}
     if iface:
         found = ipr.link_lookup(ifname=iface)
         if not found:
             raise BackendError(f"interface {iface} does not exist")
         index = found[0]
-    elif public_ip:
-        for a in ipr.get_addr(family=socket.AF_INET):
-            if a.get("IFA_ADDRESS") == public_ip:
-                index = a["index"]
+    elif any(wanted[v] for v in versions):
+        v = next(v for v in versions if wanted[v])
+        index = next((i for i, a in _global_addresses(ipr, v) if netaddr.IPAddress(a) == netaddr.IPAddress(wanted[v])),
+                     None)
         if index is None:
-            raise BackendError(f"no interface holds {public_ip}")
+            raise BackendError(f"no interface holds {wanted[v]}")
     else:
-        for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE):
-            if r["dst_len"] == 0 and r.get("RTA_OIF"):
-                index = r.get("RTA_OIF")
+        for v in versions:
+            for r in ipr.get_routes(family=_AF[v], table=MAIN_TABLE):
+                if r["dst_len"] == 0 and r.get("RTA_OIF"):
+                    index = r.get("RTA_OIF")
+                    break
+            if index is not None:
                 break
         if index is None:
-            raise BackendError("no default route; name the underlay interface with --iface or --public-ip")
+            raise BackendError(f"no {' or '.join(f'IPv{v}' for v in versions)} default route; name the underlay "
+                               "interface with --iface, --public-ip or --public-ipv6")
     link = ipr.link("get", index=index)[0]
-    addrs = [a.get("IFA_ADDRESS") for a in ipr.get_addr(family=socket.AF_INET, index=index)]
-    if public_ip and public_ip not in addrs:
-        raise BackendError(f"{link.get('IFLA_IFNAME')} does not hold {public_ip}")
-    ip = public_ip or (addrs[0] if addrs else None)
-    if ip is None:
-        raise BackendError(f"{link.get('IFLA_IFNAME')} has no IPv4 address")
-    return Underlay(link.get("IFLA_IFNAME"), index, netaddr.IPAddress(ip), link.get("IFLA_MTU"))
+    name = link.get("IFLA_IFNAME")
+    got: dict[int, netaddr.IPAddress | None] = {4: None, 6: None}
+    for v in versions:
+        addrs = [netaddr.IPAddress(a) for _, a in _global_addresses(ipr, v, index)]
+        if wanted[v]:
+            if netaddr.IPAddress(wanted[v]) not in addrs:
+                raise BackendError(f"{name} does not hold {wanted[v]}")
+            got[v] = netaddr.IPAddress(wanted[v])
+        elif addrs:
+            got[v] = addrs[0]
+        else:
+            raise BackendError(f"{name} has no global IPv{v} address" +
+                               ("; IPv6 needs one on the underlay (or --public-ipv6)" if v == 6 else ""))
+    return Underlay(name, index, got[4], link.get("IFLA_MTU"), got[6])
 
 
 @dataclass
@@ -394,16 +427,28 @@ class Backend(ABC, Generic[C]):
     def close(self) -> None:
         """weftd stops; the kernel state stays."""
 
+    @property
+    def versions(self) -> list[int]:
+        """The address families this node carries: those it has an underlay address for."""
+        return [v for v in (4, 6) if self.underlay.address(v) is not None]
+
     def hostgw_routes(self, peers: list[Lease], stats: Stats) -> dict[netaddr.IPNetwork, RouteSpec]:
-        """Routes to peers' subnets through their underlay address, for peers that are on-link."""
+        """Routes to peers' subnets through their underlay address of the same family, for every family in which
+        the peer is on-link. A peer unreachable in any family it shares with this node is reported."""
         out = {}
-        direct = on_link([p.public_ip for p in peers if p.public_ip is not None], self.underlay)
+        gateways = [gw for p in peers for v in self.versions if (gw := p.attrs.public(v)) is not None]
+        direct = on_link(gateways, self.underlay)
         for p in peers:
-            if p.subnet is None:
-                continue
-            if p.public_ip is not None and p.public_ip in direct:
-                out[p.subnet] = RouteSpec(str(p.public_ip), self.underlay.index)
-            else:
+            reached = True
+            for v in self.versions:
+                subnet, gw = p.family_subnet(v), p.attrs.public(v)
+                if subnet is None:
+                    continue
+                if gw is not None and gw in direct:
+                    out[subnet] = RouteSpec(str(gw), self.underlay.index)
+                else:
+                    reached = False
+            if not reached:
                 stats.unreachable.append(p.node)
         return out
 

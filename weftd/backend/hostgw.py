@@ -12,7 +12,7 @@ class HostGW(Backend[BackendConfig]):
     _reported: frozenset[str] | set[str] = frozenset()
 
     def attrs(self) -> Attrs:
-        return Attrs(self.underlay.ip, self.type)
+        return Attrs(self.underlay.ip, self.type, public_ipv6=self.underlay.ip6)
 
     def mtu(self) -> int:
         return self.cfg.mtu or self.underlay.mtu

@@ -140,7 +140,7 @@ class WireGuard(Backend[WireGuardConfig]):
         return Attrs(self.underlay.ip, self.type, public_key=self.keys.public_b64, wg_port=self.wg.listen_port)
 
     def mtu(self) -> int:
-        return (self.cfg.mtu or self.underlay.mtu) - OVERHEAD[self.underlay.ip.version]
+        return (self.cfg.mtu or self.underlay.mtu) - OVERHEAD[4 if self.underlay.ip is not None else 6]
 
     def setup(self, own: Lease) -> None:
         with self._lock:
