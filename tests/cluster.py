@@ -273,12 +273,15 @@ class Cluster:
         return found[0][0] if found else None
 
     def stop_wireguard_go(self, cn: ClusterNode) -> None:
-        """It outlives weftd by design; SIGTERM makes it remove its device and its control socket."""
-        pid = self.wireguard_go(cn)
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            self.until(lambda: self.wireguard_go(cn) is None, 10, f"wireguard-go of {cn.name} gone")
-        Path(f"/var/run/wireguard/{cn.wg_device}.sock").unlink(missing_ok=True)
+        """It outlives weftd by design; SIGTERM makes it remove its device and its control socket. Also the
+        IPv6 device's (Mode separate in a dual-stack cluster)."""
+        from weftd.backend.wireguard.userspace import find_daemons
+
+        for dev in (cn.wg_device, f"{cn.wg_device}-v6"):
+            for pid, _ in find_daemons(dev):
+                os.kill(pid, signal.SIGTERM)
+            self.until(lambda dev=dev: not find_daemons(dev), 10, f"wireguard-go {dev} of {cn.name} gone")
+            Path(f"/var/run/wireguard/{dev}.sock").unlink(missing_ok=True)
 
 
 MakeCluster = Callable[..., Cluster]

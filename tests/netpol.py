@@ -158,10 +158,8 @@ def _probe(netns_path: str, ip: str, port: int, proto: str, timeout: float) -> b
 
 
 class NetpolModel:
-    def __init__(self, cluster: Cluster, nodes: list[ClusterNode], policy_dir: Path,
-                 conflists: dict[str, Path] | None = None) -> None:
+    def __init__(self, cluster: Cluster, nodes: list[ClusterNode], policy_dir: Path) -> None:
         self.cluster = cluster
-        self.conflists = conflists or {}  # node name -> the conflist its pods are added with (default: weftd's)
         self.nodes = nodes
         self.dir = policy_dir
         self.pods: dict[str, ModelPod] = {}
@@ -208,16 +206,13 @@ class NetpolModel:
             self.write_pod(pod)
         return pod
 
-    def conflist(self, node: ClusterNode) -> Path:
-        return self.conflists.get(node.name, node.conflist)
-
     def remove_pod(self, pod_id: str) -> None:
         pod = self.pods.pop(pod_id)
-        pod.node.node.drive("del", self.conflist(pod.node), f"{pod.namespace}-{pod.name}", pod.netns.path)
+        pod.node.node.drive("del", pod.node.conflist, f"{pod.namespace}-{pod.name}", pod.netns.path)
         (self.dir / f"pod-{pod.namespace}-{pod.name}.json").unlink(missing_ok=True)
 
     def attach(self, pod: ModelPod) -> None:
-        res = pod.node.node.drive("add", self.conflist(pod.node), f"{pod.namespace}-{pod.name}", pod.netns.path,
+        res = pod.node.node.drive("add", pod.node.conflist, f"{pod.namespace}-{pod.name}", pod.netns.path,
                                   CNIDRIVE_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}").json
         ips = [ip["address"].split("/")[0] for ip in res["ips"]]
         pod.ip = ips[0]

@@ -1,6 +1,7 @@
-"""NetworkPolicy over IPv6: dual-stack pods on simulated nodes (vxlan, file store, --policy-dir).
+"""NetworkPolicy over IPv6: a dual-stack cluster of 2 simulated nodes (vxlan in both families, file store,
+--policy-dir).
 
-Pods get an IPv4 and an IPv6 address from two IPAM ranges. Peer sets, ipBlocks and named ports hold
+Pods get an IPv4 and an IPv6 address from weftd's two IPAM ranges. Peer sets, ipBlocks and named ports hold
 both families; the bridge-family anti-spoofing holds a pod to its own IPv6 address while leaving it
 neighbour discovery and duplicate address detection. Tables are derived from the policies' semantics.
 """
@@ -11,7 +12,6 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,23 +22,7 @@ from tests.test_netpol import policy, sel
 
 T80, T81, U80 = (80, "TCP"), (81, "TCP"), (80, "UDP")
 V6_NETWORK = "fd00:10::/48"
-# The pods on n1 reach each other over IPv6 on the node's bridge; y/b is on n2.
-SAME_NODE = ("x/a", "x/b", "y/a")
-
-
-def dual_stack_conflist(conflist: Path, v6_subnet: str) -> Path:
-    """weftd's conflist for the node with a second, IPv6, range (the same network name, hand-off and IPAM
-    directory, so weftd binds the pods and knows their leases)."""
-    conf = json.loads(conflist.read_text())
-    ipam = conf["plugins"][0]["ipam"]
-    if len(ipam.get("ranges", [])) > 1:
-        return conflist  # weftd's own is dual-stack already
-    v4 = ipam.pop("ranges", None) or [[{"subnet": ipam.pop("subnet")}]]  # weftd writes range sets
-    ipam["ranges"] = [*v4, [{"subnet": v6_subnet}]]
-    ipam["routes"].append({"dst": V6_NETWORK})
-    out = conflist.with_name("dual-stack.conflist")
-    out.write_text(json.dumps(conf))
-    return out
+# x/a, x/b and y/a share n1's bridge; y/b is on n2, across the IPv6 VXLAN.
 
 
 @pytest.fixture(scope="module")
@@ -48,19 +32,19 @@ def dual(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetpolModel]:
     lab.base.mkdir()
     policies = base / "policies"
     policies.mkdir()
-    cluster = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+    cluster = Cluster(lab, {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": V6_NETWORK,
+                            "Backend": {"Type": "vxlan"}})
     m = None
     try:
         nodes = cluster.boot(["n1", "n2"], extra=("--policy-dir", str(policies)))
-        conflists = {cn.name: dual_stack_conflist(cn.conflist, f"fd00:10:0:{i}::/64") for i, cn in enumerate(nodes, 1)}
-        m = NetpolModel(cluster, nodes, policies, conflists)
+        m = NetpolModel(cluster, nodes, policies)
         m.write_namespaces()
         for pid, node in (("x/a", 0), ("x/b", 0), ("y/a", 0), ("y/b", 1)):
             ns, name = pid.split("/")
             m.add_pod(ns, name, nodes[node], serve=True)
         assert all(p.ip6.startswith("fd00:10:") for p in m.pods.values())
         m.expect(m.reachability([T80, U80]))
-        m.expect(m.reachability([T80, U80], SAME_NODE), family=6)
+        m.expect(m.reachability([T80, U80]), family=6)
         yield m
     finally:
         if m is not None:
@@ -73,7 +57,7 @@ def dual(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetpolModel]:
 def np6(dual: NetpolModel) -> Iterator[NetpolModel]:
     yield dual
     dual.clear_policies()
-    dual.expect(dual.reachability([T80, U80], SAME_NODE), family=6)
+    dual.expect(dual.reachability([T80, U80]), family=6)
 
 
 def test_ipv6_peers_and_named_ports_follow_policy_over_tcp_and_udp(np6: NetpolModel) -> None:
@@ -84,13 +68,13 @@ def test_ipv6_peers_and_named_ports_follow_policy_over_tcp_and_udp(np6: NetpolMo
     np6.apply("eg", policy("eg", "y", {"podSelector": sel(pod="a"), "policyTypes": ["Egress"], "egress": [
         {"to": [{"namespaceSelector": sel(ns="x")}], "ports": [{"port": "serve-81-tcp"}]}]}))
     ports = [T80, T81, U80]
-    for family, pods in ((6, SAME_NODE), (4, sorted(np6.pods))):
-        want = (np6.reachability(ports, pods).ingress("x/a", False).egress("x/a", False)
+    for family in (6, 4):
+        want = (np6.reachability(ports).ingress("x/a", False).egress("x/a", False)
                 .set("x/b", "x/a", True, [T80, U80]).egress("y/a", False).set("y/a", ["x/b"], True, [T81]))
         if family == 6:
             # Neighbour discovery passes policy: x/b resolves x/a afresh though x/a may send nothing.
-            for pid in pods:
-                np6.pods[pid].netns.run("ip", "-6", "neigh", "flush", "all")
+            for pod in np6.pods.values():
+                pod.netns.run("ip", "-6", "neigh", "flush", "all")
         np6.expect(want, family=family)
     rules = np6.nodes[0].ns.run("nft", "list", "table", "inet", "weft_policy").stdout
     a6, b6 = np6.pods["x/a"].ip6, np6.pods["x/b"].ip6
@@ -102,7 +86,7 @@ def test_ipv6_ip_block_with_except(np6: NetpolModel) -> None:
     np6.apply("cidr", policy("cidr", "x", {"podSelector": sel(pod="a"), "policyTypes": ["Egress"], "egress": [
         {"to": [{"ipBlock": {"cidr": V6_NETWORK, "except": [f"{ya}/128"]}}]}]}))
     # IPv6: everything in the block but y/a; IPv4: nothing (the block is IPv6 only).
-    np6.expect(np6.reachability([T80, U80], SAME_NODE).set("x/a", "y/a", False), family=6)
+    np6.expect(np6.reachability([T80, U80]).set("x/a", "y/a", False), family=6)
     np6.expect(np6.reachability([T80, U80]).egress("x/a", False))
 
 

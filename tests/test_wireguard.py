@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import pytest
 
 from tests.cluster import Cluster, ClusterNode, MakeCluster
@@ -37,16 +38,17 @@ def key_file(cn: ClusterNode) -> Path:
     return cn.state_dir / "wireguard.key"
 
 
-def udp_send(src: Netns, dst: Netns, dst_ip: str, payload: bytes, count: int = 5) -> bytes:
+def udp_send(src: Netns, dst: Netns, dst_ip: str, payload: bytes, count: int = 5, family: int = 4) -> bytes:
     """Sends `payload` from `src` to `dst_ip`:7001 and returns what the receiver in `dst` got."""
-    code = ("import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+    af = "AF_INET6" if family == 6 else "AF_INET"
+    code = (f"import socket,sys;s=socket.socket(socket.{af},socket.SOCK_DGRAM);"
             f"s.bind(('{dst_ip}',7001));s.settimeout(10);print('up',flush=True);"
             "d=s.recv(4096);sys.stdout.write(d.hex()+'\\n')")
     rcv = subprocess.Popen(["ip", "netns", "exec", dst.name, sys.executable, "-c", code], stdout=subprocess.PIPE,
                            text=True)
     try:
         assert rcv.stdout is not None and rcv.stdout.readline().strip() == "up"
-        send = (f"import socket,time;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+        send = (f"import socket,time;s=socket.socket(socket.{af},socket.SOCK_DGRAM)\n"
                 f"for _ in range({count}): s.sendto(bytes.fromhex('{payload.hex()}'),('{dst_ip}',7001)); "
                 "time.sleep(0.05)")
         src.run(sys.executable, "-c", send)
@@ -341,3 +343,91 @@ def test_kernel_device_three_nodes(make_cluster: MakeCluster, lab: Lab) -> None:
     all_pods_reach_each_other(c)
     _, health = n1.http("/healthz")
     assert "wireguard: kernel" in health
+
+
+DUAL = {"EnableIPv6": True, "IPv6Network": "fd00:10::/48"}
+
+
+@pytest.mark.parametrize("mode", ["separate", "ipv6"])
+def test_dual_stack_pods_talk_only_encrypted(make_cluster: MakeCluster, mode: str) -> None:
+    """IPv6 pods across nodes: Mode separate, an IPv6 device over the nodes' IPv6 addresses on ListenPortV6
+    beside the IPv4 one; Mode ipv6, one device carrying both families over the IPv6 underlay."""
+    c = make_cluster("wireguard", net=DUAL, families=(4, 6), PSK=PSK, Mode=mode)
+    nodes = c.boot()
+    n1, n2, n3 = nodes
+    port6 = 51821 if mode == "separate" else 51820
+
+    def device6(cn: ClusterNode) -> str:
+        return f"{cn.wg_device}-v6" if mode == "separate" else cn.wg_device
+
+    dev6 = device6(n1)
+    keys = {cn.name: json.loads((c.dir / "store.json").read_text())["leases"][cn.name]["BackendV6Data"]["PublicKey"]
+            for cn in nodes}
+    assert keys[n1.name] == public_key(c, n1)  # one key for both families
+
+    def v6_peers(cn: ClusterNode) -> dict[str, dict[str, str]]:
+        p = cn.ns.run("wg", "show", device6(cn), "dump")
+        return {line.split("\t")[0]: dict(zip(("endpoint", "allowed_ips"), line.split("\t")[2:4], strict=True))
+                for line in p.stdout.splitlines()[1:]}
+
+    for cn in nodes:
+        c.until(lambda cn=cn: len(v6_peers(cn)) == 2, 20, f"{cn.name}'s IPv6 peers", cn)
+    peers = v6_peers(n1)
+    for cn in (n2, n3):
+        lease = json.loads((c.dir / "store.json").read_text())["leases"][cn.name]
+        v6_subnet = lease["IPv6Subnet"]
+        want = v6_subnet if mode == "separate" else ",".join(sorted([lease["Subnet"], v6_subnet]))
+        assert peers[keys[cn.name]] == {"endpoint": f"[{cn.ip6}]:{port6}", "allowed_ips": want}
+    links = n1.ns.links()
+    assert links[dev6]["mtu"] == 1420  # 1500 - 80 over an IPv6 underlay
+    if mode == "separate":
+        assert links[n1.wg_device]["mtu"] == 1440
+    assert n1.state()["WEFT_MTU"] == "1420"  # pods: the smaller, one interface sends both families
+    assert [(r["dst"], r["dev"]) for r in n1.routes(6)] == [("fd00:10::/48", dev6)]
+    assert [(r["dst"], r["dev"]) for r in n1.routes(4)] == [("10.244.0.0/16", n1.wg_device)]
+
+    for cn in nodes:
+        c.pod(cn, f"pod-{cn.name}")
+    a, b = n1.pods["pod-n1"][0], n2.pods["pod-n2"][0]
+    a6, b6, c6 = (cn.pod_ips[f"pod-{cn.name}"][1] for cn in nodes)
+    assert ":" in a6
+    for ns, _ in (n1.pods["pod-n1"], n2.pods["pod-n2"], n3.pods["pod-n3"]):
+        for ip in (a6, b6, c6):
+            assert ping(ns, ip), f"{ns.name} cannot reach {ip}"
+    assert ping(a, b6, "-M", "do", "-s", "1372")  # 1372 + 48 = the whole 1420-byte pod MTU, DF set
+    assert not ping(a, b6, "-M", "do", "-s", "1373")
+
+    pcap = c.dir / "underlay.pcap"
+    dump = subprocess.Popen(["ip", "netns", "exec", c.underlay.name, "tcpdump", "-i", "any", "-y", "LINUX_SLL", "-n",
+                             "--immediate-mode", "-U", "-s", "0", "-w", str(pcap)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert dump.stderr is not None
+        while "listening on" not in (line := dump.stderr.readline()):
+            assert line, "tcpdump did not start"
+        assert udp_send(a, b, b6, MARKER, family=6) == MARKER
+        assert ping(b, a6) and ping(n3.pods["pod-n3"][0], a6) and ping(b, n1.pods["pod-n1"][1])
+        time.sleep(0.3)
+    finally:
+        dump.send_signal(signal.SIGINT)
+        dump.communicate(timeout=10)
+    nodes6 = {cn.ip6 for cn in nodes}
+    udp6 = udp4 = 0
+    for ethertype, f in pcap_packets(pcap):
+        assert MARKER not in f
+        if ethertype == 0x0800:
+            src, dst = ".".join(map(str, f[12:16])), ".".join(map(str, f[16:20]))
+            assert not src.startswith("10.244.") and not dst.startswith("10.244.")
+            assert mode == "separate" and f[9] == 17, f"IPv4 packet {src} -> {dst} on the underlay"
+            udp4 += 1
+        elif ethertype == 0x86DD:
+            src6, dst6 = (str(netaddr.IPAddress(int.from_bytes(f[o:o + 16], "big"), 6)) for o in (8, 24))
+            assert not src6.startswith("fd00:10:") and not dst6.startswith("fd00:10:"), f"{src6} -> {dst6} in clear"
+            if f[6] == 58 and f[40] in (133, 134, 135, 136, 143):
+                continue  # the nodes' own neighbour discovery and MLD
+            assert f[6] == 17, f"non-UDP IPv6 packet {src6} -> {dst6} on the underlay"
+            sport, dport = struct.unpack(">HH", f[40:44])
+            assert {src6, dst6} <= nodes6 and port6 in (sport, dport), f"[{src6}]:{sport} -> [{dst6}]:{dport}"
+            udp6 += 1
+    assert udp6 >= 10  # the marker datagrams and the IPv6 pings crossed, encrypted, over IPv6
+    assert (udp4 > 0) == (mode == "separate")  # Mode ipv6: the IPv4 ping went over IPv6 too

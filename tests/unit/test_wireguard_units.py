@@ -17,6 +17,7 @@ import pytest
 from pyroute2.netlink import NLA_F_NESTED
 from pyroute2.netlink.generic.wireguard import WGPEER_F_REMOVE_ME, WGPEER_F_REPLACE_ALLOWEDIPS, wgmsg
 
+from weftd.backend.wireguard import plan_tunnels
 from weftd.backend.wireguard.kernel import PEERS_PER_MESSAGE, get_message, parse_device, set_messages
 from weftd.backend.wireguard.keys import KeyFileError, KeyPair, load_or_create, public_key
 from weftd.backend.wireguard.peers import (
@@ -27,6 +28,7 @@ from weftd.backend.wireguard.peers import (
     SetPeer,
     desired_peers,
     endpoint,
+    endpoint_version,
     plan,
 )
 from weftd.backend.wireguard.uapi import Uapi, UapiError, parse_get, set_lines
@@ -77,7 +79,6 @@ def test_config_round_trips_through_the_store() -> None:
     ({"PersistentKeepaliveInterval": -5}, "PersistentKeepaliveInterval -5"),
     ({"PersistentKeepaliveInterval": True}, "PersistentKeepaliveInterval True"),
     ({"Mode": "both"}, "Mode 'both' must be one of separate, auto, ipv4, ipv6"),
-    ({"Mode": "ipv6"}, "needs IPv6 node addresses"),
     ({"ListenPort": 6000, "ListenPortV6": 6000}, "Mode separate needs two ports"),
     ({"MTU": 100}, "Backend.MTU 100"),
 ])
@@ -199,6 +200,49 @@ def test_a_peer_with_our_own_key_is_refused() -> None:
 def test_a_node_of_another_backend_is_refused() -> None:
     d = desired_peers(lease("n1", 1, key(1)), key(1), [lease("n2", 2, None, "vxlan")], 51820, 0, None)
     assert d.peers == {} and "publishes no WireGuard public key (backend vxlan)" in d.refused["n2"]
+
+
+def dual(node: str, n: int, pub: str, v4: str | None = None, v6: str | None = None, ports: tuple[int, int] = (0, 0),
+         families: tuple[int, ...] = (4, 6)) -> Lease:
+    return Lease(node, netaddr.IPNetwork(f"10.244.{n}.0/24") if 4 in families else None,
+                 Attrs(netaddr.IPAddress(v4 or f"192.0.2.{n}") if v4 != "" else None, "wireguard", public_key=pub,
+                       wg_port=ports[0] or None, public_ipv6=netaddr.IPAddress(v6 or f"fd00:77::{n}") if v6 != ""
+                       else None, wg_port6=ports[1] or None),
+                 netaddr.IPNetwork(f"fd00:10:0:{n}::/64") if 6 in families else None)
+
+
+def test_separate_mode_one_device_per_family_each_over_its_own_family() -> None:
+    cfg = net(Mode="separate").backend
+    assert plan_tunnels(cfg, (4, 6)) == [(51820, (4,), "ipv4"), (51821, (6,), "ipv6")]  # type: ignore[arg-type]
+    assert plan_tunnels(cfg, (6,)) == [(51821, (6,), "ipv6")]  # type: ignore[arg-type]
+    own, peer = dual("n1", 1, key(1)), dual("n2", 2, key(2), ports=(51820, 51821))
+    d4 = desired_peers(own, key(1), [peer], 51820, 0, None, versions=(4,), mode="ipv4")
+    d6 = desired_peers(own, key(1), [peer], 51821, 0, None, versions=(6,), mode="ipv6")
+    assert d4.peers[key(2)] == PeerConfig(key(2), "192.0.2.2:51820", ("10.244.2.0/24",))
+    assert d6.peers[key(2)] == PeerConfig(key(2), "[fd00:77::2]:51821", ("fd00:10:0:2::/64",))
+    # a node without an IPv6 address cannot be reached by the IPv6 device; it says why
+    d6 = desired_peers(own, key(1), [dual("n3", 3, key(3), v6="")], 51821, 0, None, versions=(6,), mode="ipv6")
+    assert d6.peers == {} and "publishes no IPv6 address" in d6.refused["n3"]
+
+
+def test_one_device_modes_carry_both_families_to_the_endpoint_the_mode_picks() -> None:
+    for mode in ("auto", "ipv4", "ipv6"):
+        assert plan_tunnels(net(Mode=mode).backend, (4, 6)) == [(51820, (4, 6), mode)]  # type: ignore[arg-type]
+    own, peer = dual("n1", 1, key(1)), dual("n2", 2, key(2), ports=(51820, 51820))
+    for mode, ep in (("ipv4", "192.0.2.2:51820"), ("ipv6", "[fd00:77::2]:51820"), ("auto", "192.0.2.2:51820")):
+        d = desired_peers(own, key(1), [peer], 51820, 0, None, versions=(4, 6), mode=mode)
+        assert d.peers[key(2)] == PeerConfig(key(2), ep, ("10.244.2.0/24", "fd00:10:0:2::/64"))
+
+
+def test_auto_picks_endpoints_like_flannel() -> None:
+    own = dual("n1", 1, key(1), v4="10.0.0.1", v6="2a00:1::1")
+    assert endpoint_version("auto", own, dual("a", 2, key(2), v4="", v6="fd00::2")) == 6  # the only one
+    assert endpoint_version("auto", own, dual("b", 3, key(3), v4="10.0.0.3", v6="")) == 4
+    assert endpoint_version("auto", own, dual("c", 4, key(4), v4="1.2.3.4", v6="2a00:4::4")) == 4  # public v4
+    assert endpoint_version("auto", own, dual("d", 5, key(5), v4="10.0.0.5", v6="2a00:5::5")) == 6  # public v6s
+    private6 = dual("n1", 1, key(1), v4="10.0.0.1", v6="fd00::1")
+    assert endpoint_version("auto", private6, dual("e", 6, key(6), v4="10.0.0.6", v6="2a00:6::6")) == 4
+    assert endpoint_version("ipv6", own, dual("f", 7, key(7), v6="")) is None
 
 
 def test_plan_removes_stale_first_and_fixes_drift_only() -> None:

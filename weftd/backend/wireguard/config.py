@@ -37,8 +37,8 @@ def _port(d: Mapping[str, Any], key: str, default: int) -> int:
 
 @dataclass(frozen=True)
 class WireGuardConfig(BackendConfig):
-    """Flannel's wireguard keys. ListenPortV6 and the Modes other than ipv4 matter once nodes have IPv6
-    underlay addresses; they are validated now so a config written for later fails early, not then."""
+    """Flannel's wireguard keys. Mode separate: an IPv4 device on ListenPort and an IPv6 device on
+    ListenPortV6; auto, ipv4, ipv6: one device on ListenPort for both families."""
 
     psk: str | None = field(default=None, repr=False)  # cluster-wide preshared key, base64; never logged
     listen_port: int = 51820
@@ -63,9 +63,6 @@ class WireGuardConfig(BackendConfig):
         mode = mode.lower()
         if mode == "separate" and port == port6:
             raise ConfigError(f"Backend.ListenPort and ListenPortV6 are both {port}; Mode separate needs two ports")
-        if mode == "ipv6":
-            raise ConfigError("Backend.Mode ipv6 (IPv6 endpoints) needs IPv6 node addresses, which weft does not "
-                              "support yet; use separate, auto or ipv4")
         return {**super().fields(d), "psk": psk, "listen_port": port, "listen_port_v6": port6,
                 "keepalive": keepalive, "mode": mode}
 

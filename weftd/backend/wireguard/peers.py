@@ -9,6 +9,7 @@ is programmed for neither, as Calico does: which of them holds the private key c
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 import netaddr
@@ -55,8 +56,35 @@ class Desired:
     refused: dict[str, str]  # node -> why it is not programmed
 
 
+def _private(ip: netaddr.IPAddress) -> bool:
+    """RFC 1918, unique local, link-local and the like: an address the internet does not route."""
+    return not ipaddress.ip_address(str(ip)).is_global
+
+
+def endpoint_version(mode: str, own: Lease, peer: Lease) -> int | None:
+    """The family of the underlay a peer is reached over: Mode ipv4 or ipv6 as it says, `separate` by the
+    device (the caller passes ipv4 or ipv6), `auto` like Flannel's selectPublicEndpoint: the only family
+    the peer publishes; else IPv4 if the peer's IPv4 address is public and this node has one; else IPv6
+    if both ends' IPv6 addresses are public; else IPv4. None: the peer publishes no address for it."""
+    v4, v6 = peer.public_ip, peer.attrs.public_ipv6
+    if mode == "ipv4":
+        return 4 if v4 is not None else None
+    if mode == "ipv6":
+        return 6 if v6 is not None else None
+    if v4 is None or v6 is None:
+        return 4 if v4 is not None else 6 if v6 is not None else None
+    if not _private(v4) and own.public_ip is not None:
+        return 4
+    own6 = own.attrs.public_ipv6
+    if not _private(v6) and own6 is not None and not _private(own6):
+        return 6
+    return 4
+
+
 def desired_peers(own: Lease, own_key: str, leases: list[Lease], listen_port: int, keepalive: int,
-                  psk: str | None) -> Desired:
+                  psk: str | None, *, versions: tuple[int, ...] = (4,), mode: str = "ipv4") -> Desired:
+    """The peers of one device: each node's pod subnets of `versions` (the families the device carries),
+    at its address of the family `mode` picks and the port it publishes for that family."""
     claims: dict[str, list[str]] = {own_key: [own.node]}
     refused: dict[str, str] = {}
     for p in leases:
@@ -75,8 +103,18 @@ def desired_peers(own: Lease, own_key: str, leases: list[Lease], listen_port: in
             others = [n for n in owners if n != p.node]
             refused[p.node] = f"its public key {key} is also claimed by {', '.join(sorted(others))}"
             continue
-        peers[key] = PeerConfig(key, endpoint(p.public_ip, p.attrs.wg_port or listen_port), (str(p.subnet),),
-                                keepalive, psk)
+        subnets = [s for s in (p.family_subnet(v) for v in versions) if s is not None]
+        if not subnets:
+            refused[p.node] = f"holds no IPv{' or IPv'.join(map(str, versions))} pod subnet"
+            continue
+        version = endpoint_version(mode, own, p)
+        if version is None:
+            refused[p.node] = f"publishes no {'IPv4' if mode == 'ipv4' else 'IPv6'} address to reach it at"
+            continue
+        ip = p.public_ip if version == 4 else p.attrs.public_ipv6
+        assert ip is not None
+        port = (p.attrs.wg_port if version == 4 else p.attrs.wg_port6) or listen_port
+        peers[key] = PeerConfig(key, endpoint(ip, port), tuple(sorted(str(s) for s in subnets)), keepalive, psk)
         nodes[key] = p.node
     return Desired(peers, nodes, refused)
 
