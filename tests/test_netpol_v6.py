@@ -90,11 +90,14 @@ def test_ipv6_ip_block_with_except(np6: NetpolModel) -> None:
     np6.expect(np6.reachability([T80, U80]).egress("x/a", False))
 
 
-def _listen(pod_ns: str, port: int) -> subprocess.Popen[str]:
-    code = ("import socket;s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);"
-            f"s.bind(('::',{port}));print('up',flush=True);s.settimeout(3)\n"
-            "try:\n while True: print(s.recvfrom(64)[1][0],flush=True)\nexcept OSError: pass")
-    p = subprocess.Popen(["ip", "netns", "exec", pod_ns, sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+def _listen(pod_ns: str, port: int, genuine: str) -> subprocess.Popen[str]:
+    """Prints the source of every datagram to `port` until three from `genuine` (sent last) are in: not
+    until a quiet spell, since under load the sends can be seconds apart."""
+    code = ("import socket,sys;s=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM);"
+            f"s.bind(('::',{port}));print('up',flush=True);s.settimeout(60);n=0\n"
+            "while n<3: a=s.recvfrom(64)[1][0];print(a,flush=True);n+=a==sys.argv[1]")
+    p = subprocess.Popen(["ip", "netns", "exec", pod_ns, sys.executable, "-c", code, genuine], stdout=subprocess.PIPE,
+                         text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "up"
     return p
 
@@ -117,12 +120,12 @@ def test_ipv6_spoofing_is_refused_and_neighbour_discovery_is_not(np6: NetpolMode
     xa.netns.run("ip", "addr", "add", f"{xb.ip6}/128", "dev", "eth0")
     try:
         np6.cluster.until(lambda: "dadfailed" in xa.netns.run("ip", "-6", "addr", "show", "dev", "eth0").stdout,
-                          10, "x/a's duplicate address detection of x/b's address to fail")
+                          30, "x/a's duplicate address detection of x/b's address to fail")
     finally:
         xa.netns.run("ip", "addr", "del", f"{xb.ip6}/128", "dev", "eth0")
         xa.netns.run("sysctl", "-qw", "net.ipv6.conf.eth0.accept_dad=0")
     before = _spoofed(np6)
-    listener = _listen(ya.netns.name, 9999)
+    listener = _listen(ya.netns.name, 9999, xa.ip6)
     try:
         xa.netns.run("ip", "addr", "add", f"{xb.ip6}/128", "dev", "eth0", "nodad")
         try:
@@ -136,7 +139,7 @@ def test_ipv6_spoofing_is_refused_and_neighbour_discovery_is_not(np6: NetpolMode
                      for a in i["addr_info"] if a["local"].startswith("fe80:"))
         xa.netns.run(sys.executable, "-c", SEND, f"{link_local}%eth0", f"{ya_ll}%eth0", "9999")
         xa.netns.run(sys.executable, "-c", SEND, xa.ip6, ya.ip6, "9999")  # genuine
-        out, _ = listener.communicate(timeout=10)
+        out, _ = listener.communicate(timeout=90)
     finally:
         listener.kill()
     assert out.split() == [xa.ip6] * 3
