@@ -183,7 +183,7 @@ class Cluster:
         code = ("import urllib.request,sys\n"
                 f"sys.exit(0 if b'true' in urllib.request.urlopen('{url}/health',timeout=1).read() else 1)")
         self.until(lambda: self.etcd_ns is not None and
-                   self.etcd_ns.run(sys.executable, "-c", code, check=False).returncode == 0, 30, "etcd healthy")
+                   self.etcd_ns.run(sys.executable, "-c", code, check=False).returncode == 0, 60, "etcd healthy")
 
     def stop_etcd(self) -> None:
         if self.etcd is not None:
@@ -202,10 +202,10 @@ class Cluster:
     def stop(self, cn: ClusterNode, sig: int = signal.SIGTERM) -> None:
         if cn.proc is not None:
             cn.proc.send_signal(sig)
-            cn.proc.wait(15)
+            cn.proc.wait(60)
             cn.proc = None
 
-    def wait_ready(self, cn: ClusterNode, timeout: float = 30) -> None:
+    def wait_ready(self, cn: ClusterNode, timeout: float = 120) -> None:
         self.until(lambda: cn.conflist.exists() and cn.http("/healthz")[0] == 200, timeout,
                    f"{cn.name} ready", cn)
 
@@ -228,7 +228,7 @@ class Cluster:
         for cn in out:
             self.wait_ready(cn)
         for cn in out:
-            self.until(lambda cn=cn: self.peers_programmed(cn) == len(out) - 1, 20, f"{cn.name} reaches all peers",
+            self.until(lambda cn=cn: self.peers_programmed(cn) == len(out) - 1, 60, f"{cn.name} reaches all peers",
                        cn)
         return out
 
@@ -280,7 +280,7 @@ class Cluster:
         for dev in (cn.wg_device, f"{cn.wg_device}-v6"):
             for pid, _ in find_daemons(dev):
                 os.kill(pid, signal.SIGTERM)
-            self.until(lambda dev=dev: not find_daemons(dev), 10, f"wireguard-go {dev} of {cn.name} gone")
+            self.until(lambda dev=dev: not find_daemons(dev), 60, f"wireguard-go {dev} of {cn.name} gone")
             Path(f"/var/run/wireguard/{dev}.sock").unlink(missing_ok=True)
 
 

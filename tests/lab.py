@@ -100,6 +100,18 @@ def peer_address(server: Netns, server_ip: str, client: Netns) -> str:
         srv.wait()
 
 
+def ping(ns: Netns, ip: str, *extra: str, once: bool = False) -> bool:
+    """Whether `ip` answers a ping from `ns`.
+
+    Traffic that must pass: one echo a second until the first reply, for up to 30 s, so a reply that a
+    loaded machine delays (or a first packet lost to neighbour resolution) does not fail the test; an
+    answered path returns at its first reply. `once`: a single echo with a 2 s wait, for traffic that
+    must NOT pass (an answer is the failure, so a short wait is honest) and for callers that poll.
+    """
+    wait = ("-W", "2") if once else ("-w", "30")
+    return ns.run("ping", "-c1", *wait, *extra, ip, check=False).returncode == 0
+
+
 def weftd_pid(socket: Path) -> int | None:
     """The weftd serving `socket`: the process under `ip netns exec` that carries the flag."""
     flag = ["--cni-socket", str(socket)]

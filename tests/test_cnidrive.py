@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tests.lab import ROOT, Node, weft_conf
+from tests.lab import ROOT, Node, ping, weft_conf
 
 
 def test_lifecycle_through_libcni(node: Node) -> None:
@@ -76,9 +76,9 @@ def test_pods_reach_each_other_and_the_gateway(node: Node) -> None:
         ips.append(node.drive("add", conflist, f"c{i}", pod.path).json["ips"][0]["address"].split("/")[0])
     assert len(set(ips)) == 3
     for pod in pods:
-        pod.run("ping", "-c1", "-W2", "10.22.0.1")
+        assert ping(pod, "10.22.0.1")
         for ip in ips:
-            pod.run("ping", "-c1", "-W2", ip)
+            assert ping(pod, ip)
     for i, pod in enumerate(pods):
         node.drive("del", conflist, f"c{i}", pod.path)
     assert not any(n.startswith("weft") for n in node.ns.links())

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.lab import Node, weft_conf
+from tests.lab import Node, ping, weft_conf
 
 N = 50
 
@@ -24,7 +24,7 @@ def test_parallel_adds_get_distinct_addresses_and_dels_empty_the_store(node: Nod
     assert len(node.reservations("weftnet")) == N
     assert sum(1 for n in node.ns.links() if n.startswith("weft")) == N
     assert sorted(node.masqueraded()) == sorted(ip.split("/")[0] for ip in ips)
-    pods[0].run("ping", "-c1", "-W2", ips[-1].split("/")[0])
+    assert ping(pods[0], ips[-1].split("/")[0])
 
     with ThreadPoolExecutor(N) as pool:
         dels = list(pool.map(lambda i: node.drive("del", conflist, f"c{i}", pods[i].path, check=False), range(N)))

@@ -101,7 +101,7 @@ def test_nat_table_has_no_forward_chain_and_an_older_one_goes(make_cluster: Make
         "add rule inet weft forward ip saddr @fwd_nets4 accept\n"))
     c.start(n1)
     c.wait_ready(n1)
-    c.until(lambda: "chain forward" not in n1.ns.run("nft", "list", "table", "inet", "weft").stdout, 10,
+    c.until(lambda: "chain forward" not in n1.ns.run("nft", "list", "table", "inet", "weft").stdout, 60,
             "the old forward chain removed", n1)
     table = n1.ns.run("nft", "-j", "list", "table", "inet", "weft").stdout
     chains = [i["chain"] for i in json.loads(table)["nftables"] if "chain" in i]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.lab import Node, weft_conf
+from tests.lab import Node, ping, weft_conf
 
 
 def test_dual_stack_pods_talk_over_both_families(node: Node) -> None:
@@ -22,8 +22,8 @@ def test_dual_stack_pods_talk_over_both_families(node: Node) -> None:
     # The bridge's IPv6 gateway is usable at once: added without duplicate address detection.
     gw = node.ns.run("ip", "-6", "addr", "show", "dev", "cni0", "scope", "global").stdout
     assert "fd00:40::1/64" in gw and "tentative" not in gw and "nodad" in gw
-    pods[0].run("ping", "-c1", "-W2", "10.40.0.3")
-    pods[0].run("ping", "-6", "-c1", "-W3", "fd00:40::3")
+    assert ping(pods[0], "10.40.0.3")
+    assert ping(pods[0], "fd00:40::3", "-6")
     for i, p in enumerate(pods):
         node.drive("check", conflist, f"d{i}", p.path)
         node.drive("del", conflist, f"d{i}", p.path)

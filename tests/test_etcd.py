@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.cluster import ETCD_IP, Cluster
-from tests.lab import Lab
+from tests.lab import Lab, ping
 
 
 @pytest.fixture
@@ -45,12 +45,12 @@ def test_leases_ttl_renewal_reuse_and_outage(cluster: Cluster) -> None:
         c.pod(cn, f"pod-{cn.name}")
     a, _ = n1.pods["pod-n1"]
     for cn in (n2, n3):
-        assert a.run("ping", "-c1", "-W2", cn.pods[f"pod-{cn.name}"][1], check=False).returncode == 0
+        assert ping(a, cn.pods[f"pod-{cn.name}"][1])
 
     # Renewal keeps a lease alive well past its 6 s TTL.
     time.sleep(8)
     assert "n1" in json.dumps(etcd_keys(c))
-    c.until(lambda: "weft_lease_renewals_total 0.0" not in n1.http("/metrics")[1], 10, "a renewal", n1)
+    c.until(lambda: "weft_lease_renewals_total 0.0" not in n1.http("/metrics")[1], 60, "a renewal", n1)
 
     # A restarted node gets its own subnet back, and its VTEP MAC.
     before = n2.state()["WEFT_SUBNET"], n2.ns.links()["weft.1"]["address"]
@@ -62,21 +62,21 @@ def test_leases_ttl_renewal_reuse_and_outage(cluster: Cluster) -> None:
     # A node that dies stops renewing; its lease expires and the others drop its routes.
     c.stop(n3, signal.SIGKILL)
     for cn in (n1, n2):
-        c.until(lambda cn=cn: len(cn.routes()) == 1, 20, f"{cn.name} forgets n3", cn)
+        c.until(lambda cn=cn: len(cn.routes()) == 1, 60, f"{cn.name} forgets n3", cn)
 
     # etcd down: weftd keeps the last good state, reports it, and converges once etcd is back.
     c.stop_etcd()
-    c.until(lambda: "weft_store_up 0.0" in n1.http("/metrics")[1], 10, "store down noticed", n1)
+    c.until(lambda: "weft_store_up 0.0" in n1.http("/metrics")[1], 60, "store down noticed", n1)
     assert len(n1.routes()) == 1
-    assert a.run("ping", "-c1", "-W2", n2.pods["pod-n2"][1], check=False).returncode == 0
+    assert ping(a, n2.pods["pod-n2"][1])
     c.start_etcd()
-    c.until(lambda: "weft_store_up 1.0" in n1.http("/metrics")[1], 20, "store back", n1)
+    c.until(lambda: "weft_store_up 1.0" in n1.http("/metrics")[1], 60, "store back", n1)
     n4 = c.add_node("n4")
     c.start(n4)
     c.wait_ready(n4)
-    c.until(lambda: len(n1.routes()) == 2, 20, "n1 learns n4", n1)
+    c.until(lambda: len(n1.routes()) == 2, 60, "n1 learns n4", n1)
     _, ip4 = c.pod(n4, "pod-n4")
-    assert a.run("ping", "-c1", "-W2", ip4, check=False).returncode == 0
+    assert ping(a, ip4)
 
 
 def test_remove_node_from_etcd(cluster: Cluster) -> None:
@@ -85,4 +85,4 @@ def test_remove_node_from_etcd(cluster: Cluster) -> None:
     c.stop(n3)
     n1.ns.run(sys.executable, "-m", "weftd", "remove-node", "--node-name", "n3", *c.store_args())
     for cn in (n1, n2):
-        c.until(lambda cn=cn: len(cn.routes()) == 1, 10, f"{cn.name} drops n3", cn)
+        c.until(lambda cn=cn: len(cn.routes()) == 1, 60, f"{cn.name} drops n3", cn)

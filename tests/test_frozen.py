@@ -13,7 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.lab import ROOT, Node, install_bundle
+from tests.lab import ROOT, Node, install_bundle, ping
 
 INSTALL = ROOT / "packaging" / "install.sh"
 
@@ -114,7 +114,7 @@ def test_frozen_plugin_attaches_a_pod_from_a_root_without_python(bundle: Path, n
     ip = json.loads(add.stdout)["ips"][0]["address"]
     assert ip == "10.33.0.2/24"
     assert (root / "var/lib/cni/networks/frozen/10.33.0.2").read_text().startswith("frozen1")
-    assert pod.run("ping", "-c1", "-W2", "10.33.0.1", check=False).returncode == 0
+    assert ping(pod, "10.33.0.1")
     assert chrooted("CHECK").returncode == 1  # a CHECK without prevResult is refused, as the spec says
     dele = chrooted("DEL")
     assert dele.returncode == 0, dele.stdout + dele.stderr

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.cluster import ClusterNode, MakeCluster
-from tests.lab import cnidrive_path, host_veths
+from tests.lab import cnidrive_path, host_veths, ping
 
 
 def handed_over(cn: ClusterNode, command: str, result: str = "ok") -> int:
@@ -32,7 +32,7 @@ def test_weftd_serves_the_plugin_and_the_plugin_runs_alone_without_it(make_clust
     c.stop(n1)  # SIGTERM: weftd removes its socket, the plugin runs on its own
     assert not n1.node.socket.exists()
     _, b_ip = c.pod(n1, "b")
-    assert a.run("ping", "-c1", "-W2", b_ip, check=False).returncode == 0
+    assert ping(a, b_ip)
 
     c.start(n1)
     c.wait_ready(n1)

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.lab import Netns, Node, weft_conf
+from tests.lab import Netns, Node, ping, weft_conf
 
 
 def _add_two(node: Node, conflist: Path, prefix: str) -> tuple[list[Netns], list[str]]:
@@ -28,7 +28,7 @@ def test_host_local_under_weft(node: Node) -> None:
     pods, ips = _add_two(node, conflist, "h")
     assert ips == ["10.22.0.2/24", "10.22.0.3/24"]
     assert node.reservations("weftnet") == {"10.22.0.2": "h0\r\neth0", "10.22.0.3": "h1\r\neth0"}
-    pods[0].run("ping", "-c1", "-W2", "10.22.0.3")
+    assert ping(pods[0], "10.22.0.3")
     _check_and_delete(node, conflist, "h", pods)
     assert node.reservations("weftnet") == {}
 
@@ -39,7 +39,7 @@ def test_weft_ipam_under_reference_bridge(node: Node) -> None:
     conflist = node.write_conflist("refnet", [conf])
     pods, ips = _add_two(node, conflist, "b")
     assert ips == ["10.23.0.2/24", "10.23.0.3/24"]
-    pods[1].run("ping", "-c1", "-W2", "10.23.0.2")
+    assert ping(pods[1], "10.23.0.2")
     _check_and_delete(node, conflist, "b", pods)
     assert node.reservations("refnet") == {}
 

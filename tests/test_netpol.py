@@ -93,7 +93,7 @@ def test_default_deny_ingress(np: NetpolModel) -> None:
     assert m is not None and float(m.group(1)) > 0, metrics
     # Denied packets are logged from NFLOG with pod names, on the node of the pod they were denied to.
     pattern = r"denied TCP [\d.]+:\d+ -> [\d.]+:80: y/a -> x/a; ingress of x/a allowed by none of x/deny-ingress"
-    np.cluster.until(lambda: re.search(pattern, np.pods["x/a"].node.log.read_text()) is not None, 5,
+    np.cluster.until(lambda: re.search(pattern, np.pods["x/a"].node.log.read_text()) is not None, 60,
                      "a denied-packet log line", np.pods["x/a"].node)
 
 
@@ -454,7 +454,7 @@ def test_weftd_restart_and_kill_keep_policy_in_force_without_a_gap(np: NetpolMod
             probes.append((current, probe_once(ya, xa.ip, 80, timeout=0.3), probe_once(ya, yb.ip, 80, timeout=0.3)))
 
     def rounds_in(name: str, n: int = 3) -> None:
-        np.cluster.until(lambda: sum(1 for p in probes if p[0] == name) >= n, 15, f"{n} probe rounds {name}", node)
+        np.cluster.until(lambda: sum(1 for p in probes if p[0] == name) >= n, 60, f"{n} probe rounds {name}", node)
 
     t = threading.Thread(target=watch)
     t.start()
@@ -467,7 +467,7 @@ def test_weftd_restart_and_kill_keep_policy_in_force_without_a_gap(np: NetpolMod
             np.cluster.start(node, "--policy-dir", str(np.dir))
             np.cluster.wait_ready(node)
             # The new weftd has replaced the table with its own compiled view (one transaction).
-            np.cluster.until(lambda: "weft_policies 1.0" in node.http("/metrics")[1], 10, "policy applied", node)
+            np.cluster.until(lambda: "weft_policies 1.0" in node.http("/metrics")[1], 60, "policy applied", node)
             phase[0] = f"restarted after {sig.name}"
             rounds_in(phase[0])
     finally:

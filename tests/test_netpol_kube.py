@@ -50,7 +50,7 @@ def test_policy_from_the_api_server(kube_api: KubeAPI, kube_cluster: Cluster) ->
         add("x", "b", n2)
         add("y", "a", n2)
         everyone = {(a, b): True for a in pods for b in pods if a != b}
-        c.until(lambda: table() == everyone, 20, "every pod reaches every pod")
+        c.until(lambda: table() == everyone, 60, "every pod reaches every pod")
 
         # Only y may reach x/a: same-node (x/b is on n2 like y/a, x/a on n1) and across vxlan.
         status, obj = kube.request("POST", NP.format("x"), {
@@ -59,19 +59,19 @@ def test_policy_from_the_api_server(kube_api: KubeAPI, kube_cluster: Cluster) ->
                      "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}})
         assert status == 201, obj
         want = {**everyone, ("x/b", "x/a"): False}
-        c.until(lambda: table() == want, 20, "x/a reachable only from y", n1)
+        c.until(lambda: table() == want, 60, "x/a reachable only from y", n1)
 
         # A namespace label change through the API: y loses the label, x gains it.
         kube.core.patch_namespace("y", {"metadata": {"labels": {"ns": "other"}}})
         kube.core.patch_namespace("x", {"metadata": {"labels": {"ns": "y"}}})
         want = {**everyone, ("y/a", "x/a"): False}
-        c.until(lambda: table() == want, 20, "namespace labels followed", n1)
+        c.until(lambda: table() == want, 60, "namespace labels followed", n1)
 
         # A pod added after the policy is isolated when its ADD returns: x/c selected by a deny-all.
         status, obj = kube.request("POST", NP.format("x"), {
             "metadata": {"name": "deny-c"}, "spec": {"podSelector": {"matchLabels": {"pod": "c"}}}})
         assert status == 201, obj
-        c.until(lambda: "policy x/deny-c applied" in n1.log.read_text(), 20, "deny-c known on n1", n1)
+        c.until(lambda: "policy x/deny-c applied" in n1.log.read_text(), 60, "deny-c known on n1", n1)
         add("x", "c", n1)
         assert not reach("y/a", "x/c") and not reach("x/b", "x/c")
         assert reach("x/c", "y/a")
@@ -80,7 +80,7 @@ def test_policy_from_the_api_server(kube_api: KubeAPI, kube_cluster: Cluster) ->
         for name in ("from-y", "deny-c"):
             assert kube.request("DELETE", NP.format("x") + "/" + name)[0] == 200
         everyone = {(a, b): True for a in pods for b in pods if a != b}
-        c.until(lambda: table() == everyone, 20, "policies gone", n1)
+        c.until(lambda: table() == everyone, 60, "policies gone", n1)
     finally:
         for srv in servers:
             srv.kill()

@@ -153,7 +153,7 @@ def test_silent_weftd_bounded_waits(make_cluster: MakeCluster) -> None:
         assert_try_again(p, conf["cniVersion"], "timed out")
         assert 2 <= time.monotonic() - t < 10
     # weftd finishes the ADD it took (its reply finds the shim gone); nobody else ran it.
-    c.until(lambda: len(n1.node.reservations("weft")) == 1, 20, "weftd's ADD to finish", n1)
+    c.until(lambda: len(n1.node.reservations("weft")) == 1, 60, "weftd's ADD to finish", n1)
     assert len(host_veths(n1.node)) == 1 and "eth0" in a.links()
     assert exe_run(n1.node, n1.node.bin / "weft", "DEL", conf, "slow", a.path).rc == 0
 
@@ -313,7 +313,7 @@ def test_shim_under_valgrind(make_cluster: MakeCluster) -> None:
     with ipam_locked(n1):
         late = exe_run(n1.node, vg, "ADD", conf, "late", late_pod.path, WEFT_HANDOFF_TIMEOUT="1")
         assert late.rc == 1 and json.loads(late.stdout)["code"] == 11, late.stdout + late.stderr
-    c.until(lambda: len(n1.node.reservations("weft")) == 2, 20, "weftd's late ADD", n1)
+    c.until(lambda: len(n1.node.reservations("weft")) == 2, 60, "weftd's late ADD", n1)
     assert exe_run(n1.node, vg, "DEL", conf, "late", late_pod.path).rc == 0
     dele = run("DEL", conf)
     assert dele.rc == 0, dele.stdout + dele.stderr

@@ -18,8 +18,8 @@ import netaddr
 import pytest
 
 from tests.cluster import Cluster, ClusterNode, MakeCluster
-from tests.lab import Lab, Netns
-from tests.test_weftd import all_pods_reach_each_other, ping
+from tests.lab import Lab, Netns, ping
+from tests.test_weftd import all_pods_reach_each_other
 
 PSK = base64.b64encode(bytes(range(32))).decode()
 MARKER = b"WEFT-CLEARTEXT-MARKER-7f3a"
@@ -73,7 +73,7 @@ def pcap_packets(path: Path) -> list[tuple[int, bytes]]:
     return out
 
 
-def time_until(cond: object, timeout: float = 30) -> float:
+def time_until(cond: object, timeout: float = 60) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if cond():  # type: ignore[operator]
@@ -102,7 +102,7 @@ def test_three_nodes_pods_talk_only_encrypted(make_cluster: MakeCluster) -> None
     b, b_ip = n2.pods["pod-n2"]
     assert a.links()["eth0"]["mtu"] == 1440
     assert ping(a, b_ip, "-M", "do", "-s", "1412")  # 1412 + 28 = the whole 1440-byte pod MTU, DF set
-    assert not ping(a, b_ip, "-M", "do", "-s", "1413")
+    assert not ping(a, b_ip, "-M", "do", "-s", "1413", once=True)
 
     # Everything between the nodes, on every port of the underlay, while pods exchange a marker.
     pcap = c.dir / "underlay.pcap"
@@ -168,10 +168,10 @@ def test_restarted_node_keeps_key_and_peers_reconnect(make_cluster: MakeCluster)
     # The node reboots: weftd and the device go away; the key stays on disk.
     c.stop(n1)
     c.stop_wireguard_go(n1)
-    assert not ping(a, b_ip, "-W", "1")
+    assert not ping(a, b_ip, once=True)
     t0 = time.monotonic()
     c.start(n1)
-    took = time_until(lambda: ping(a, b_ip, "-W", "0.3"))
+    took = time_until(lambda: ping(a, b_ip, "-W", "0.3", once=True))
     print(f"pod traffic back {time.monotonic() - t0:.2f}s after weftd started on the rebooted node ({took:.2f}s)")
     assert key_file(n1).read_text() == stored and public_key(c, n1) == key
     assert key in c.wg_peers(n2)
@@ -196,7 +196,7 @@ def test_drift_on_the_device_is_repaired(make_cluster: MakeCluster) -> None:
         return (stray not in peers and peers.get(k2, {}).get("endpoint") == f"{n2.ip}:51820"
                 and peers[k2]["allowed_ips"] == subnet(n2) and len(n1.routes()) == 1)
 
-    c.until(repaired, 10, "device repaired", n1)
+    c.until(repaired, 60, "device repaired", n1)
     log = n1.log.read_text()
     assert "fixed peer n2" in log and "endpoint 192.168.77.99:51820 -> 192.168.77.11:51820" in log
     assert f"removed peer unknown to the store ({stray})" in log
@@ -211,9 +211,9 @@ def test_removed_node_peer_disappears(make_cluster: MakeCluster) -> None:
     subprocess.run([sys.executable, "-m", "weftd", "remove-node", "--node-name", "n3", *c.store_args()], check=True,
                    capture_output=True)
     for cn in (n1, n2):
-        c.until(lambda cn=cn: gone not in c.wg_peers(cn), 10, f"{cn.name} drops n3's peer", cn)
+        c.until(lambda cn=cn: gone not in c.wg_peers(cn), 60, f"{cn.name} drops n3's peer", cn)
         assert len(c.wg_peers(cn)) == 1
-        c.until(lambda cn=cn: "weft_wireguard_peers 1.0" in cn.http("/metrics")[1], 10, "metric", cn)
+        c.until(lambda cn=cn: "weft_wireguard_peers 1.0" in cn.http("/metrics")[1], 60, "metric", cn)
     assert "removed peer n3" in n1.log.read_text()
 
 
@@ -230,7 +230,7 @@ def test_key_rotation_propagates(make_cluster: MakeCluster) -> None:
     new = public_key(c, n1)
     assert new != old
     for cn in (n2, n3):
-        c.until(lambda cn=cn: new in c.wg_peers(cn) and old not in c.wg_peers(cn), 10, f"{cn.name} has the new key",
+        c.until(lambda cn=cn: new in c.wg_peers(cn) and old not in c.wg_peers(cn), 60, f"{cn.name} has the new key",
                 cn)
     assert ping(a, b_ip)
 
@@ -244,7 +244,7 @@ def test_duplicate_public_key_is_refused(make_cluster: MakeCluster) -> None:
     os.chmod(key_file(n3), 0o600)
     c.start(n3)
     c.wait_ready(n3)
-    c.until(lambda: "also claimed by" in n2.log.read_text(), 10, "n2 refuses the shared key", n2)
+    c.until(lambda: "also claimed by" in n2.log.read_text(), 60, "n2 refuses the shared key", n2)
     assert public_key(c, n1) not in c.wg_peers(n2)
     assert len(c.wg_peers(n2)) == 0
     assert "not programming peer n3: its public key" in n1.log.read_text()
@@ -258,13 +258,13 @@ def test_killed_wireguard_go_is_restarted_and_traffic_resumes(make_cluster: Make
     old = c.wireguard_go(n1)
     assert old is not None
     os.kill(old, signal.SIGKILL)
-    took = time_until(lambda: ping(a, b_ip, "-W", "0.3"))
+    took = time_until(lambda: ping(a, b_ip, "-W", "0.3", once=True))
     print(f"pod traffic back {took:.2f}s after wireguard-go was killed")
     new = c.wireguard_go(n1)
     assert new is not None and new != old
     log = n1.log.read_text()
     assert f"wireguard-go pid {old} for {n1.wg_device} exited (signal 9); restarting it" in log
-    c.until(lambda: "weft_wireguard_userspace_restarts 1.0" in n1.http("/metrics")[1], 10, "restart metric", n1)
+    c.until(lambda: "weft_wireguard_userspace_restarts 1.0" in n1.http("/metrics")[1], 60, "restart metric", n1)
     assert len(c.wg_peers(n1)) == 2
 
 
@@ -371,7 +371,7 @@ def test_dual_stack_pods_talk_only_encrypted(make_cluster: MakeCluster, mode: st
                 for line in p.stdout.splitlines()[1:]}
 
     for cn in nodes:
-        c.until(lambda cn=cn: len(v6_peers(cn)) == 2, 20, f"{cn.name}'s IPv6 peers", cn)
+        c.until(lambda cn=cn: len(v6_peers(cn)) == 2, 60, f"{cn.name}'s IPv6 peers", cn)
     peers = v6_peers(n1)
     for cn in (n2, n3):
         lease = json.loads((c.dir / "store.json").read_text())["leases"][cn.name]
@@ -395,7 +395,7 @@ def test_dual_stack_pods_talk_only_encrypted(make_cluster: MakeCluster, mode: st
         for ip in (a6, b6, c6):
             assert ping(ns, ip), f"{ns.name} cannot reach {ip}"
     assert ping(a, b6, "-M", "do", "-s", "1372")  # 1372 + 48 = the whole 1420-byte pod MTU, DF set
-    assert not ping(a, b6, "-M", "do", "-s", "1373")
+    assert not ping(a, b6, "-M", "do", "-s", "1373", once=True)
 
     pcap = c.dir / "underlay.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", c.underlay.name, "tcpdump", "-i", "any", "-y", "LINUX_SLL", "-n",
