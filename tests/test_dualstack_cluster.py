@@ -48,10 +48,10 @@ def test_pods_talk_across_nodes_over_both_families(make_cluster: MakeCluster, ba
     state = n1.state()
     assert state["WEFT_IPV6_NETWORK"] == V6NET and state["WEFT_IPV6_SUBNET"].endswith("::1/64")
     assert ("WEFT_NETWORK" in state) == (mode == "dual") and ("WEFT_SUBNET" in state) == (mode == "dual")
-    # The conflist: one IPAM range set per family, routes to every network.
+    # The conflist: one IPAM range set per family (one family: its subnet), routes to every network.
     ipam = json.loads(n1.conflist.read_text())["plugins"][0]["ipam"]
-    assert [rs[0]["subnet"] for rs in ipam["ranges"]] == (
-        [state["WEFT_SUBNET"].replace(".1/", ".0/")] if mode == "dual" else []) + [subnet6(n1)]
+    subnets = [rs[0]["subnet"] for rs in ipam["ranges"]] if "ranges" in ipam else [ipam["subnet"]]
+    assert subnets == ([state["WEFT_SUBNET"].replace(".1/", ".0/")] if mode == "dual" else []) + [subnet6(n1)]
     assert [r["dst"] for r in ipam["routes"]] == (["10.244.0.0/16"] if mode == "dual" else []) + [V6NET]
     assert n1.ns.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout.strip() == "1"
 

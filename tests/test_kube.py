@@ -371,3 +371,30 @@ def test_kube_store_dual_stack_pod_cidrs(kube_api: KubeAPI, kube_dual_cluster: C
             60, "n3 refused", n3)
     assert not n3.conflist.exists()
     assert store.ANN_MANAGED not in (kube.node("n3")["metadata"].get("annotations") or {})
+
+
+@pytest.mark.slow
+def test_kube_store_ipv6_only(kube_api: KubeAPI, make_cluster: MakeCluster, weft_token: str) -> None:
+    """EnableIPv4 false: the IPv6 podCIDR is the node's subnet (an IPv4 one beside it is ignored), host-gw routes
+    it via the peer's IPv6 address, and no IPv4 annotation, route or state is published. The underlay keeps IPv4
+    only to reach the test's API server."""
+    kube = kube_api
+    c = make_cluster("host-gw", store="kube", families=(4, 6),
+                     net={"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"})
+    kube.attach(c.underlay)
+    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=weft_token)
+    try:
+        n1 = join(kube, c, "n1", "10.244.1.0/24")
+        n2 = join(kube, c, "n2", "10.244.2.0/24")
+        c.until(lambda: {(r["dst"], r["gateway"]) for r in n1.routes(6)} == {("fd00:10:244:2::/64", n2.ip6)}, 30,
+                "n1's IPv6 route to n2")
+        assert n1.routes(4) == []
+        ann = kube.node("n1")["metadata"]["annotations"]
+        assert ann[store.ANN_IP6] == n1.ip6 and store.ANN_IP not in ann
+        assert "WEFT_SUBNET" not in n1.state() and n1.state()["WEFT_IPV6_SUBNET"] == "fd00:10:244:1::1/64"
+        a, _ = c.pod(n1, "a")
+        c.pod(n2, "b")
+        assert n2.pod_ips["b"] == ["fd00:10:244:2::2"]
+        assert ping(a, "fd00:10:244:2::2")
+    finally:
+        kube.delete_all_nodes()

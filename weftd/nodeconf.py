@@ -47,13 +47,17 @@ def subnet_env(network: NetworkConfig, own: Lease, mtu: int) -> str:
 
 def conflist(bridge: str, network: NetworkConfig, own: Lease, mtu: int, paths: Paths,
              portmap: bool = True) -> dict[str, Any]:
-    """One IPAM range set per family ([[v4], [v6]], as Flannel's plugin builds it), routes to every network."""
+    """Dual stack: one IPAM range set per family ([[v4], [v6]], as Flannel's plugin builds it); one family: its
+    `subnet` (host-local's shorthand for one range). Routes to every network."""
+    ipam: dict[str, Any] = {"type": "weft-ipam"}
+    if len(own.subnets) > 1:
+        ipam["ranges"] = [[{"subnet": str(s)}] for s in own.subnets]
+    else:
+        ipam["subnet"] = str(own.subnets[0])
+    ipam.update({"dataDir": str(paths.ipam_data_dir), "routes": [{"dst": str(n)} for n in network.networks]})
     plugins: list[dict[str, Any]] = [{
         "type": "weft", "bridge": bridge, "isGateway": True, "isDefaultGateway": True, "hairpinMode": True,
-        "forceAddress": True, "mtu": mtu,
-        "ipam": {"type": "weft-ipam", "ranges": [[{"subnet": str(s)}] for s in own.subnets],
-                 "dataDir": str(paths.ipam_data_dir),
-                 "routes": [{"dst": str(n)} for n in network.networks]},
+        "forceAddress": True, "mtu": mtu, "ipam": ipam,
     }]
     if paths.cni_socket is not None:
         plugins[0][handoff.SOCKET_KEY] = str(paths.cni_socket)
