@@ -386,7 +386,7 @@ def test_kube_store_ipv6_only(kube_api: KubeAPI, make_cluster: MakeCluster, weft
     try:
         n1 = join(kube, c, "n1", "10.244.1.0/24")
         n2 = join(kube, c, "n2", "10.244.2.0/24")
-        c.until(lambda: {(r["dst"], r["gateway"]) for r in n1.routes(6)} == {("fd00:10:244:2::/64", n2.ip6)}, 30,
+        c.until(lambda: {(r["dst"], r["gateway"]) for r in n1.routes(6)} == {("fd00:10:244:2::/64", n2.ip6)}, 60,
                 "n1's IPv6 route to n2")
         assert n1.routes(4) == []
         ann = kube.node("n1")["metadata"]["annotations"]
