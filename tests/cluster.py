@@ -76,6 +76,15 @@ class ClusterNode:
     def routes(self, version: int = 4) -> list[dict[str, Any]]:
         return self.ns.ip_json(f"-{version}", "route", "show", "proto", "119")
 
+    def metric(self, name: str) -> float:
+        """One unlabelled sample of weftd's /metrics; -1 when weftd does not answer or lacks it."""
+        code, body = self.http("/metrics")
+        for line in body.splitlines() if code == 200 else []:
+            key, _, value = line.partition(" ")
+            if key == name:
+                return float(value)
+        return -1.0
+
     def http(self, path: str) -> tuple[int, str]:
         code = ("import urllib.request,urllib.error,sys\n"
                 f"try: r=urllib.request.urlopen('http://127.0.0.1:9808{path}',timeout=3); print(r.status); "

@@ -87,7 +87,8 @@ def test_weft_then_portmap(node: Node) -> None:
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         body = ""
-        for _ in range(50):
+        deadline = time.monotonic() + 60  # until the pod's server answers
+        while time.monotonic() < deadline:
             p = node.ns.run(sys.executable, "-c",
                             "import urllib.request;print(urllib.request.urlopen('http://10.22.0.1:8080/hello',"
                             "timeout=2).read().decode())", check=False)

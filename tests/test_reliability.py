@@ -228,7 +228,9 @@ def test_peer_flapping_leaves_exactly_one_set_of_entries(make_cluster: MakeClust
         c.start(n2)
         c.wait_ready(n2)
         c.until(lambda: len(n1.routes()) == 1, 60, "n1 learns n2 again", n1)
-    time.sleep(2.5)  # two more resyncs
+    # Two more full rounds, counted by weftd itself, then exactly one set of entries.
+    rounds = n1.metric("weft_reconcile_duration_seconds_count")
+    c.until(lambda: n1.metric("weft_reconcile_duration_seconds_count") >= rounds + 2, 60, "two more rounds", n1)
     assert len(n1.routes()) == 1
     neigh = n1.ns.ip_json("neigh", "show", "dev", "weft.1")
     fdb = [line for line in n1.ns.run("bridge", "fdb", "show", "dev", "weft.1").stdout.splitlines()
@@ -355,7 +357,7 @@ def test_weftd_killed_and_stopped_mid_iperf3_stream(make_cluster: MakeCluster) -
     server = subprocess.Popen(["ip", "netns", "exec", b.name, "iperf3", "-s", "-1", "-B", b_ip],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        time.sleep(0.5)
+        c.until(lambda: ":5201 " in b.run("ss", "-Htln").stdout, 60, "the iperf3 server listening")
         client = subprocess.Popen(["ip", "netns", "exec", a.name, "iperf3", "-c", b_ip, "-t", "8", "-J"],
                                   stdout=subprocess.PIPE, text=True)
         time.sleep(2)
