@@ -102,7 +102,7 @@ def start_shim(cn: ClusterNode, command: str, conf: dict[str, Any], cid: str, ne
 
 
 def assert_try_again(p: subprocess.Popen[str], version: str, why: str) -> None:
-    p.wait(30)
+    p.wait(120)
     assert p.stdout is not None and p.stderr is not None
     out, err = p.stdout.read(), p.stderr.read()
     assert p.returncode == 1, out + err
@@ -118,12 +118,13 @@ def test_weftd_killed_mid_add_gives_error_11_and_the_add_never_runs_twice(make_c
     pod = n1.node.pod("k")
     conf = plugin_conf(n1, cniVersion="0.4.0")  # the error is in the config's version
     with ipam_locked(n1) as lock:
-        p = start_shim(n1, "ADD", conf, "killed", pod.path)
+        p = start_shim(n1, "ADD", conf, "killed", pod.path, WEFT_HANDOFF_TIMEOUT="600")
         wait_for_lock_waiter(lock)  # weftd has the request and is inside the ADD
         t = time.monotonic()
         c.stop(n1, signal.SIGKILL)
         assert_try_again(p, "0.4.0", "connection closed")
-        assert time.monotonic() - t < 5  # at once, not after a timeout
+        # At once, not after the 600 s timeout (the margin is for a loaded machine, not a speed claim).
+        assert time.monotonic() - t < 120
     time.sleep(0.5)
     # Nothing ran the ADD after weftd died: not the shim, not weft-py.
     assert host_veths(n1.node) == [] and n1.node.reservations("weft") == {} and "eth0" not in pod.links()
@@ -151,7 +152,7 @@ def test_silent_weftd_bounded_waits(make_cluster: MakeCluster) -> None:
         p = start_shim(n1, "ADD", conf, "slow", a.path, WEFT_HANDOFF_TIMEOUT="2")
         wait_for_lock_waiter(lock)
         assert_try_again(p, conf["cniVersion"], "timed out")
-        assert 2 <= time.monotonic() - t < 10
+        assert 2 <= time.monotonic() - t < 45  # after the 2 s asked for, well before the 60 s default
     # weftd finishes the ADD it took (its reply finds the shim gone); nobody else ran it.
     c.until(lambda: len(n1.node.reservations("weft")) == 1, 60, "weftd's ADD to finish", n1)
     assert len(host_veths(n1.node)) == 1 and "eth0" in a.links()
