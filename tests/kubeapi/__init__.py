@@ -158,7 +158,7 @@ class KubeAPI:
             "--audit-log-mode", "blocking", "--profiling=false", "--v", "1"])
         self.wait_ready()
 
-    def wait_ready(self, timeout: float = 120) -> None:
+    def wait_ready(self, timeout: float = 300) -> None:  # a loaded machine can take minutes
         deadline = time.monotonic() + timeout
         err: Exception | None = None
         while time.monotonic() < deadline:
