@@ -87,7 +87,7 @@ class ClusterNode:
 
     def http(self, path: str) -> tuple[int, str]:
         code = ("import urllib.request,urllib.error,sys\n"
-                f"try: r=urllib.request.urlopen('http://127.0.0.1:9808{path}',timeout=3); print(r.status); "
+                f"try: r=urllib.request.urlopen('http://127.0.0.1:9808{path}',timeout=30); print(r.status); "
                 "print(r.read().decode())\n"
                 "except urllib.error.HTTPError as e: print(e.code); print(e.read().decode())\n")
         p = self.ns.run(sys.executable, "-c", code, check=False)

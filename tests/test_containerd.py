@@ -120,7 +120,7 @@ def test_frozen_weftd_serves_the_frozen_plugin_under_containerd(containerd: Cont
             containerd.ctr("tasks", "kill", "-s", "KILL", "srv", check=False)
             server.wait(60)
         metrics = node.ns.run("python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                              "'http://127.0.0.1:9808/metrics',timeout=3).read().decode())").stdout
+                              "'http://127.0.0.1:9808/metrics',timeout=30).read().decode())").stdout
         for command in ("ADD", "DEL"):
             assert f'weft_cni_requests_total{{command="{command}",result="ok"}} 2.0' in metrics, metrics[-1500:]
         assert [n for n in node.ns.links() if n.startswith("weft")] == []
