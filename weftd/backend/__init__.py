@@ -233,16 +233,22 @@ def on_link(ips: list[netaddr.IPAddress], underlay: Underlay, rt: Rtnl | None = 
     return out
 
 
+_DELETES = (RTM_DELROUTE, RTM_DELNEIGH)
+
+
 def _apply(rt: Rtnl, requests: list[tuple[int, int, bytes]], what: list[tuple[Any, ...]],
            describe: Callable[..., str], ignore: tuple[int, ...], stats: Stats) -> None:
     """Sends the changes in batches; counts the ones made; raises on the first refused (after trying them all).
 
-    `describe(*what[i])` names change i in an error (only failures are described: 5,000 strings cost)."""
+    `ignore`: the errnos of a delete whose entry is already gone. Only deletes: an add refused with
+    the same errno did not happen, and passing it over would report a converged kernel that lacks
+    the entry, round after round. `describe(*what[i])` names change i in an error (only failures are
+    described: 5,000 strings cost)."""
     failed = []
-    for answer, name in zip(rt.batch(requests), what, strict=True):
+    for (kind, _, _), answer, name in zip(requests, rt.batch(requests), what, strict=True):
         if answer == 0:
             stats.changes += 1
-        elif isinstance(answer, int) and answer not in ignore:
+        elif isinstance(answer, int) and not (kind in _DELETES and answer in ignore):
             failed.append(f"{describe(*name)}: {os.strerror(answer)}")
     if failed:
         more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
