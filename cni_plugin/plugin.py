@@ -1,7 +1,7 @@
 """`weft`: the CNI verbs, top to bottom as the spec describes them.
 
-Only the standard library is imported at module level; pyroute2 (about 160 ms)
-is imported by the verbs that touch links, so VERSION, STATUS and bad input
+Only the standard library is imported at module level; the netlink and nftables
+modules are imported by the verbs that touch them, so VERSION, STATUS and bad input
 stay cheap.
 """
 

@@ -1,5 +1,7 @@
 """Netlink helpers shared by the plugin and weftd, and the mark that says a link is Weft's.
 
+pyroute2 is imported only inside the helpers weftd uses: the plugin's path never loads it.
+
 Ownership: every link Weft creates carries the link group GROUP, set in the same
 netlink message that creates it. Weft deletes or changes only links with that mark.
 """
@@ -10,8 +12,6 @@ import errno
 import os
 from typing import TYPE_CHECKING, Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
 if TYPE_CHECKING:
     from pyroute2 import IPRoute  # importing the pyroute2 package itself loads all of it (150 ms)
 
@@ -20,6 +20,8 @@ GROUP = 0x77656674  # "weft"
 
 def get_link(ipr: IPRoute, name: str) -> Any:
     """The link called `name`, or None if there is none."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         return ipr.link("get", ifname=name)[0]
     except NetlinkError as e:
@@ -39,6 +41,8 @@ def owned(link: Any) -> bool:
 
 def ignore_errno(fn: Any, *argv: Any, codes: tuple[int, ...], **kw: Any) -> None:
     """Calls a pyroute2 method, treating the netlink errors in `codes` as success (idempotence)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         fn(*argv, **kw)
     except NetlinkError as e:

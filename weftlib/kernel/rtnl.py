@@ -1,50 +1,33 @@
-"""Synchronous rtnetlink over a plain socket, with pyroute2's message classes to encode and decode.
+"""Synchronous rtnetlink over a plain socket, on the wire format.
 
-pyroute2 0.9's synchronous IPRoute runs an asyncio event loop for every call; on the per-pod
-paths (CHECK, DEL, GC) that loop cost more than the kernel's work. Here a request is one send()
-and the recv()s that answer it. The messages are pyroute2's own (ifinfmsg, ifaddrmsg, rtmsg), so
-callers read them as they read IPRoute's (`link["index"]`, `link.get("IFLA_ADDRESS")`).
-
-For thousands of entries (weftd's peers) even pyroute2's message classes cost more than the
-kernel: `dump_raw` and `batch` work on the wire format directly (struct headers, attributes
-as bytes), and `batch` sends many requests per send() without waiting for each answer.
+pyroute2 0.9's synchronous IPRoute runs an asyncio event loop for every call, and its message
+classes cost about 1 ms to decode a link: on the per-pod paths (ADD, CHECK, DEL, GC) that was
+more than the kernel's work, and under a burst it held the GIL. Here a request is one send() and
+the recv()s that answer it, with struct headers and attributes as bytes, and the plugin does not
+import pyroute2 at all. For weftd's thousands of peers, `batch` sends many requests per send()
+without waiting for each answer.
 """
 
 from __future__ import annotations
 
 import errno
 import itertools
+import os
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Any
-
-from pyroute2.netlink import (
-    NLM_F_ACK,
-    NLM_F_CREATE,
-    NLM_F_DUMP,
-    NLM_F_EXCL,
-    NLM_F_REPLACE,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-)
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import (
-    RTM_DELADDR,
-    RTM_DELLINK,
-    RTM_GETADDR,
-    RTM_GETLINK,
-    RTM_GETROUTE,
-    RTM_NEWADDR,
-    RTM_NEWLINK,
-    RTM_NEWROUTE,
-)
-from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
-from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
-from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from weftlib.kernel.netns import NetNS
+
+# linux/netlink.h and linux/rtnetlink.h
+NLM_F_REQUEST, NLM_F_MULTI, NLM_F_ACK, NLM_F_ROOT, NLM_F_MATCH = 0x1, 0x2, 0x4, 0x100, 0x200
+NLM_F_DUMP = NLM_F_ROOT | NLM_F_MATCH
+NLM_F_REPLACE, NLM_F_EXCL, NLM_F_CREATE = 0x100, 0x200, 0x400
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 
 SOL_NETLINK = 270
 
@@ -54,9 +37,18 @@ _ERRNO = struct.Struct("=i")
 RTMSG = struct.Struct("=BBBBBBBBI")  # family, dst_len, src_len, tos, table, protocol, scope, type, flags
 NDMSG = struct.Struct("=BxxxiHBB")  # family, ifindex, state, flags, type
 IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
+IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 U32 = struct.Struct("=I")
-RTA_DST, RTA_OIF, RTA_GATEWAY = 1, 4, 5
+U8 = struct.Struct("=B")
+RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
+IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
+IFLA_LINKINFO, IFLA_IFALIAS, IFLA_GROUP, IFLA_NET_NS_FD = 18, 20, 27, 28
+IFLA_INFO_KIND, IFLA_INFO_DATA, IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA = 1, 2, 4, 5
+IFLA_BR_FORWARD_DELAY = 1
+IFLA_BRPORT_MODE = 4  # hairpin
+VETH_INFO_PEER = 1
+IFA_ADDRESS, IFA_LOCAL = 1, 2
 _RECV = 1 << 17
 _RCVBUF = 4 << 20  # room for a batch's answers: the kernel drops answers that do not fit (ENOBUFS)
 SO_RCVBUFFORCE = 33
@@ -65,6 +57,13 @@ _BATCH_MAX = 256
 IFF_UP, IFF_PROMISC = 0x1, 0x100
 IFA_F_NODAD = 0x02  # linux/if_addr.h: an address without duplicate address detection
 RTPROT_STATIC, RTN_UNICAST, RT_TABLE_MAIN = 4, 1, 254
+
+
+def error(code: int) -> Exception:
+    """The kernel's errno as pyroute2's NetlinkError, which weftd's callers catch (imported only on failure)."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    return NetlinkError(code, os.strerror(code))
 
 
 class Rtnl:
@@ -104,63 +103,47 @@ class Rtnl:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def request(self, msg: Any, kind: int, flags: int, reply: type | None = None) -> list[Any]:
-        """Sends `msg` as message type `kind`; the decoded replies (of class `reply`), or [] for an ack.
-
-        Raises NetlinkError with the kernel's errno.
-        """
+    def _exchange(self, kind: int, flags: int, body: bytes, out: list[bytes]) -> int:
+        """Sends one request and receives until the kernel ends it (a dump's DONE, an ack, or a get's
+        one answer), collecting the payloads of its messages in `out`; the kernel's errno, or 0."""
         seq = next(self._seq)
-        msg["header"]["type"] = kind
-        msg["header"]["flags"] = flags
-        msg["header"]["sequence_number"] = seq
-        msg.encode()
-        self.sock.send(msg.data)
-        out: list[Any] = []
+        self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, flags, seq, 0) + body)
         while True:
             data = self.sock.recv(_RECV)
             off = 0
             while off + _HEADER.size <= len(data):
-                length, mtype, _flags, mseq, _port = _HEADER.unpack_from(data, off)
+                length, mtype, mflags, mseq, _port = _HEADER.unpack_from(data, off)
                 if length < _HEADER.size:
-                    raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+                    return errno.EBADMSG
                 if mseq == seq:
                     if mtype == NLMSG_DONE:
-                        return out
+                        return 0
                     if mtype == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, off + _HEADER.size)[0]
-                        if code:
-                            raise NetlinkError(code)
-                        return out
-                    if reply is not None:
-                        m = reply(data[off:off + length])
-                        m.decode()
-                        out.append(m)
+                        return -_ERRNO.unpack_from(data, off + _HEADER.size)[0]
+                    out.append(data[off + _HEADER.size:off + length])
+                    if not mflags & NLM_F_MULTI:  # a get's single answer
+                        return 0
                 off += (length + 3) & ~3
-            if not flags & NLM_F_DUMP and out:
-                return out
+
+    def request(self, kind: int, flags: int, body: bytes, ok: tuple[int, ...] = ()) -> list[bytes]:
+        """One request (message type `kind`, payload `body`); the answers' payloads ([] for an ack).
+        An errno in `ok` counts as success; any other raises NetlinkError."""
+        out: list[bytes] = []
+        code = self._exchange(kind, flags, body, out)
+        if code and code not in ok:
+            raise error(code)
+        return out
+
+    def _ack(self, kind: int, flags: int, body: bytes, ok: tuple[int, ...]) -> int:
+        """A change acknowledged by the kernel: 0, or the errno if it is in `ok`; any other raises."""
+        code = self._exchange(kind, flags | NLM_F_ACK, body, [])
+        if code and code not in ok:
+            raise error(code)
+        return code
 
     def dump_raw(self, kind: int, body: bytes) -> list[bytes]:
         """A dump request (message type `kind`, family header `body`); each answer's payload as bytes."""
-        seq = next(self._seq)
-        self.sock.send(_HEADER.pack(_HEADER.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
-        out: list[bytes] = []
-        while True:
-            data = self.sock.recv(_RECV)
-            off = 0
-            while off + _HEADER.size <= len(data):
-                length, mtype, _flags, mseq, _port = _HEADER.unpack_from(data, off)
-                if length < _HEADER.size:
-                    raise NetlinkError(errno.EBADMSG, "truncated netlink message")
-                if mseq == seq:
-                    if mtype == NLMSG_DONE:
-                        return out
-                    if mtype == NLMSG_ERROR:
-                        code = -_ERRNO.unpack_from(data, off + _HEADER.size)[0]
-                        if code:
-                            raise NetlinkError(code)
-                        return out
-                    out.append(data[off + _HEADER.size:off + length])
-                off += (length + 3) & ~3
+        return self.request(kind, NLM_F_REQUEST | NLM_F_DUMP, body)
 
     def batch(self, requests: list[tuple[int, int, bytes]]) -> list[int | bytes]:
         """Sends each (message type, flags, payload) without waiting for the one before to be answered.
@@ -189,7 +172,7 @@ class Rtnl:
                 while off + _HEADER.size <= len(data):
                     length, mtype, _flags, mseq, _port = _HEADER.unpack_from(data, off)
                     if length < _HEADER.size:
-                        raise NetlinkError(errno.EBADMSG, "truncated netlink message")
+                        raise error(errno.EBADMSG)
                     i = mseq - first
                     if 0 <= i < len(chunk):
                         if mtype == NLMSG_ERROR:
@@ -200,89 +183,72 @@ class Rtnl:
                     off += (length + 3) & ~3
         return out
 
-    def link(self, name: str | None = None, index: int = 0) -> Any:
-        """The link called `name` (or with `index`), or None if there is none."""
-        msg = ifinfmsg()
-        msg["index"] = index
-        if name is not None:
-            msg["attrs"] = [("IFLA_IFNAME", name)]
-        try:
-            return self.request(msg, RTM_GETLINK, NLM_F_REQUEST, ifinfmsg)[0]
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return None
-            raise
+    def link(self, name: str | None = None, index: int = 0) -> LinkFacts | None:
+        """The link called `name` (or with `index`), or None if there is none: one get."""
+        body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0) + (nla_str(IFLA_IFNAME, name) if name else b"")
+        answer = self.request(RTM_GETLINK, NLM_F_REQUEST, body, ok=(errno.ENODEV, errno.ENOENT))
+        return link_facts(answer[0]) if answer else None
 
-    def links(self) -> list[Any]:
-        return self.request(ifinfmsg(), RTM_GETLINK, NLM_F_REQUEST | NLM_F_DUMP, ifinfmsg)
+    def links(self) -> list[LinkFacts]:
+        """Every link of the socket's namespace, one dump."""
+        return [link_facts(b) for b in self.dump_raw(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
 
-    def addrs(self, index: int) -> list[Any]:
-        """The addresses on link `index` (the kernel dumps them all; the filter is here)."""
-        return [a for a in self.request(ifaddrmsg(), RTM_GETADDR, NLM_F_REQUEST | NLM_F_DUMP, ifaddrmsg)
-                if a["index"] == index]
+    def addresses(self, index: int = 0) -> list[tuple[int, str, int]]:
+        """The addresses of the namespace (of link `index` only, if given), one dump:
+        (link index, address, prefix length). The kernel dumps them all; the filter is here."""
+        out = []
+        for body in self.dump_raw(RTM_GETADDR, IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            family, prefixlen, _flags, _scope, link = IFADDRMSG.unpack_from(body)
+            a = attributes(body, IFADDRMSG.size)
+            if IFA_ADDRESS in a and (not index or link == index):
+                out.append((link, socket.inet_ntop(family, a[IFA_ADDRESS]), prefixlen))
+        return out
 
     def del_link(self, index: int) -> bool:
         """Deletes link `index`; False if it was already gone."""
-        msg = ifinfmsg()
-        msg["index"] = index
-        try:
-            self.request(msg, RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK)
-        except NetlinkError as e:
-            if e.code == errno.ENODEV:
-                return False
-            raise
-        return True
+        return not self._ack(RTM_DELLINK, NLM_F_REQUEST, IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, 0, 0),
+                             (errno.ENODEV,))
 
-    def new_link(self, attrs: list[tuple[str, Any]], index: int = 0, up: bool = False, promisc: bool = False,
-                 create: bool = False) -> None:
-        """RTM_NEWLINK: creates a link (create=True: EEXIST if it is there) or changes link `index`.
-        `up` and `promisc` set those flags; the others are left as they are."""
-        msg = ifinfmsg()
-        msg["index"] = index
-        msg["flags"] = (IFF_UP if up else 0) | (IFF_PROMISC if promisc else 0)
-        msg["change"] = msg["flags"]
-        msg["attrs"] = attrs
-        flags = NLM_F_REQUEST | NLM_F_ACK | (NLM_F_CREATE | NLM_F_EXCL if create else 0)
-        self.request(msg, RTM_NEWLINK, flags)
+    def new_link(self, attrs: bytes, index: int = 0, up: bool = False, promisc: bool = False,
+                 create: bool = False, ok: tuple[int, ...] = ()) -> int:
+        """RTM_NEWLINK with encoded attributes `attrs`: creates a link (create=True: EEXIST if it is there)
+        or changes link `index`. `up` and `promisc` set those flags; the others are left as they are.
+        0, or the errno if it is in `ok`."""
+        flags = (IFF_UP if up else 0) | (IFF_PROMISC if promisc else 0)
+        nl_flags = NLM_F_REQUEST | (NLM_F_CREATE | NLM_F_EXCL if create else 0)
+        return self._ack(RTM_NEWLINK, nl_flags, IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flags, flags) + attrs, ok)
 
-    def _addr(self, kind: int, flags: int, index: int, address: str, prefixlen: int, addr_flags: int = 0) -> None:
-        msg = ifaddrmsg()
-        msg["family"] = socket.AF_INET6 if ":" in address else socket.AF_INET
-        msg["prefixlen"] = prefixlen
-        msg["flags"] = addr_flags
-        msg["index"] = index
-        msg["attrs"] = [("IFA_ADDRESS", address)] + ([("IFA_LOCAL", address)] if ":" not in address else [])
-        self.request(msg, kind, flags)
+    def _addr(self, kind: int, flags: int, index: int, address: str, prefixlen: int, addr_flags: int,
+              ok: tuple[int, ...]) -> int:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        value = socket.inet_pton(family, address)
+        attrs = attribute(IFA_ADDRESS, value) + (attribute(IFA_LOCAL, value) if family == socket.AF_INET else b"")
+        return self._ack(kind, flags, IFADDRMSG.pack(family, prefixlen, addr_flags, 0, index) + attrs, ok)
 
-    def add_addr(self, index: int, address: str, prefixlen: int, addr_flags: int = 0) -> None:
+    def add_addr(self, index: int, address: str, prefixlen: int, addr_flags: int = 0,
+                 ok: tuple[int, ...] = ()) -> int:
         """Adds an address (`addr_flags`: IFA_F_* such as IFA_F_NODAD); EEXIST if it is there."""
-        self._addr(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, index, address, prefixlen,
-                   addr_flags)
+        return self._addr(RTM_NEWADDR, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL, index, address, prefixlen,
+                          addr_flags, ok)
 
-    def del_addr(self, index: int, address: str, prefixlen: int) -> None:
-        self._addr(RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK, index, address, prefixlen)
+    def del_addr(self, index: int, address: str, prefixlen: int, ok: tuple[int, ...] = ()) -> int:
+        return self._addr(RTM_DELADDR, NLM_F_REQUEST, index, address, prefixlen, 0, ok)
 
     def replace_route(self, dst: str, dst_len: int, oif: int, gateway: str | None = None, scope: int = 0,
                       priority: int | None = None, table: int | None = None) -> None:
-        """Adds or replaces a unicast route, proto static (as `ip route replace` and IPRoute make it)."""
-        msg = rtmsg()
-        msg["family"] = socket.AF_INET6 if ":" in dst else socket.AF_INET
-        msg["dst_len"] = dst_len
-        msg["table"] = table if table is not None and table < 256 else RT_TABLE_MAIN
-        msg["proto"] = RTPROT_STATIC
-        msg["scope"] = scope
-        msg["type"] = RTN_UNICAST
-        attrs: list[tuple[str, Any]] = [("RTA_OIF", oif)]
+        """Adds or replaces a unicast route, proto static (as `ip route replace` makes it)."""
+        family = socket.AF_INET6 if ":" in dst else socket.AF_INET
+        main = table if table is not None and table < 256 else RT_TABLE_MAIN
+        body = RTMSG.pack(family, dst_len, 0, 0, main, RTPROT_STATIC, scope, RTN_UNICAST, 0) + nla_u32(RTA_OIF, oif)
         if dst_len:
-            attrs.append(("RTA_DST", dst))
+            body += attribute(RTA_DST, socket.inet_pton(family, dst))
         if gateway is not None:
-            attrs.append(("RTA_GATEWAY", gateway))
+            body += attribute(RTA_GATEWAY, socket.inet_pton(family, gateway))
         if priority:
-            attrs.append(("RTA_PRIORITY", priority))
+            body += nla_u32(RTA_PRIORITY, priority)
         if table is not None:
-            attrs.append(("RTA_TABLE", table))
-        msg["attrs"] = attrs
-        self.request(msg, RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE)
+            body += nla_u32(RTA_TABLE, table)
+        self._ack(RTM_NEWROUTE, NLM_F_REQUEST | NLM_F_CREATE | NLM_F_REPLACE, body, ())
 
 
 def attributes(data: bytes, off: int) -> dict[int, bytes]:
@@ -304,15 +270,46 @@ def attribute(kind: int, value: bytes) -> bytes:
     return _NLA.pack(length, kind) + value + bytes(-length & 3)
 
 
-IFLA_ADDRESS, IFLA_IFNAME, IFLA_LINK, IFLA_MASTER, IFLA_LINKINFO, IFLA_GROUP = 1, 3, 5, 10, 18, 27
-IFLA_INFO_KIND = 1
-IFA_ADDRESS = 1
-IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
+def nla_str(kind: int, value: str) -> bytes:
+    return attribute(kind, value.encode() + b"\0")
+
+
+def nla_u32(kind: int, value: int) -> bytes:
+    return attribute(kind, U32.pack(value))
+
+
+def nla_u8(kind: int, value: int) -> bytes:
+    return attribute(kind, U8.pack(value))
+
+
+def nla_mac(kind: int, mac: str) -> bytes:
+    return attribute(kind, bytes.fromhex(mac.replace(":", "")))
+
+
+def nla_nest(kind: int, *children: bytes) -> bytes:
+    return attribute(kind, b"".join(children))
+
+
+def nla_link_info(kind: str, data: bytes = b"", slave_kind: str = "", slave_data: bytes = b"") -> bytes:
+    """IFLA_LINKINFO: the link's kind and its kind's settings, and its settings as a port of a master."""
+    info = nla_str(IFLA_INFO_KIND, kind) if kind else b""
+    if data:
+        info += nla_nest(IFLA_INFO_DATA, data)
+    if slave_kind:
+        info += nla_str(IFLA_INFO_SLAVE_KIND, slave_kind) + nla_nest(IFLA_INFO_SLAVE_DATA, slave_data)
+    return nla_nest(IFLA_LINKINFO, info)
+
+
+def veth_peer(attrs: bytes) -> bytes:
+    """VETH_INFO_PEER: the peer's own ifinfomsg and attributes."""
+    return nla_nest(VETH_INFO_PEER, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attrs)
+
+
 
 
 @dataclass(frozen=True)
 class LinkFacts:
-    """What CHECK reads of a link, from the wire format (no pyroute2 object: a link decodes in ~1 ms)."""
+    """What Weft reads of a link, from the wire format."""
 
     index: int
     name: str
@@ -321,48 +318,28 @@ class LinkFacts:
     peer: int | None  # IFLA_LINK: a veth's peer index (in the peer's namespace)
     master: int | None
     group: int
+    flags: int
+    alias: str | None
 
 
 def link_facts(body: bytes) -> LinkFacts:
-    _family, _type, index, _flags, _change = IFINFOMSG.unpack_from(body)
+    _family, _type, index, flags, _change = IFINFOMSG.unpack_from(body)
     a = attributes(body, IFINFOMSG.size)
     info = attributes(a[IFLA_LINKINFO], 0) if IFLA_LINKINFO in a else {}
     kind = info.get(IFLA_INFO_KIND)
     mac = a.get(IFLA_ADDRESS)
-    return LinkFacts(index, a.get(IFLA_IFNAME, b"\0").rstrip(b"\0").decode(errors="replace"),
-                     kind.rstrip(b"\0").decode() if kind else None, mac.hex(":") if mac else None,
-                     _u32(a.get(IFLA_LINK)), _u32(a.get(IFLA_MASTER)), _u32(a.get(IFLA_GROUP)) or 0)
+    alias = a.get(IFLA_IFALIAS)
+    return LinkFacts(index, _str(a.get(IFLA_IFNAME)) or "", _str(kind), mac.hex(":") if mac else None,
+                     _u32(a.get(IFLA_LINK)), _u32(a.get(IFLA_MASTER)), _u32(a.get(IFLA_GROUP)) or 0, flags,
+                     _str(alias))
 
 
 def _u32(value: bytes | None) -> int | None:
     return None if value is None or len(value) != 4 else U32.unpack(value)[0]
 
 
-def links_facts(rt: Rtnl) -> list[LinkFacts]:
-    """Every link of the socket's namespace, one dump."""
-    return [link_facts(b) for b in rt.dump_raw(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
-
-
-def link_facts_by_name(rt: Rtnl, name: str) -> LinkFacts | None:
-    """The link called `name`, or None: one get."""
-    body = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0) + attribute(IFLA_IFNAME, name.encode() + b"\0")
-    answer = rt.batch([(RTM_GETLINK, NLM_F_REQUEST, body)])[0]
-    if isinstance(answer, int):
-        if answer in (errno.ENODEV, errno.ENOENT):
-            return None
-        raise NetlinkError(answer)
-    return link_facts(answer)
-
-
-def addresses(rt: Rtnl) -> list[tuple[int, str, int]]:
-    """Every address of the socket's namespace, one dump: (link index, address, prefix length)."""
-    out = []
-    for body in rt.dump_raw(RTM_GETADDR, IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-        family, prefixlen, _flags, _scope, index = IFADDRMSG.unpack_from(body)
-        a = attributes(body, IFADDRMSG.size)
-        if IFA_ADDRESS in a:
-            out.append((index, socket.inet_ntop(family, a[IFA_ADDRESS]), prefixlen))
-    return out
+def _str(value: bytes | None) -> str | None:
+    return None if value is None else value.rstrip(b"\0").decode(errors="replace")
 
 
 def unicast_routes(rt: Rtnl) -> list[tuple[str, int, str | None]]:
@@ -370,7 +347,7 @@ def unicast_routes(rt: Rtnl) -> list[tuple[str, int, str | None]]:
     out = []
     for body in rt.dump_raw(RTM_GETROUTE, RTMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0, 0, 0, 0, 0)):
         family, dst_len, _src, _tos, _table, _proto, _scope, kind, _flags = RTMSG.unpack_from(body)
-        if family not in (socket.AF_INET, socket.AF_INET6) or kind != 1:  # RTN_UNICAST
+        if family not in (socket.AF_INET, socket.AF_INET6) or kind != RTN_UNICAST:
             continue
         a = attributes(body, RTMSG.size)
         dst = a.get(RTA_DST) or bytes(4 if family == socket.AF_INET else 16)
