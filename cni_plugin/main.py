@@ -19,8 +19,9 @@ from weftlib.cni import skel
 def _lazy_pyroute2() -> None:
     """Registers the pyroute2 package without running its __init__, which imports all of pyroute2
     (IPRoute, NDB, IPDB, conntrack, ...: 150 ms, most of a local ADD). The plugin speaks netlink on
-    its own (weftlib.kernel.rtnl) and needs pyroute2 only for the exception class of a kernel error. Anything that asks the package itself for a name still gets it: the
-    first lookup of a name that is not a submodule runs the real __init__ into the same module."""
+    its own (weftlib.kernel.rtnl) and needs pyroute2 only for the exception class of a kernel error.
+    Anything that asks the package itself for a name still gets it: the first lookup of a name that
+    is not a submodule runs the real __init__ into the same module."""
     if "pyroute2" in sys.modules:
         return
     spec = importlib.util.find_spec("pyroute2")
