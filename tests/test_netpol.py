@@ -38,13 +38,16 @@ def sel(**labels: str) -> dict[str, Any]:
 
 
 @contextmanager
-def upstream_model(base: Path, backend: str) -> Iterator[NetpolModel]:
-    """3 nodes, each weftd reading the same --policy-dir; 9 pods serving; every pod reaching every pod."""
+def upstream_model(base: Path, backend: str, weftd: list[str] | None = None) -> Iterator[NetpolModel]:
+    """3 nodes, each weftd (this checkout's, or `weftd`) reading the same --policy-dir; 9 pods serving;
+    every pod reaching every pod."""
     lab = Lab(base / "lab")
     lab.base.mkdir()
     policies = base / "policies"
     policies.mkdir()
     cluster = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
+    if weftd is not None:
+        cluster.weftd = weftd
     m = None
     try:
         nodes = cluster.boot(extra=("--policy-dir", str(policies), "--policy-nflog-group", "86"))
@@ -536,6 +539,17 @@ def test_host_gw_backend(tmp_path: Path) -> None:
                                                       "ports": [{"port": "serve-81-tcp"}]}]}))
         np.expect(np.reachability([T80, T81]).set([*Y, *Z], X, False).egress("y/a", False)
                   .set("y/a", Z, True, [T81]))
+
+
+def test_frozen_weftd_enforces_policy(tmp_path: Path, bundle: Path) -> None:
+    """Production runs the PyInstaller bundle: its weftd must carry the policy engine, load libnftables
+    and enforce, as the source tree's does."""
+    with upstream_model(tmp_path, "vxlan", weftd=[str(bundle / "weftd")]) as np:
+        np.apply("from-y", policy("from-y", "x", {"podSelector": sel(pod="a"),
+                                                  "ingress": [{"from": [{"namespaceSelector": sel(ns="y")}]}]}))
+        np.expect(np.reachability([T80, U80]).ingress("x/a", False).set(Y, "x/a", True))
+        np.delete("from-y")
+        np.expect(np.reachability([T80, U80]))
 
 
 def test_tables_changed_behind_weftds_back_are_restored(np: NetpolModel) -> None:
