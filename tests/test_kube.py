@@ -334,6 +334,46 @@ def test_wireguard_keys_travel_in_node_annotations(kube_api: KubeAPI, make_clust
         kube.delete_all_nodes()
 
 
+@pytest.mark.slow
+def test_wireguard_dual_stack_on_the_kube_store(kube_api: KubeAPI, make_cluster: MakeCluster,
+                                                weft_token: str) -> None:
+    """WireGuard with both families on the kube store (Mode separate): one key, published in both
+    backend-data annotations; the IPv6 device's peers come from the other Node's IPv6 annotations
+    (endpoint on ListenPortV6, its IPv6 podCIDR); pods reach each other over both families."""
+    kube = kube_api
+    c = make_cluster("wireguard", store="kube", net={"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"})
+    kube.attach(c.underlay)
+    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=weft_token)
+    try:
+        nodes = [join(kube, c, f"n{i}", f"10.244.{i}.0/24") for i in (1, 2)]
+
+        def annotations(cn: ClusterNode) -> dict[str, str]:
+            return kube.node(cn.name)["metadata"]["annotations"]  # type: ignore[no-any-return]
+
+        def v6_peers(cn: ClusterNode) -> dict[str, tuple[str, str]]:
+            p = cn.ns.run("wg", "show", f"{cn.wg_device}-v6", "dump", check=False)
+            return {line.split("\t")[0]: (line.split("\t")[2], line.split("\t")[3])
+                    for line in p.stdout.splitlines()[1:]}
+
+        for cn in nodes:
+            ann = annotations(cn)
+            v4, v6 = json.loads(ann[store.ANN_DATA]), json.loads(ann[store.ANN_DATA6])
+            assert v4["PublicKey"] == v6["PublicKey"] and ann[store.ANN_IP6] == cn.ip6
+            assert (v4["Port"], v6["Port"]) == (51820, 51821)
+        for cn, peer in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
+            key = json.loads(annotations(peer)[store.ANN_DATA6])["PublicKey"]
+            want = {key: (f"[{peer.ip6}]:51821", kube.node(peer.name)["spec"]["podCIDRs"][1])}
+            c.until(lambda cn=cn, want=want: v6_peers(cn) == want, 60, f"{cn.name}'s IPv6 peer from the annotations",
+                    cn)
+        for cn in nodes:
+            c.pod(cn, f"pod-{cn.name}")
+        for cn, peer in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
+            for ip in peer.pod_ips[f"pod-{peer.name}"]:
+                assert ping(cn.pods[f"pod-{cn.name}"][0], ip), f"{cn.name} cannot reach {ip}"
+    finally:
+        kube.delete_all_nodes()
+
+
 @pytest.fixture
 def kube_dual_cluster(kube_api: KubeAPI, make_cluster: MakeCluster, weft_token: str) -> Iterator[Cluster]:
     """As kube_cluster, with IPv6 on: the underlay has both families, the net-conf EnableIPv6."""
