@@ -191,3 +191,24 @@ def test_either_family_in_one_reconcile(node_ns: Netns) -> None:
     assert neighbours(ns, "wv6", "-6") == neigh
     assert fdb(ns, "wv6") == {mac: [ip] for mac, ip in remotes.items()}
     assert "fd00:99::/64" in {r["dst"] for r in ns.ip_json("-6", "route", "show", "proto", "static")}
+
+
+def test_underlay_prefers_an_ipv6_address_that_finished_dad(node_ns: Netns) -> None:
+    """The kernel lists its newest IPv6 address first; one still in duplicate address detection (it may
+    yet fail) is passed over for one that finished, and is picked only when there is no other."""
+    from pyroute2 import IPRoute
+
+    node_ns.run("sysctl", "-qw", "net.ipv6.conf.eth0.dad_transmits=30")  # DAD lasts 30 s: it is still on below
+    node_ns.run("ip", "-6", "addr", "add", "fd00:200::1/64", "dev", "eth0")
+    listed = [(a["local"], a.get("tentative", False))
+              for link in node_ns.ip_json("-6", "addr", "show", "dev", "eth0", "scope", "global")
+              for a in link["addr_info"] if "local" in a]  # iproute2 prints {} for each address it filters out
+    assert listed == [("fd00:200::1", True), ("fd00:200::254", False)]
+    with inside(node_ns):
+        ipr = IPRoute()
+        try:
+            assert str(find_underlay(ipr, "eth0", versions=(4, 6)).ip6) == "fd00:200::254"
+            node_ns.run("ip", "-6", "addr", "del", "fd00:200::254/64", "dev", "eth0")
+            assert str(find_underlay(ipr, "eth0", versions=(4, 6)).ip6) == "fd00:200::1"
+        finally:
+            ipr.close()

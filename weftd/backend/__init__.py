@@ -112,14 +112,17 @@ IFA_F_TENTATIVE, IFA_F_DADFAILED, IFA_F_DEPRECATED = 0x40, 0x08, 0x20
 
 
 def _global_addresses(ipr: IPRoute, version: int, index: int | None = None) -> list[tuple[int, str]]:
-    """(interface index, address) of usable global addresses: no link-local, no failed or deprecated IPv6."""
+    """(interface index, address) of usable global addresses: no link-local, no failed or deprecated IPv6.
+    Addresses still in duplicate address detection come last: one of them is picked only if there is no
+    other, since it may yet fail."""
     out = []
     kw = {} if index is None else {"index": index}
     for a in ipr.get_addr(family=_AF[version], **kw):
         flags = a.get("IFA_FLAGS") or a["flags"]
         if a["scope"] == 0 and not flags & (IFA_F_DADFAILED | IFA_F_DEPRECATED):
-            out.append((a["index"], a.get("IFA_ADDRESS")))
-    return out
+            out.append((bool(flags & IFA_F_TENTATIVE), a["index"], a.get("IFA_ADDRESS")))
+    out.sort(key=lambda t: t[0])  # stable: the kernel's order otherwise
+    return [(i, addr) for _, i, addr in out]
 
 
 def find_underlay(ipr: IPRoute, iface: str | None = None, public_ip: str | None = None,
