@@ -4,7 +4,8 @@ Two simulated nodes (tests/cluster.py): each node's eth0 is a veth to a bridge i
 namespace. Node-to-node is iperf3 from node 1's address to node 2's over that underlay; pod-to-pod is
 iperf3 from a pod on node 1 to a pod on node 2, over the same underlay (vxlan: encapsulated; host-gw:
 routed). Both run in the same cluster, alternately, `WEFT_BENCH_TPUT_ROUNDS` times; each round gives a
-ratio, and the figures are medians with [min-max].
+ratio, and the figures are medians with [min-max]. The load average (1 min) before and after each
+backend's rounds is printed with its figures: on 2 shared cores they mean little without it.
 
 Besides Gbit/s, each transfer gives the CPU seconds both iperf3 processes used per GB moved (user +
 system, which holds the kernel's softirq work done on their behalf: the whole path, every hop). On two
@@ -74,7 +75,12 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):5.2f} [{min(xs):.2f}-{max(xs):.2f}]"
 
 
+def load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
 def throughput(backend: str, rounds: int = ROUNDS) -> dict[str, Any]:
+    load_before = load()
     lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
     c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
     try:
@@ -90,15 +96,17 @@ def throughput(backend: str, rounds: int = ROUNDS) -> dict[str, Any]:
         med = statistics.median
         ratios = [p.gbps / n.gbps for n, p in zip(node, pod, strict=True)]
         cpu_node, cpu_pod = med([t.cpu_s_per_gb for t in node]), med([t.cpu_s_per_gb for t in pod])
+        load_after = load()
         print(f"  {backend:9} Gbit/s node-to-node {spread([t.gbps for t in node])}, "
-              f"pod-to-pod {spread([t.gbps for t in pod])}; ratio pod/node {spread(ratios)}", flush=True)
+              f"pod-to-pod {spread([t.gbps for t in pod])}; ratio pod/node {spread(ratios)}; "
+              f"load average {load_before:.2f} before, {load_after:.2f} after", flush=True)
         print(f"  {backend:9} CPU s per GB: node-to-node {cpu_node:.3f}, pod-to-pod {cpu_pod:.3f}; "
               f"ratio node/pod {cpu_node / cpu_pod:.2f}", flush=True)
         return {"rounds": rounds, "seconds": SECONDS,
                 "node_gbps": round(med([t.gbps for t in node]), 2), "pod_gbps": round(med([t.gbps for t in pod]), 2),
                 "ratio": round(med(ratios), 3), "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
                 "node_cpu_s_per_gb": round(cpu_node, 3), "pod_cpu_s_per_gb": round(cpu_pod, 3),
-                "cpu_ratio": round(cpu_node / cpu_pod, 3)}
+                "cpu_ratio": round(cpu_node / cpu_pod, 3), "load_before": load_before, "load_after": load_after}
     finally:
         c.close()
         lab.close()
