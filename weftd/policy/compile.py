@@ -91,19 +91,17 @@ class _Builder:
         self.chains: dict[str, list[str]] = {}
 
     def addr_set(self, version: int, elements: list[str]) -> str:
-        body = ", ".join(elements)
-        name = f"a{version}_{_h(body)}"
-        if name not in self.sets:
-            self.sets[name] = (f"  set {name} {{ type {FAMILY[version][1]}; flags interval; "
-                               f"elements = {{ {body} }} }}\n")
-        return name
+        return self._set(f"a{version}", f"{FAMILY[version][1]}; flags interval", elements)
 
     def port_set(self, version: int, elements: list[str]) -> str:
+        return self._set(f"n{version}", f"{FAMILY[version][1]} . inet_proto . inet_service", elements)
+
+    def _set(self, prefix: str, kind: str, elements: list[str]) -> str:
+        """A named set of `elements` (declared once, however many rules use it); its name."""
         body = ", ".join(elements)
-        name = f"n{version}_{_h(body)}"
+        name = f"{prefix}_{_h(body)}"
         if name not in self.sets:
-            self.sets[name] = (f"  set {name} {{ type {FAMILY[version][1]} . inet_proto . inet_service; "
-                               f"elements = {{ {body} }} }}\n")
+            self.sets[name] = f"  set {name} {{ type {kind}; elements = {{ {body} }} }}\n"
         return name
 
 
