@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
@@ -26,26 +27,24 @@ if TYPE_CHECKING:
 log = logging.getLogger("weftd")
 
 
+@dataclass(eq=False, repr=False)
 class Daemon:
-    def __init__(self, node: str, ipr: IPRoute, store: SubnetStore, backend: Backend[Any], rules: Rules,
-                 paths: Paths, metrics: Metrics, health: Health, resync: float = 10.0, portmap: bool = True,
-                 bridge: str = DEFAULT_BRIDGE, policy: PolicyEngine | None = None) -> None:
-        self.node = node
-        self.ipr = ipr
-        self.store = store
-        self.backend = backend
-        self.rules = rules
-        self.paths = paths
-        self.metrics = metrics
-        self.health = health
-        self.resync = resync
-        self.portmap = portmap
-        self.bridge = bridge
-        self.policy = policy
-        self.stop = threading.Event()
-        self.own: Lease | None = None
-        self.peers: list[Lease] = []
-        self.announced = False  # the store has been told this node's network is up
+    node: str
+    ipr: IPRoute
+    store: SubnetStore
+    backend: Backend[Any]
+    rules: Rules
+    paths: Paths
+    metrics: Metrics
+    health: Health
+    resync: float = 10.0
+    portmap: bool = True
+    bridge: str = DEFAULT_BRIDGE
+    policy: PolicyEngine | None = None
+    stop: threading.Event = field(init=False, default_factory=threading.Event)
+    own: Lease | None = field(init=False, default=None)
+    peers: list[Lease] = field(init=False, default_factory=list)
+    announced: bool = field(init=False, default=False)  # the store has been told this node's network is up
 
     def start(self) -> None:
         """Blocks until the node is ready: lease, backend, NAT, peers programmed, config written."""
