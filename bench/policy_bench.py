@@ -74,14 +74,7 @@ def objects(pods: int = PODS, policies: int = POLICIES, local_node: str = "n1",
 
 
 def state_of(raw: list[dict[str, Any]], node: str) -> tuple[State, list[model.Pod]]:
-    s = State()
-    for obj in (model.parse(o) for o in raw):
-        if isinstance(obj, model.Namespace):
-            s.namespaces[obj.name] = obj
-        elif isinstance(obj, model.Pod):
-            s.pods.append(obj)
-        else:
-            s.policies.append(obj)
+    s = State.of(model.parse(o) for o in raw)
     return s, [p for p in s.pods if p.node_name == node]
 
 

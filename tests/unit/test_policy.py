@@ -134,16 +134,7 @@ def test_a_bad_version_keeps_the_last_good_one_and_a_broken_file_keeps_its_objec
 
 
 def _state(*objs: dict[str, Any]) -> State:
-    s = State()
-    for raw in objs:
-        o = model.parse(raw)
-        if isinstance(o, model.Namespace):
-            s.namespaces[o.name] = o
-        elif isinstance(o, model.Pod):
-            s.pods.append(o)
-        else:
-            s.policies.append(o)
-    return s
+    return State.of(model.parse(raw) for raw in objs)
 
 
 def test_compile_peers_ipblocks_and_named_ports() -> None:

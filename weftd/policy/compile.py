@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import netaddr
 
-from weftd.policy.model import NAME_LABEL, IPBlock, Key, Namespace, NetworkPolicy, Pod, PortSpec, Rule
+from weftd.policy.model import NAME_LABEL, IPBlock, Key, Namespace, NetworkPolicy, Object, Pod, PortSpec, Rule
 
 TABLE = "weft_policy"
 SPOOFED = "spoofed"
@@ -47,6 +47,19 @@ class State:
     namespaces: dict[str, Namespace] = field(default_factory=dict)
     pods: list[Pod] = field(default_factory=list)
     policies: list[NetworkPolicy] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, objects: Iterable[Object]) -> State:
+        """The namespaces, pods and policies among `objects`, pods and policies in the order given."""
+        state = cls()
+        for obj in objects:
+            if isinstance(obj, Namespace):
+                state.namespaces[obj.name] = obj
+            elif isinstance(obj, Pod):
+                state.pods.append(obj)
+            else:
+                state.policies.append(obj)
+        return state
 
     def namespace_labels(self, name: str) -> Mapping[str, str]:
         ns = self.namespaces.get(name)

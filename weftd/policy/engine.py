@@ -312,15 +312,8 @@ class PolicyEngine:
     def state(self) -> tuple[State, list[model.Pod]]:
         with self._source_lock:
             objects = self.source.objects()
-        state = State()
-        pods: dict[model.Key, model.Pod] = {}
-        for key, obj in objects.items():
-            if isinstance(obj, model.Namespace):
-                state.namespaces[obj.name] = obj
-            elif isinstance(obj, model.Pod):
-                pods[key] = obj
-            else:
-                state.policies.append(obj)
+        state = State.of(objects.values())
+        pods = {p.key: p for p in state.pods}
         with self._lock:
             bindings = list(self.bindings.values())
         bound: dict[model.Key, model.Pod] = {}
