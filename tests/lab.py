@@ -112,6 +112,13 @@ def ping(ns: Netns, ip: str, *extra: str, once: bool = False) -> bool:
     return ns.run("ping", "-c1", *wait, *extra, ip, check=False).returncode == 0
 
 
+def assert_path_mtu(ns: Netns, ip: str, mtu: int) -> None:
+    """A don't-fragment ping from `ns` that fills `mtu` exactly reaches `ip`; one byte more does not."""
+    largest = mtu - (40 + 8 if ":" in ip else 20 + 8)  # IP and ICMP headers
+    assert ping(ns, ip, "-M", "do", "-s", str(largest)), f"{largest} bytes to {ip}"
+    assert not ping(ns, ip, "-M", "do", "-s", str(largest + 1), once=True), f"{largest + 1} bytes to {ip}"
+
+
 def weftd_pid(socket: Path) -> int | None:
     """The weftd serving `socket`: the process under `ip netns exec` that carries the flag."""
     flag = ["--cni-socket", str(socket)]

@@ -8,7 +8,7 @@ import sys
 import time
 
 from tests.cluster import OUTSIDE_IP, Cluster, MakeCluster
-from tests.lab import peer_address, ping, weft_conf
+from tests.lab import assert_path_mtu, peer_address, ping, weft_conf
 
 
 def all_pods_reach_each_other(c: Cluster) -> None:
@@ -16,6 +16,19 @@ def all_pods_reach_each_other(c: Cluster) -> None:
     for ns, _ in pods:
         for _, ip in pods:
             assert ping(ns, ip), f"{ns.name} cannot reach {ip}"
+
+
+def pods_on_every_node_talk(c: Cluster, mtu: int | None = None) -> None:
+    """A pod on every node, and all of them reach each other; with `mtu`: n1's pod has that MTU and
+    reaches n2's pod with packets that fill it, not one byte more."""
+    for cn in c.nodes.values():
+        c.pod(cn, f"pod-{cn.name}")
+    all_pods_reach_each_other(c)
+    if mtu is not None:
+        a, _ = c.nodes["n1"].pods["pod-n1"]
+        _, b_ip = c.nodes["n2"].pods["pod-n2"]
+        assert a.links()["eth0"]["mtu"] == mtu
+        assert_path_mtu(a, b_ip, mtu)
 
 
 def test_vxlan_three_nodes(make_cluster: MakeCluster) -> None:
@@ -34,14 +47,7 @@ def test_vxlan_three_nodes(make_cluster: MakeCluster) -> None:
     assert len(neigh) == 2 and all("PERMANENT" in n["state"] for n in neigh)
     fdb = n1.ns.run("bridge", "fdb", "show", "dev", "weft.1").stdout
     assert fdb.count("permanent") == 2 and "192.168.77.11" in fdb and "192.168.77.12" in fdb
-    for cn in (n1, n2, n3):
-        c.pod(cn, f"pod-{cn.name}")
-    all_pods_reach_each_other(c)
-    a, _ = n1.pods["pod-n1"]
-    _, b_ip = n2.pods["pod-n2"]
-    assert a.links()["eth0"]["mtu"] == 1450
-    assert ping(a, b_ip, "-M", "do", "-s", "1422")  # 1422 + 28 = the full 1450-byte pod MTU, DF set
-    assert not ping(a, b_ip, "-M", "do", "-s", "1423", once=True)
+    pods_on_every_node_talk(c, mtu=1450)
 
 
 def test_host_gw_three_nodes(make_cluster: MakeCluster) -> None:
@@ -51,9 +57,7 @@ def test_host_gw_three_nodes(make_cluster: MakeCluster) -> None:
     assert {r["gateway"] for r in n1.routes()} == {n2.ip, n3.ip}
     assert all(r["dev"] == "eth0" for r in n1.routes())
     assert n1.state()["WEFT_MTU"] == "1500"
-    for cn in (n1, n2, n3):
-        c.pod(cn, f"pod-{cn.name}")
-    all_pods_reach_each_other(c)
+    pods_on_every_node_talk(c)
 
 
 def test_direct_routing_uses_host_gw_on_link_and_vxlan_beyond(make_cluster: MakeCluster) -> None:
@@ -65,9 +69,7 @@ def test_direct_routing_uses_host_gw_on_link_and_vxlan_beyond(make_cluster: Make
     assert by_gw[sub2] == (n2.ip, "eth0")
     assert by_gw[sub3] == (sub3.split("/")[0], "weft.1")
     assert len(n1.ns.ip_json("neigh", "show", "dev", "weft.1")) == 1
-    for cn in (n1, n2, n3):
-        c.pod(cn, f"pod-{cn.name}")
-    all_pods_reach_each_other(c)
+    pods_on_every_node_talk(c)
 
 
 def test_host_gw_peer_not_on_link_is_reported(make_cluster: MakeCluster) -> None:

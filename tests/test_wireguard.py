@@ -18,8 +18,8 @@ import netaddr
 import pytest
 
 from tests.cluster import Cluster, ClusterNode, MakeCluster
-from tests.lab import Lab, Netns, ping
-from tests.test_weftd import all_pods_reach_each_other
+from tests.lab import Lab, Netns, assert_path_mtu, ping
+from tests.test_weftd import pods_on_every_node_talk
 
 PSK = base64.b64encode(bytes(range(32))).decode()
 MARKER = b"WEFT-CLEARTEXT-MARKER-7f3a"
@@ -95,14 +95,9 @@ def test_three_nodes_pods_talk_only_encrypted(make_cluster: MakeCluster) -> None
         p = peers[public_key(c, cn)]
         assert (p["endpoint"], p["allowed_ips"], p["keepalive"]) == (f"{cn.ip}:51820", subnet(cn), "25")
         assert p["psk"] == PSK
-    for cn in (n1, n2, n3):
-        c.pod(cn, f"pod-{cn.name}")
-    all_pods_reach_each_other(c)
+    pods_on_every_node_talk(c, mtu=1440)
     a, a_ip = n1.pods["pod-n1"]
     b, b_ip = n2.pods["pod-n2"]
-    assert a.links()["eth0"]["mtu"] == 1440
-    assert ping(a, b_ip, "-M", "do", "-s", "1412")  # 1412 + 28 = the whole 1440-byte pod MTU, DF set
-    assert not ping(a, b_ip, "-M", "do", "-s", "1413", once=True)
 
     # Everything between the nodes, on every port of the underlay, while pods exchange a marker.
     pcap = c.dir / "underlay.pcap"
@@ -335,12 +330,10 @@ def test_kernel_device_three_nodes(make_cluster: MakeCluster, lab: Lab) -> None:
                     "in tests/unit/test_wireguard_units.py")
     c = make_cluster("wireguard")
     c.wireguard = "kernel"
-    n1, n2, n3 = c.boot()
+    n1, _, _ = c.boot()
     assert n1.ns.links()[n1.wg_device]["linkinfo"]["info_kind"] == "wireguard"
     assert c.wireguard_go(n1) is None
-    for cn in (n1, n2, n3):
-        c.pod(cn, f"pod-{cn.name}")
-    all_pods_reach_each_other(c)
+    pods_on_every_node_talk(c)
     _, health = n1.http("/healthz")
     assert "wireguard: kernel" in health
 
@@ -394,8 +387,7 @@ def test_dual_stack_pods_talk_only_encrypted(make_cluster: MakeCluster, mode: st
     for ns, _ in (n1.pods["pod-n1"], n2.pods["pod-n2"], n3.pods["pod-n3"]):
         for ip in (a6, b6, c6):
             assert ping(ns, ip), f"{ns.name} cannot reach {ip}"
-    assert ping(a, b6, "-M", "do", "-s", "1372")  # 1372 + 48 = the whole 1420-byte pod MTU, DF set
-    assert not ping(a, b6, "-M", "do", "-s", "1373", once=True)
+    assert_path_mtu(a, b6, 1420)
 
     pcap = c.dir / "underlay.pcap"
     dump = subprocess.Popen(["ip", "netns", "exec", c.underlay.name, "tcpdump", "-i", "any", "-y", "LINUX_SLL", "-n",
