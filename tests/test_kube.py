@@ -11,6 +11,7 @@ import base64
 import json
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -94,16 +95,24 @@ def weft_token(kube_api: KubeAPI) -> Iterator[str]:
         remove_manifest(kube_api)
 
 
-@pytest.fixture
-def kube_cluster(kube_api: KubeAPI, make_cluster: MakeCluster, weft_token: str) -> Iterator[Cluster]:
-    """Simulated nodes whose weftd uses the kube store, as the manifest's ServiceAccount."""
-    c = make_cluster("vxlan", store="kube")
-    kube_api.attach(c.underlay)
-    c.kubeconfig = kube_api.kubeconfig(c.dir / "kubeconfig", token=weft_token)
+@contextmanager
+def kube_store_cluster(kube: KubeAPI, make_cluster: MakeCluster, token: str, backend: str,
+                       **opts: Any) -> Iterator[Cluster]:
+    """Simulated nodes whose weftd uses the kube store, as the manifest's ServiceAccount (`token`), across
+    the underlay to the API server; their Node objects are deleted after."""
+    c = make_cluster(backend, store="kube", **opts)
+    kube.attach(c.underlay)
+    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=token)
     try:
         yield c
     finally:
-        kube_api.delete_all_nodes()
+        kube.delete_all_nodes()
+
+
+@pytest.fixture
+def kube_cluster(kube_api: KubeAPI, make_cluster: MakeCluster, weft_token: str) -> Iterator[Cluster]:
+    with kube_store_cluster(kube_api, make_cluster, weft_token, "vxlan") as c:
+        yield c
 
 
 def _audit_mark(kube: KubeAPI) -> int:
@@ -280,10 +289,7 @@ def test_wireguard_keys_travel_in_node_annotations(kube_api: KubeAPI, make_clust
     backend-data annotation and takes its peers from the other Nodes'; pods talk through wireguard-go.
     A rotated key reaches the peers through the annotation; a deleted Node's peer goes."""
     kube = kube_api
-    c = make_cluster("wireguard", store="kube", PersistentKeepaliveInterval=25)
-    kube.attach(c.underlay)
-    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=weft_token)
-    try:
+    with kube_store_cluster(kube, make_cluster, weft_token, "wireguard", PersistentKeepaliveInterval=25) as c:
         nodes = [join(kube, c, f"n{i}", f"10.244.{i}.0/24") for i in (1, 2, 3)]
         n1, n2, n3 = nodes
 
@@ -330,8 +336,6 @@ def test_wireguard_keys_travel_in_node_annotations(kube_api: KubeAPI, make_clust
         for cn in nodes:
             c.until(lambda cn=cn: wired(cn) == expected(cn), 60, f"{cn.name} drops n3's peer", cn)
         assert ping(n1.pods["pod-n1"][0], n2.pods["pod-n2"][1])
-    finally:
-        kube.delete_all_nodes()
 
 
 @pytest.mark.slow
@@ -377,13 +381,9 @@ def test_wireguard_dual_stack_on_the_kube_store(kube_api: KubeAPI, make_cluster:
 @pytest.fixture
 def kube_dual_cluster(kube_api: KubeAPI, make_cluster: MakeCluster, weft_token: str) -> Iterator[Cluster]:
     """As kube_cluster, with IPv6 on: the underlay has both families, the net-conf EnableIPv6."""
-    c = make_cluster("vxlan", store="kube", net={"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"})
-    kube_api.attach(c.underlay)
-    c.kubeconfig = kube_api.kubeconfig(c.dir / "kubeconfig", token=weft_token)
-    try:
+    with kube_store_cluster(kube_api, make_cluster, weft_token, "vxlan",
+                            net={"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}) as c:
         yield c
-    finally:
-        kube_api.delete_all_nodes()
 
 
 @pytest.mark.slow
@@ -422,11 +422,8 @@ def test_kube_store_ipv6_only(kube_api: KubeAPI, make_cluster: MakeCluster, weft
     it via the peer's IPv6 address, and no IPv4 annotation, route or state is published. The underlay keeps IPv4
     only to reach the test's API server."""
     kube = kube_api
-    c = make_cluster("host-gw", store="kube", families=(4, 6),
-                     net={"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"})
-    kube.attach(c.underlay)
-    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=weft_token)
-    try:
+    with kube_store_cluster(kube, make_cluster, weft_token, "host-gw", families=(4, 6),
+                            net={"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}) as c:
         n1 = join(kube, c, "n1", "10.244.1.0/24")
         n2 = join(kube, c, "n2", "10.244.2.0/24")
         c.until(lambda: {(r["dst"], r["gateway"]) for r in n1.routes(6)} == {("fd00:10:244:2::/64", n2.ip6)}, 60,
@@ -439,5 +436,3 @@ def test_kube_store_ipv6_only(kube_api: KubeAPI, make_cluster: MakeCluster, weft
         c.pod(n2, "b")
         assert n2.pod_ips["b"] == ["fd00:10:244:2::2"]
         assert ping(a, "fd00:10:244:2::2")
-    finally:
-        kube.delete_all_nodes()
