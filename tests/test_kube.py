@@ -345,10 +345,8 @@ def test_wireguard_dual_stack_on_the_kube_store(kube_api: KubeAPI, make_cluster:
     backend-data annotations; the IPv6 device's peers come from the other Node's IPv6 annotations
     (endpoint on ListenPortV6, its IPv6 podCIDR); pods reach each other over both families."""
     kube = kube_api
-    c = make_cluster("wireguard", store="kube", net={"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"})
-    kube.attach(c.underlay)
-    c.kubeconfig = kube.kubeconfig(c.dir / "kubeconfig", token=weft_token)
-    try:
+    with kube_store_cluster(kube, make_cluster, weft_token, "wireguard",
+                            net={"EnableIPv6": True, "IPv6Network": "fd00:10:244::/56"}) as c:
         nodes = [join(kube, c, f"n{i}", f"10.244.{i}.0/24") for i in (1, 2)]
 
         def annotations(cn: ClusterNode) -> dict[str, str]:
@@ -374,8 +372,6 @@ def test_wireguard_dual_stack_on_the_kube_store(kube_api: KubeAPI, make_cluster:
         for cn, peer in ((nodes[0], nodes[1]), (nodes[1], nodes[0])):
             for ip in peer.pod_ips[f"pod-{peer.name}"]:
                 assert ping(cn.pods[f"pod-{cn.name}"][0], ip), f"{cn.name} cannot reach {ip}"
-    finally:
-        kube.delete_all_nodes()
 
 
 @pytest.fixture
