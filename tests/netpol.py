@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import yaml
 
 from tests.cluster import Cluster, ClusterNode
-from tests.lab import Netns
+from tests.lab import Lab, Netns
 from weftlib.kernel.netns import NetNS
 
 NAMESPACES = ("x", "y", "z")
@@ -295,3 +296,28 @@ class NetpolModel:
 
 def probe_once(pod: ModelPod, ip: str, port: int = 80, proto: str = "TCP", timeout: float = PROBE_TIMEOUT) -> bool:
     return _probe(pod.netns.path, ip, port, proto, timeout)
+
+
+@contextmanager
+def policy_cluster(base: Path, net: dict[str, Any], names: list[str] | None = None, extra: tuple[str, ...] = (),
+                   weftd: list[str] | None = None) -> Iterator[NetpolModel]:
+    """Simulated nodes (`names`, default n1-n3) under `base`, every weftd (this checkout's, or `weftd`) reading
+    one --policy-dir; the model over them, with no namespaces or pods yet. Everything is closed after, also
+    when the set-up fails."""
+    lab = Lab(base / "lab")
+    lab.base.mkdir()
+    policies = base / "policies"
+    policies.mkdir()
+    cluster = Cluster(lab, net)
+    if weftd is not None:
+        cluster.weftd = weftd
+    m = None
+    try:
+        nodes = cluster.boot(names, extra=("--policy-dir", str(policies), *extra))
+        m = NetpolModel(cluster, nodes, policies)
+        yield m
+    finally:
+        if m is not None:
+            m.close()
+        cluster.close()
+        lab.close()

@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, ClusterNode
-from tests.lab import Lab
-from tests.netpol import NetpolModel, probe_once
+from tests.cluster import ClusterNode
+from tests.netpol import NetpolModel, policy_cluster, probe_once
 
 ALL = (("x/a", "x/b", "x/c"), ("y/a", "y/b", "y/c"), ("z/a", "z/b", "z/c"))
 X, Y, Z = ALL
@@ -41,26 +40,12 @@ def sel(**labels: str) -> dict[str, Any]:
 def upstream_model(base: Path, backend: str, weftd: list[str] | None = None) -> Iterator[NetpolModel]:
     """3 nodes, each weftd (this checkout's, or `weftd`) reading the same --policy-dir; 9 pods serving;
     every pod reaching every pod."""
-    lab = Lab(base / "lab")
-    lab.base.mkdir()
-    policies = base / "policies"
-    policies.mkdir()
-    cluster = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
-    if weftd is not None:
-        cluster.weftd = weftd
-    m = None
-    try:
-        nodes = cluster.boot(extra=("--policy-dir", str(policies), "--policy-nflog-group", "86"))
-        m = NetpolModel(cluster, nodes, policies)
+    with policy_cluster(base, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}},
+                        extra=("--policy-nflog-group", "86"), weftd=weftd) as m:
         m.build()
         took = m.expect(m.reachability([T80, T81, U80, U81]))
         print(f"\n{backend}: first full 9x9x4 table in {took:.2f}s")
         yield m
-    finally:
-        if m is not None:
-            m.close()
-        cluster.close()
-        lab.close()
 
 
 @pytest.fixture(scope="module")

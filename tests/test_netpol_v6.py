@@ -15,9 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.cluster import Cluster
-from tests.lab import Lab
-from tests.netpol import NetpolModel
+from tests.netpol import NetpolModel, policy_cluster
 from tests.test_netpol import policy, sel
 
 T80, T81, U80 = (80, "TCP"), (81, "TCP"), (80, "UDP")
@@ -27,30 +25,16 @@ V6_NETWORK = "fd00:10::/48"
 
 @pytest.fixture(scope="module")
 def dual(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NetpolModel]:
-    base = tmp_path_factory.mktemp("netpol6")
-    lab = Lab(base / "lab")
-    lab.base.mkdir()
-    policies = base / "policies"
-    policies.mkdir()
-    cluster = Cluster(lab, {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": V6_NETWORK,
-                            "Backend": {"Type": "vxlan"}})
-    m = None
-    try:
-        nodes = cluster.boot(["n1", "n2"], extra=("--policy-dir", str(policies)))
-        m = NetpolModel(cluster, nodes, policies)
+    net = {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": V6_NETWORK, "Backend": {"Type": "vxlan"}}
+    with policy_cluster(tmp_path_factory.mktemp("netpol6"), net, ["n1", "n2"]) as m:
         m.write_namespaces()
         for pid, node in (("x/a", 0), ("x/b", 0), ("y/a", 0), ("y/b", 1)):
             ns, name = pid.split("/")
-            m.add_pod(ns, name, nodes[node], serve=True)
+            m.add_pod(ns, name, m.nodes[node], serve=True)
         assert all(p.ip6.startswith("fd00:10:") for p in m.pods.values())
         m.expect(m.reachability([T80, U80]))
         m.expect(m.reachability([T80, U80]), family=6)
         yield m
-    finally:
-        if m is not None:
-            m.close()
-        cluster.close()
-        lab.close()
 
 
 @pytest.fixture
