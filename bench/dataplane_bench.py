@@ -25,11 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.cluster import Cluster
+from tests.cluster import Cluster, ClusterNode
 from tests.lab import Lab, Netns
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_TPUT_ROUNDS", "7"))
@@ -46,11 +48,37 @@ class Transfer:
     cpu_s_per_gb: float
 
 
-def iperf_run(client: Netns, server: Netns, server_ip: str, seconds: int = SECONDS) -> Transfer:
-    """One iperf3 TCP transfer from `client` to `server_ip` in `server`."""
+@contextmanager
+def iperf_server(server: Netns, server_ip: str) -> Iterator[None]:
+    """An iperf3 server for one test (-1) on `server_ip` in `server`; killed after."""
     srv = subprocess.Popen(["ip", "netns", "exec", server.name, *NICE, "iperf3", "-s", "-1", "-B", server_ip],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        yield
+    finally:
+        srv.kill()
+        srv.wait()
+
+
+@contextmanager
+def pod_pair(backend: str) -> Iterator[tuple[ClusterNode, ClusterNode, Netns, Netns, str]]:
+    """Two simulated nodes on `backend` with a pod on each: (node 1, node 2, pod a on node 1, pod b on
+    node 2, b's address); all removed after."""
+    lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
+    c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
+    try:
+        n1, n2 = c.boot(["n1", "n2"])
+        a, _ = c.pod(n1, "a")
+        b, b_ip = c.pod(n2, "b")
+        yield n1, n2, a, b, b_ip
+    finally:
+        c.close()
+        lab.close()
+
+
+def iperf_run(client: Netns, server: Netns, server_ip: str, seconds: int = SECONDS) -> Transfer:
+    """One iperf3 TCP transfer from `client` to `server_ip` in `server`."""
+    with iperf_server(server, server_ip):
         for _ in range(50):  # until the server listens
             p = client.run(*NICE, "iperf3", "-c", server_ip, "-t", str(seconds), "-J", check=False)
             end = json.loads(p.stdout or "{}").get("end", {}) if p.returncode == 0 else {}
@@ -61,9 +89,6 @@ def iperf_run(client: Netns, server: Netns, server_ip: str, seconds: int = SECON
                 return Transfer(received["bits_per_second"] / 1e9, cpu_s / (received["bytes"] / 1e9))
             time.sleep(0.1)
         raise RuntimeError(f"iperf3 to {server_ip} failed: {p.stdout[-300:]}")
-    finally:
-        srv.kill()
-        srv.wait()
 
 
 def iperf(client: Netns, server: Netns, server_ip: str, seconds: int = 5) -> float:
@@ -81,12 +106,7 @@ def load() -> float:
 
 def throughput(backend: str, rounds: int = ROUNDS) -> dict[str, Any]:
     load_before = load()
-    lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
-    c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
-    try:
-        n1, n2 = c.boot(["n1", "n2"])
-        a, _ = c.pod(n1, "a")
-        b, b_ip = c.pod(n2, "b")
+    with pod_pair(backend) as (n1, n2, a, b, b_ip):
         node: list[Transfer] = []
         pod: list[Transfer] = []
         for i in range(rounds):
@@ -107,9 +127,6 @@ def throughput(backend: str, rounds: int = ROUNDS) -> dict[str, Any]:
                 "ratio": round(med(ratios), 3), "ratio_min": round(min(ratios), 3), "ratio_max": round(max(ratios), 3),
                 "node_cpu_s_per_gb": round(cpu_node, 3), "pod_cpu_s_per_gb": round(cpu_pod, 3),
                 "cpu_ratio": round(cpu_node / cpu_pod, 3), "load_before": load_before, "load_after": load_after}
-    finally:
-        c.close()
-        lab.close()
 
 
 def main(backends: list[str]) -> int:

@@ -14,13 +14,11 @@ import collections
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from bench.dataplane_bench import NICE
-from tests.cluster import Cluster
-from tests.lab import Lab, Netns
+from bench.dataplane_bench import NICE, iperf_server, pod_pair
+from tests.lab import Netns
 
 HZ = 2000
 STAGES: dict[str, set[str]] = {
@@ -54,9 +52,7 @@ STAGE_OF = {fn: stage for stage, fns in STAGES.items() for fn in fns}
 
 def profile(client: Netns, server: Netns, server_ip: str, data: Path, seconds: int = 5) -> dict[str, float]:
     """ms of CPU per GB by stage for one iperf3 stream."""
-    srv = subprocess.Popen(["ip", "netns", "exec", server.name, *NICE, "iperf3", "-s", "-1", "-B", server_ip],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    with iperf_server(server, server_ip):
         for _ in range(100):  # until it listens
             if server.run("ss", "-Hltn", "sport", "=", ":5201").stdout.strip():
                 break
@@ -65,9 +61,6 @@ def profile(client: Netns, server: Netns, server_ip: str, data: Path, seconds: i
                             "exec", client.name, *NICE, "iperf3", "-c", server_ip, "-t", str(seconds), "-J"],
                            capture_output=True, text=True, check=True)
         gb = json.loads(p.stdout)["end"]["sum_received"]["bytes"] / 1e9
-    finally:
-        srv.kill()
-        srv.wait()
     script = subprocess.run(["perf", "script", "-i", str(data), "--comm", "iperf3,ksoftirqd/0,ksoftirqd/1", "-F",
                              "comm,ip,sym"], capture_output=True, text=True, check=True).stdout
     count: collections.Counter[str] = collections.Counter()
@@ -82,17 +75,9 @@ def profile(client: Netns, server: Netns, server_ip: str, data: Path, seconds: i
 
 def main(backends: list[str]) -> int:
     for backend in backends or ["vxlan", "host-gw"]:
-        lab = Lab(Path(tempfile.mkdtemp(prefix="weft-bench-")))
-        c = Cluster(lab, {"Network": "10.244.0.0/16", "Backend": {"Type": backend}})
-        try:
-            n1, n2 = c.boot(["n1", "n2"])
-            a, _ = c.pod(n1, "a")
-            b, b_ip = c.pod(n2, "b")
-            node = profile(n1.ns, n2.ns, n2.ip, lab.base / "node.data")
-            pod = profile(a, b, b_ip, lab.base / "pod.data")
-        finally:
-            c.close()
-            lab.close()
+        with pod_pair(backend) as (n1, n2, a, b, b_ip):
+            node = profile(n1.ns, n2.ns, n2.ip, n1.node.dir / "node.data")
+            pod = profile(a, b, b_ip, n1.node.dir / "pod.data")
         print(f"{backend}: ms of CPU per GB   node-to-node  pod-to-pod")
         for stage in [*STAGES, "everything else"]:
             print(f"  {stage:48} {node.get(stage, 0):8.0f}  {pod.get(stage, 0):8.0f}")
