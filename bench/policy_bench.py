@@ -1,5 +1,6 @@
-"""NetworkPolicy benchmarks: compile and apply time at 1,000 pods and 200 policies, and pod-to-pod
-iperf3 throughput with those policies in force against without.
+"""NetworkPolicy benchmarks: compile and apply time at 1,000 pods and 200 policies, what the policy hook
+adds to a pod's ADD and DEL at 100, 1,000 and 3,000 pods, and pod-to-pod iperf3 throughput with those
+policies in force against without.
 
 Run with `make bench`. Everything runs in namespaces of its own; nothing here has a pass mark.
 """
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import netaddr
 import yaml
 
 from bench.dataplane_bench import iperf
@@ -24,6 +26,8 @@ from tests.cluster import Cluster
 from tests.lab import Lab
 from weftd.policy import model
 from weftd.policy.compile import PortBinding, State, compile_ruleset, transaction
+from weftd.policy.engine import PolicyEngine
+from weftd.policy.source import DirSource
 from weftlib.kernel import nft
 from weftlib.kernel.netns import NetNS
 
@@ -121,6 +125,74 @@ def apply_time(rounds: int = 5) -> dict[str, Any]:
         lab.close()
 
 
+HOOK_SIZES = (100, 1000, 3000)
+NEW_SUBNET = "10.250.0.0/16"  # the node's pod subnet for the pods ADDed during the benchmark
+
+
+def hook_time(sizes: tuple[int, ...] = HOOK_SIZES, rounds: int = 7) -> dict[str, Any]:
+    """What the policy hook adds to a pod's ADD and DEL through weftd: PolicyEngine.pod_added and pod_deleted,
+    with the engine started on `size` pods (half on this node) and POLICIES policies from a policy
+    directory. Each ADD is of a pod whose object is already known with its labels but no address yet, as
+    when a scheduled pod's sandbox starts; its IPAM lease is written first, as the plugin does."""
+    out: dict[str, Any] = {}
+    for size in sizes:
+        base = Path(tempfile.mkdtemp(prefix="weft-bench-"))
+        lab = Lab(base / "lab")
+        lab.base.mkdir()
+        pdir, leases = base / "policies", base / "leases"
+        pdir.mkdir()
+        leases.mkdir()
+        new = [{"kind": "Pod", "metadata": {"name": f"new{r}", "namespace": f"ns{r % NAMESPACES}",
+                                            "labels": {"app": f"app{r % 10}", "tier": f"tier{r % 3}"}},
+                "spec": {"nodeName": "n1", "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]}}
+               for r in range(rounds)]
+        raw = objects(pods=size, extra=new)
+        (pdir / "cluster.json").write_text(json.dumps({"kind": "List", "items": raw}))
+        for i, o in enumerate(raw):
+            if o["kind"] == "Pod" and o["spec"]["nodeName"] == "n1" and "status" in o:
+                (leases / o["status"]["podIP"]).write_text(f"{i:064x}\r\neth0")
+        try:
+            netns = NetNS(lab.netns("policy").path)
+            with netns.entered():
+                engine = PolicyEngine("n1", DirSource(pdir), base / "bindings.json", leases, resync=3600)
+                t = time.perf_counter()
+                engine.start([netaddr.IPNetwork(NEW_SUBNET)])
+                start = time.perf_counter() - t
+                first = engine.last
+                add, delete = [], []
+                for r in range(rounds):
+                    cid, ip = f"{r:x}".rjust(64, "f"), f"10.250.0.{r + 2}"
+                    environ = {"CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
+                               "CNI_ARGS": f"K8S_POD_NAMESPACE=ns{r % NAMESPACES};K8S_POD_NAME=new{r}"}
+                    result = json.dumps({"cniVersion": "1.0.0", "ips": [{"address": f"{ip}/16"}]})
+                    (leases / ip).write_text(f"{cid}\r\neth0")
+                    t = time.perf_counter()
+                    engine.pod_added(environ, result)
+                    add.append(time.perf_counter() - t)
+                for r in range(rounds):
+                    cid, ip = f"{r:x}".rjust(64, "f"), f"10.250.0.{r + 2}"
+                    (leases / ip).unlink()
+                    t = time.perf_counter()
+                    engine.pod_deleted({"CNI_CONTAINERID": f"{r:x}".rjust(64, "f")})
+                    delete.append(time.perf_counter() - t)
+                engine.stop()
+            netns.close()
+        finally:
+            lab.close()
+            subprocess.run(["rm", "-rf", str(base)], check=False)
+        ms = [[round(x * 1000, 1) for x in (statistics.median(xs), min(xs), max(xs))] for xs in (add, delete)]
+        row: dict[str, Any] = {
+            "local_pods": size // 2, "rules": first.rules if first else 0,
+            "ruleset_kib": len(first.text) // 1024 if first else 0, "start_ms": round(start * 1000, 1),
+            "add_ms": ms[0][0], "add_range_ms": ms[0][1:], "del_ms": ms[1][0], "del_range_ms": ms[1][1:],
+            "load": round(os.getloadavg()[0], 1)}
+        out[str(size)] = row
+        print(f"  {size} pods ({size // 2} on this node), {POLICIES} policies, {row['ruleset_kib']} KiB ruleset: "
+              f"first apply {row['start_ms']} ms; median of {rounds}: ADD hook {ms[0][0]} ms ({ms[0][1]}-{ms[0][2]}), "
+              f"DEL hook {ms[1][0]} ms ({ms[1][1]}-{ms[1][2]}); load average {row['load']}", flush=True)
+    return out
+
+
 def throughput() -> dict[str, Any]:
     """iperf3 from a pod on n1 to a pod on n2 without policies, then with 200 policies and 1,000 pods, in
     which the server is selected and admits the client, and the client's egress is restricted too."""
@@ -168,8 +240,15 @@ def throughput() -> dict[str, Any]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["hook"]:  # only the hook: `python -m bench.policy_bench hook [size ...]`
+        sizes = tuple(int(x) for x in sys.argv[2:]) or HOOK_SIZES
+        print(json.dumps({"policy_hook": hook_time(sizes)}, sort_keys=True))
+        return 0
     print("NetworkPolicy: parse + compile + one nftables transaction, as weftd does on every change")
     out: dict[str, Any] = {"apply": apply_time()}
+    print("NetworkPolicy: the policy hook's cost in a pod's ADD and DEL through weftd (PolicyEngine.pod_added, "
+          "pod_deleted)")
+    out["hook"] = hook_time()
     if os.environ.get("WEFT_BENCH_IPERF", "1") != "0":
         print("NetworkPolicy: iperf3 TCP, 5 s, pod on n1 to pod on n2, with and without policies")
         out["throughput"] = throughput()
