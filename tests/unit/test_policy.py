@@ -214,3 +214,128 @@ def test_denied_packets_are_described_from_their_headers() -> None:
     icmp = ip[:9] + b"\x01" + ip[10:]
     assert describe_packet(icmp + b"\0" * 8) == ("ICMP", "10.0.0.1", "10.0.0.2")
     assert describe_packet(b"") is None
+
+
+def _random_world(rnd: Any, pods: int, policies: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
+                                                                list[dict[str, Any]]]:
+    """Namespaces, pods and policies with everything a rule can depend on drawn at random."""
+    def labels() -> dict[str, str]:
+        return {k: rnd.choice(["a", "b", "c"]) for k in ("app", "tier", "team") if rnd.random() < 0.6}
+
+    def selector() -> dict[str, Any]:
+        sel: dict[str, Any] = {}
+        if rnd.random() < 0.6:
+            sel["matchLabels"] = {rnd.choice(["app", "tier"]): rnd.choice(["a", "b"])}
+        if rnd.random() < 0.3:
+            op = rnd.choice(["In", "NotIn", "Exists", "DoesNotExist"])
+            sel["matchExpressions"] = [{"key": rnd.choice(["app", "team"]), "operator": op,
+                                        **({"values": ["a", "c"]} if op in ("In", "NotIn") else {})}]
+        return sel
+
+    def peer() -> dict[str, Any]:
+        kind = rnd.randrange(4)
+        if kind == 0:
+            cidr = rnd.choice(["10.1.0.0/16", "10.1.1.0/24", "fd00:1::/64", "10.0.0.0/8"])
+            block: dict[str, Any] = {"cidr": cidr}
+            if cidr == "10.1.0.0/16" and rnd.random() < 0.5:
+                block["except"] = ["10.1.1.0/25"]
+            return {"ipBlock": block}
+        if kind == 1:
+            return {"podSelector": selector()}
+        if kind == 2:
+            return {"namespaceSelector": {"matchLabels": {"team": rnd.choice(["a", "b"])}} if rnd.random() < 0.7
+                    else {}}
+        return {"namespaceSelector": {}, "podSelector": selector()}
+
+    def ports() -> list[dict[str, Any]]:
+        return rnd.choice([[], [{"port": "web"}], [{"port": 80}, {"port": "web", "protocol": "UDP"}],
+                           [{"port": 8000, "endPort": 8100}], [{"protocol": "UDP"}],
+                           [{"port": "dns", "protocol": "UDP"}]])
+
+    def rule(peers_key: str) -> dict[str, Any]:
+        r: dict[str, Any] = {"ports": ports()}
+        if rnd.random() < 0.8:
+            r[peers_key] = [peer() for _ in range(rnd.randrange(1, 3))]
+        return r
+
+    nss = [{"kind": "Namespace", "metadata": {"name": f"n{i}", "labels": {"team": rnd.choice("ab")}}}
+           for i in range(3)]
+    pod_objs = [_random_pod(rnd, i, labels()) for i in range(pods)]
+    pols = []
+    for j in range(policies):
+        spec: dict[str, Any] = {"podSelector": selector()}
+        if rnd.random() < 0.8:
+            spec["ingress"] = [rule("from") for _ in range(rnd.randrange(0, 3))]
+        if rnd.random() < 0.5:
+            spec["egress"] = [rule("to") for _ in range(rnd.randrange(0, 3))]
+        if rnd.random() < 0.3:
+            spec["policyTypes"] = rnd.choice([["Ingress"], ["Egress"], ["Ingress", "Egress"]])
+        pols.append(pol(spec, f"p{j}", f"n{rnd.randrange(4)}"))  # n3 has no Namespace object
+    return nss, pod_objs, pols
+
+
+def _random_pod(rnd: Any, i: int, labels: dict[str, str]) -> dict[str, Any]:
+    ips = rnd.choice([[f"10.1.{rnd.randrange(3)}.{i + 1}"], [f"10.1.0.{i + 1}", f"fd00:1::{i + 1:x}"],
+                      [f"10.2.0.{i + 1}"], [], [f"10.1.0.{rnd.randrange(1, 4)}"]])  # the last may be taken
+    spec: dict[str, Any] = {"nodeName": rnd.choice(["me", "other"]),
+                            "containers": [{"ports": [{"name": "web", "containerPort": rnd.choice([80, 8080])},
+                                                      {"name": "dns", "protocol": "UDP", "containerPort": 53}]}]}
+    if rnd.random() < 0.05:
+        spec["hostNetwork"] = True
+    return {"kind": "Pod", "metadata": {"name": f"q{i}", "namespace": f"n{rnd.randrange(4)}", "labels": labels},
+            "spec": spec, "status": {"podIPs": [{"ip": ip} for ip in ips]}}
+
+
+def random_steps(seed: int, steps: int = 40) -> Any:
+    """The raw objects of a cluster after each of `steps` random changes: pods come, go, change labels,
+    addresses and nodes; policies and namespaces change too."""
+    import random
+
+    rnd = random.Random(seed)
+    nss, pods, pols = _random_world(rnd, 30, 12)
+    serial = 100
+    for step in range(steps):
+        op = rnd.randrange(10)
+        if op <= 2:  # an ADD: a new pod, with its labels
+            serial += 1
+            pods.append(_random_pod(rnd, serial, {"app": rnd.choice("abc"), "tier": rnd.choice("ab")}))
+        elif op == 3 and pods:  # a DEL
+            pods.pop(rnd.randrange(len(pods)))
+        elif op == 4 and pods:  # relabelled
+            rnd.choice(pods)["metadata"]["labels"] = {"app": rnd.choice("abc"), "team": rnd.choice("ab")}
+        elif op == 5 and pods:  # another address, or another node
+            p = rnd.choice(pods)
+            p.update({k: v for k, v in _random_pod(rnd, serial + step, p["metadata"]["labels"]).items()
+                      if k in ("spec", "status")})
+        elif op == 6:  # a policy added or removed
+            if pols and rnd.random() < 0.5:
+                pols.pop(rnd.randrange(len(pols)))
+            else:
+                pols.append(_random_world(rnd, 0, 1)[2][0] | {"metadata": {"name": f"s{step}", "namespace": "n1"}})
+        elif op == 7:  # a namespace relabelled
+            rnd.choice(nss)["metadata"]["labels"] = {"team": rnd.choice("abc")}
+        yield nss + pods + pols
+
+
+def compile_raw(raw: list[dict[str, Any]], cache: Any = None) -> Any:
+    """The ruleset of node `me` for raw objects."""
+    s = State.of(map(model.parse, raw))
+    s.pods.sort(key=lambda p: p.key)
+    local = [p for p in s.pods if p.node_name == "me"]
+    bindings = [PortBinding(f"weft{i:08x}", p.ips) for i, p in enumerate(local)]
+    return compile_ruleset(s, local, bindings, 5, cache)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_a_compile_reusing_the_last_ones_work_equals_a_full_compile(seed: int) -> None:
+    """After every random change, the compile that reuses its cache gives exactly the ruleset a fresh
+    compile gives."""
+    from weftd.policy.compile import Cache
+
+    cache = Cache()
+    for step, raw in enumerate(random_steps(seed)):
+        want, got = compile_raw(raw), compile_raw(raw, cache)
+        assert got.text == want.text, f"step {step}"
+        assert (got.selected, got.chain_policies, got.chains, got.rules, got.sets, got.objects, got.elements) == \
+            (want.selected, want.chain_policies, want.chains, want.rules, want.sets, want.objects, want.elements)
+    assert cache.rules  # it was used

@@ -23,10 +23,23 @@ import ipaddress
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import netaddr
 
-from weftd.policy.model import NAME_LABEL, IPBlock, Key, Namespace, NetworkPolicy, Object, Pod, PortSpec, Rule
+from weftd.policy.model import (
+    NAME_LABEL,
+    ContainerPort,
+    IPBlock,
+    Key,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    Object,
+    Pod,
+    PortSpec,
+    Rule,
+)
 
 TABLE = "weft_policy"
 SPOOFED = "spoofed"
@@ -74,6 +87,10 @@ class Compiled:
     rules: int = 0
     sets: int = 0
     chain_policies: dict[str, set[str]] = field(default_factory=dict)  # pod chain -> policies behind it
+    # The same ruleset in parts, for delta(): the named sets, counters and pod chains of table inet by name
+    # (their names hash their content), and every element of the maps and sets that list pods, by key.
+    objects: dict[str, str] = field(default_factory=dict)
+    elements: dict[str, dict[str, str]] = field(default_factory=dict)  # "family set" -> key -> element
 
 
 def _h(text: str) -> str:
@@ -155,7 +172,7 @@ class Compiler:
         or by address)."""
         pods = self.peer_pods(pol, rule)
         blocks = [peer.ip_block for peer in rule.peers if peer.ip_block is not None]
-        intervals = [(ip.version, int(ip), int(ip)) for pod in pods for ip in pod.ips]
+        intervals = [iv for pod in pods for iv in pod.intervals]
         if blocks:
             named = {(p.namespace, p.name) for p in pods}
             for block in blocks:
@@ -163,6 +180,84 @@ class Compiler:
             pods += [p for block in blocks for p in self.in_block(block) if (p.namespace, p.name) not in named]
             pods = list({(p.namespace, p.name): p for p in pods}.values())
         return intervals, pods
+
+
+RuleKey = tuple[str, str, Rule]  # namespace, direction, rule: what a rule's nft lines depend on besides pods
+
+
+@dataclass(frozen=True)
+class _RuleOut:
+    addr: list[str | None]  # the rule's address matches (None: any)
+    fixed: list[str]  # its nft rules but those of ingress named ports
+    sets: tuple[tuple[str, str], ...]  # the sets they refer to (name, declaration), in the order they are made
+    named: dict[tuple[ContainerPort, ...], list[str]] = field(default_factory=dict)  # by the target's ports
+
+
+class Cache:
+    """What one compile leaves to the next, so that a change recompiles only what it touches: a pod's ADD
+    or DEL recomputes the rules that name the pod (as a peer by selector or ipBlock) and the selections of
+    its namespace's policies; the rest is reused. Each entry is keyed by its inputs and dropped when a pod
+    or namespace it was computed from changes, so a compile with a cache gives exactly what a compile
+    without one gives (tests/unit/test_policy.py compares them)."""
+
+    def __init__(self) -> None:
+        self.namespaces: dict[str, Namespace] = {}
+        self.pods: dict[Key, Pod] = {}
+        self.local: dict[Key, Pod] = {}
+        self.rules: dict[RuleKey, _RuleOut] = {}
+        self.targets: dict[tuple[str, LabelSelector], list[Pod]] = {}
+        # (direction, pod) -> its chain's parts (the line lists of its rules, kept so that their ids stay
+        # theirs), the parts' ids and the NFLOG group, the chain's name and lines
+        self.chains: dict[tuple[str, Key], tuple[tuple[list[str], ...], tuple[Any, ...], str, list[str]]] = {}
+
+    def forget_changes(self, state: State, local: list[Pod]) -> None:
+        """Drops what the differences between the last compile's state and `state` invalidate."""
+        pods = {p.key: p for p in state.pods}
+        local_by_key = {p.key: p for p in local}
+        if state.namespaces != self.namespaces or len(pods) != len(state.pods):
+            self.rules.clear()
+            self.targets.clear()
+        else:
+            changed = _changed(self.pods, pods)
+            if changed:
+                self.rules = {k: v for k, v in self.rules.items()
+                              if not any(_names(state, k, p) for p in changed)}
+            moved = {p.namespace for p in _changed(self.local, local_by_key)}
+            if moved:
+                self.targets = {k: v for k, v in self.targets.items() if k[0] not in moved}
+        self.namespaces = dict(state.namespaces)
+        self.pods = pods
+        self.local = local_by_key
+
+
+def _changed(old: Mapping[Key, Pod], new: Mapping[Key, Pod]) -> list[Pod]:
+    """The pods, in their old and their new versions, that differ between two states."""
+    out = []
+    for key in old.keys() | new.keys():
+        a, b = old.get(key), new.get(key)
+        if a is not b and a != b:
+            out += [p for p in (a, b) if p is not None]
+    return out
+
+
+def _names(state: State, rk: RuleKey, pod: Pod) -> bool:
+    """Whether a rule's nft lines may depend on the pod: it is a peer of the rule by selector or by address
+    (a superset is fine: it only costs a recompile)."""
+    namespace, direction, rule = rk
+    if not pod.is_peer:
+        return False
+    if not rule.peers:  # every pod is a peer; only egress named ports are resolved on them
+        return direction == "egress" and any(isinstance(s.port, str) for s in rule.ports)
+    for peer in rule.peers:
+        if peer.ip_block is not None:
+            if any(ip in peer.ip_block for ip in pod.ips):
+                return True
+            continue
+        nsel = peer.namespace_selector
+        in_ns = pod.namespace == namespace if nsel is None else nsel.matches(state.namespace_labels(pod.namespace))
+        if in_ns and (peer.pod_selector is None or peer.pod_selector.matches(pod.labels)):
+            return True
+    return False
 
 
 def _port_match(specs: Iterable[PortSpec]) -> list[str]:
@@ -184,16 +279,18 @@ def _port_match(specs: Iterable[PortSpec]) -> list[str]:
 
 
 def compile_ruleset(state: State, local: list[Pod], bindings: list[PortBinding],
-                    nflog_group: int | None = None) -> Compiled:
+                    nflog_group: int | None = None, cache: Cache | None = None) -> Compiled:
     """The node's ruleset. With `nflog_group`, denied packets also go to that NFLOG group (at most 20 a
-    second per pod chain), prefixed with the chain's name."""
+    second per pod chain), prefixed with the chain's name. With `cache` (the same one every time), what
+    the last compile computed and the changes since leave untouched is reused; the result is the same."""
     c = Compiler(state)
     b = _Builder()
-    rules_of: dict[tuple[str, Key], list[str]] = {}
+    rules_of: dict[tuple[str, Key], list[list[str]]] = {}  # a pod chain's rules, as the rules' line lists
     policies_of: dict[tuple[str, Key], set[str]] = defaultdict(set)
     by_key = {p.key: p for p in local}
     selected: dict[str, set[str]] = {}
-    memo: dict[tuple[str, str, Rule], tuple[list[str | None], list[str]]] = {}
+    memo: dict[RuleKey, _RuleOut] = {}  # the rules of this compile, each made (or taken from the cache) once
+    targets_of: dict[tuple[str, LabelSelector], list[Pod]] = {}
     seen: set[netaddr.IPAddress] = set()
     unique = []
     for pod in local:  # an address belongs to one pod: the first claim wins
@@ -201,12 +298,19 @@ def compile_ruleset(state: State, local: list[Pod], bindings: list[PortBinding],
             seen.update(pod.ips)
             unique.append(pod)
     local = unique
+    if cache is not None:
+        cache.forget_changes(state, local)
     local_by_ns: dict[str, list[Pod]] = defaultdict(list)
     for pod in local:
         local_by_ns[pod.namespace].append(pod)
     for pol in sorted(state.policies, key=lambda p: (p.namespace, p.name)):
         pid = f"{pol.namespace}/{pol.name}"
-        targets = [p for p in local_by_ns.get(pol.namespace, ()) if pol.pod_selector.matches(p.labels)]
+        sel = (pol.namespace, pol.pod_selector)
+        if sel not in targets_of:
+            kept = cache.targets.get(sel) if cache is not None else None
+            targets_of[sel] = kept if kept is not None else \
+                [p for p in local_by_ns.get(pol.namespace, ()) if pol.pod_selector.matches(p.labels)]
+        targets = targets_of[sel]
         selected[pid] = {f"{p.namespace}/{p.name}" for p in targets}
         for direction, rules in (("ingress", pol.ingress), ("egress", pol.egress)):
             if direction.capitalize() not in pol.policy_types:
@@ -219,34 +323,59 @@ def compile_ruleset(state: State, local: list[Pod], bindings: list[PortBinding],
                 # another policy of the namespace: build it once.
                 memo_key = (pol.namespace, direction, rule)
                 if memo_key not in memo:
-                    memo[memo_key] = _rule(c, b, pol, rule, direction)
-                addr, fixed = memo[memo_key]
+                    out = cache.rules.get(memo_key) if cache is not None else None
+                    if out is None:
+                        made = _Builder()
+                        addr, fixed = _rule(c, made, pol, rule, direction)
+                        out = _RuleOut(addr, fixed, tuple(made.sets.items()))
+                    for name, decl in out.sets:
+                        b.sets.setdefault(name, decl)
+                    memo[memo_key] = out
+                out = memo[memo_key]
                 named = [s for s in rule.ports if isinstance(s.port, str)] if direction == "ingress" else []
                 for pod in targets:
-                    lines = fixed
+                    lines = out.fixed
                     if named:  # resolved on the target pod, the one this chain protects
-                        resolved = [PortSpec(s.protocol, n) for s in named
-                                    for n in pod.named_port(str(s.port), s.protocol)]
-                        lines = fixed + [" ".join(x for x in (a, p, "return") if x)
-                                         for a in addr for p in _port_match(resolved)]
-                    rules_of[(direction, pod.key)] += lines
+                        lines = out.named.get(pod.ports)  # type: ignore[assignment]
+                        if lines is None:
+                            resolved = [PortSpec(s.protocol, n) for s in named
+                                        for n in pod.named_port(str(s.port), s.protocol)]
+                            lines = out.named[pod.ports] = out.fixed + [
+                                " ".join(x for x in (a, p, "return") if x) for a in out.addr
+                                for p in _port_match(resolved)]
+                    rules_of[(direction, pod.key)].append(lines)
     vmaps: dict[str, dict[int, list[str]]] = {"ingress": defaultdict(list), "egress": defaultdict(list)}
     chain_policies: dict[str, set[str]] = defaultdict(set)
+    chains: dict[tuple[str, Key], tuple[tuple[list[str], ...], tuple[Any, ...], str, list[str]]] = {}
     for (direction, key), body in sorted(rules_of.items()):
         pod = by_key[key]
-        lines = ["ct state invalid drop"]
-        if direction == "ingress":
-            lines.append("fib saddr type local return")  # the node itself, e.g. after a hairpin masquerade
-        lines += dict.fromkeys(body)
-        name = f"{direction[0]}_{_h(chr(10).join(lines))}"
-        log = [f'limit rate 20/second burst 20 packets log prefix "{name}" group {nflog_group}'] \
-            if nflog_group is not None else []
-        b.chains.setdefault(name, [*lines, *log, f'counter name "{name}" drop'])
+        parts = tuple(body)
+        ids = (nflog_group, *map(id, parts))  # the lists are never changed once made
+        prior = cache.chains.get((direction, key)) if cache is not None else None
+        if prior is not None and prior[1] == ids:
+            name, chain = prior[2], prior[3]
+        else:
+            lines = ["ct state invalid drop"]
+            if direction == "ingress":
+                lines.append("fib saddr type local return")  # the node itself, e.g. after a hairpin masquerade
+            lines += dict.fromkeys(x for part in parts for x in part)
+            name = f"{direction[0]}_{_h(chr(10).join(lines))}"
+            log = [f'limit rate 20/second burst 20 packets log prefix "{name}" group {nflog_group}'] \
+                if nflog_group is not None else []
+            chain = [*lines, *log, f'counter name "{name}" drop']
+        chains[(direction, key)] = (parts, ids, name, chain)
+        b.chains.setdefault(name, chain)
         chain_policies[name] |= policies_of[(direction, key)]
-        for ip in pod.ips:
-            vmaps[direction][ip.version].append(f"{ip} : jump {name}")
-    text, nrules = _render(b, vmaps, local, bindings)
-    return Compiled(text, selected, len(b.chains), nrules, len(b.sets), dict(chain_policies))
+        for v, ip in pod.texts:
+            vmaps[direction][v].append(f"{ip} : jump {name}")
+    if cache is not None:  # what this compile did not use is not kept
+        cache.rules, cache.targets, cache.chains = memo, targets_of, chains
+    objects = {**b.sets, **{name: f"  counter {name} {{ }}\n  chain {name} {{\n" + "".join(f"    {x}\n" for x in lines)
+                            + "  }\n" for name, lines in b.chains.items()}}
+    elements = _element_sets(vmaps, local, bindings)
+    text = _render(objects, elements)
+    nrules = sum(map(len, b.chains.values())) + len(BASE_RULES) + len(BRIDGE_RULES)
+    return Compiled(text, selected, len(b.chains), nrules, len(b.sets), dict(chain_policies), objects, elements)
 
 
 def _rule(c: Compiler, b: _Builder, pol: NetworkPolicy, rule: Rule,
@@ -282,38 +411,48 @@ def _egress_named(b: _Builder, named: list[PortSpec], pods: list[Pod]) -> list[s
             for v, els in sorted(elements.items())]
 
 
-def _render(b: _Builder, vmaps: dict[str, dict[int, list[str]]], local: list[Pod],
-            bindings: list[PortBinding]) -> tuple[str, int]:
-    out = [f"table inet {TABLE} {{\n"]
-    out += b.sets.values()
-    for direction in ("egress", "ingress"):
-        for v in (4, 6):
-            els = vmaps[direction].get(v)
-            body = f" elements = {{ {', '.join(els)} }}" if els else ""
-            out.append(f"  map {direction}{v} {{ type {FAMILY[v][1]} : verdict;{body} }}\n")
-    selfs: dict[int, list[str]] = defaultdict(list)
-    for pod in local:
-        for ip in pod.ips:
-            selfs[ip.version].append(f"{ip} . {ip}")
+BASE_RULES = (
+    "ct state established,related accept",
+    # Neighbour discovery between pods on one bridge: conntrack leaves it untracked (invalid to the pod
+    # chains), and hop limit 255 proves it was not routed (RFC 4861 7.1).
+    "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
+    "ip saddr . ip daddr @self4 accept", "ip6 saddr . ip6 daddr @self6 accept",
+    "ip saddr vmap @egress4", "ip6 saddr vmap @egress6",
+    "ip daddr vmap @ingress4", "ip6 daddr vmap @ingress6")
+MAPS = tuple(f"{d}{v}" for d in ("egress", "ingress") for v in (4, 6))
+
+
+def _element_sets(vmaps: dict[str, dict[int, list[str]]], local: list[Pod],
+                  bindings: list[PortBinding]) -> dict[str, dict[str, str]]:
+    """The elements of every map and set that lists pods, by key (a map element's key is its address)."""
+    out = {f"inet {direction}{v}": {e.partition(" : ")[0]: e for e in vmaps[direction].get(v, ())}
+           for direction in ("egress", "ingress") for v in (4, 6)}
     for v in (4, 6):
-        body = f" elements = {{ {', '.join(selfs[v])} }}" if selfs[v] else ""
-        out.append(f"  set self{v} {{ type {FAMILY[v][1]} . {FAMILY[v][1]};{body} }}\n")
-    nrules = 0
-    for name, lines in b.chains.items():
-        out.append(f"  counter {name} {{ }}\n  chain {name} {{\n" + "".join(f"    {x}\n" for x in lines) + "  }\n")
-        nrules += len(lines)
-    base = ["ct state established,related accept",
-            # Neighbour discovery between pods on one bridge: conntrack leaves it untracked (invalid to
-            # the pod chains), and hop limit 255 proves it was not routed (RFC 4861 7.1).
-            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } ip6 hoplimit 255 accept",
-            "ip saddr . ip daddr @self4 accept", "ip6 saddr . ip6 daddr @self6 accept",
-            "ip saddr vmap @egress4", "ip6 saddr vmap @egress6",
-            "ip daddr vmap @ingress4", "ip6 daddr vmap @ingress6"]
+        out[f"inet self{v}"] = {e: e for e in (f"{ip} . {ip}" for pod in local for w, ip in pod.texts if w == v)}
+    bridge = {"ports": (f'"{bd.ifname}"' for bd in bindings),
+              "own4": (f'"{bd.ifname}" . {ip}' for bd in bindings for ip in bd.ips if ip.version == 4),
+              "own6": (f'"{bd.ifname}" . {ip}' for bd in bindings for ip in bd.ips if ip.version == 6),
+              "target6": (f'"{bd.ifname}" . {int(ip):#034x}' for bd in bindings for ip in bd.ips if ip.version == 6)}
+    for name, items in bridge.items():
+        out[f"bridge {name}"] = {e: e for e in sorted(set(items))}
+    return out
+
+
+def _body(elements: Mapping[str, str]) -> str:
+    return f" elements = {{ {', '.join(elements.values())} }}" if elements else ""
+
+
+def _render(objects: Mapping[str, str], elements: Mapping[str, Mapping[str, str]]) -> str:
+    out = [f"table inet {TABLE} {{\n"]
+    out += [decl for name, decl in objects.items() if name[0] in "an"]  # sets first: the chains refer to them
+    out += [f"  map {m} {{ type {FAMILY[int(m[-1])][1]} : verdict;{_body(elements[f'inet {m}'])} }}\n" for m in MAPS]
+    out += [f"  set self{v} {{ type {FAMILY[v][1]} . {FAMILY[v][1]};{_body(elements[f'inet self{v}'])} }}\n"
+            for v in (4, 6)]
+    out += [decl for name, decl in objects.items() if name[0] in "ie"]
     out.append("  chain forward {\n    type filter hook forward priority filter - 5; policy accept;\n"
-               + "".join(f"    {x}\n" for x in base) + "  }\n}\n")
-    nrules += len(base)
-    out.append(_bridge_table(bindings))
-    return "".join(out), nrules + len(BRIDGE_RULES)
+               + "".join(f"    {x}\n" for x in BASE_RULES) + "  }\n}\n")
+    out.append(_bridge_table(elements))
+    return "".join(out)
 
 
 # What a pod may send over IPv6 before, or besides, its own address (RFC 4861, 4862, 3810): duplicate
@@ -338,22 +477,14 @@ BRIDGE_RULES = (
 )
 
 
-def _elements(items: Iterable[str]) -> str:
-    items = sorted(set(items))
-    return f" elements = {{ {', '.join(items)} }}" if items else ""
-
-
-def _bridge_table(bindings: list[PortBinding]) -> str:
+def _bridge_table(elements: Mapping[str, Mapping[str, str]]) -> str:
     """Anti-spoofing on every Weft veth port: a pod sends only from its own addresses."""
-    ports = _elements(f'"{bd.ifname}"' for bd in bindings)
-    own = {v: _elements(f'"{bd.ifname}" . {ip}' for bd in bindings for ip in bd.ips if ip.version == v)
-           for v in (4, 6)}
-    target6 = _elements(f'"{bd.ifname}" . {int(ip):#034x}' for bd in bindings for ip in bd.ips if ip.version == 6)
+    e = {name: _body(elements[f"bridge {name}"]) for name in ("ports", "own4", "own6", "target6")}
     return (f"table bridge {TABLE} {{\n"
-            f"  set ports {{ type ifname;{ports} }}\n"
-            f"  set own4 {{ type ifname . ipv4_addr;{own[4]} }}\n"
-            f"  set own6 {{ type ifname . ipv6_addr;{own[6]} }}\n"
-            f"  set target6 {{ typeof iifname . @th,64,128;{target6} }}\n"
+            f"  set ports {{ type ifname;{e['ports']} }}\n"
+            f"  set own4 {{ type ifname . ipv4_addr;{e['own4']} }}\n"
+            f"  set own6 {{ type ifname . ipv6_addr;{e['own6']} }}\n"
+            f"  set target6 {{ typeof iifname . @th,64,128;{e['target6']} }}\n"
             f"  counter {SPOOFED} {{ }}\n"
             "  chain prerouting {\n    type filter hook prerouting priority -300; policy accept;\n"
             + "".join(f"    {r}\n" for r in BRIDGE_RULES) + "  }\n}\n")
@@ -363,3 +494,43 @@ def transaction(text: str) -> str:
     """Replace both tables in one transaction: never a moment with a partial or missing ruleset."""
     return (f"add table inet {TABLE}\ndelete table inet {TABLE}\n"
             f"add table bridge {TABLE}\ndelete table bridge {TABLE}\n" + text)
+
+
+@dataclass(frozen=True)
+class Delta:
+    """What turns tables holding `old` into tables holding `new`, as one nftables transaction."""
+
+    commands: str
+    removed: frozenset[str]  # pod chains (and their counters) it deletes
+    reset: frozenset[str]  # pod chains kept whose counters it resets: the policies behind them changed
+
+
+def delta(old: Compiled, new: Compiled) -> Delta | None:
+    """The changes from `old` to `new` alone: sets and pod chains made and deleted, map and set elements
+    added and removed; the base chains stay. None if `old` and `new` differ otherwise. Names hash content,
+    so a name in both is the same object; a pod whose chain changes gets its map element replaced."""
+    if old.elements.keys() != new.elements.keys() \
+            or any(old.objects[n] != new.objects[n] for n in old.objects.keys() & new.objects.keys()):
+        return None
+    made = [decl for name, decl in new.objects.items() if name not in old.objects]
+    gone = [name for name in old.objects if name not in new.objects]
+    out = [f"table inet {TABLE} {{\n" + "".join(made) + "}\n"] if made else []
+    adds = []
+    for where, now in new.elements.items():
+        was = old.elements[where]
+        family, _, name = where.partition(" ")
+        where = f"{family} {TABLE} {name}"
+        drop = [k for k, e in was.items() if now.get(k) != e]
+        add = [e for k, e in now.items() if was.get(k) != e]
+        if drop:
+            out.append(f"delete element {where} {{ {', '.join(drop)} }}\n")
+        if add:
+            adds.append(f"add element {where} {{ {', '.join(add)} }}\n")
+    out += adds
+    chains = [n for n in gone if n[0] in "ie"]
+    out += [f"delete chain inet {TABLE} {n}\ndelete counter inet {TABLE} {n}\n" for n in chains]
+    out += [f"delete set inet {TABLE} {n}\n" for n in gone if n[0] in "an"]
+    reset = [n for n in new.chain_policies.keys() & old.chain_policies.keys()
+             if new.chain_policies[n] != old.chain_policies[n]]
+    out += [f"reset counter inet {TABLE} {n}\n" for n in sorted(reset)]
+    return Delta("".join(out), frozenset(chains), frozenset(reset))

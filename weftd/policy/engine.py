@@ -5,12 +5,18 @@ transaction, so a restarted weftd moves from the old ruleset to the new one with
 between; when weftd stops, the tables stay. Pods this node attaches are bound to their Pod objects
 through the CNI ADD (K8S_POD_NAMESPACE, K8S_POD_NAME) and their verdicts are in the kernel before
 the ADD returns. Bindings are kept in a file, so a restarted weftd still knows its pods.
+
+An ADD or DEL pays for what the pod changes, not for the cluster's size: each compile reuses what the
+last one computed and the change leaves untouched (compile.Cache), lease files are read once, and the
+kernel's tables are listed (to notice changes made behind weftd's back) only by the periodic resync,
+which replaces them in full again when anything was applied since its last look.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -24,7 +30,17 @@ from prometheus_client.core import CounterMetricFamily
 
 from cni_plugin.attachment import host_veth_name
 from weftd.policy import model
-from weftd.policy.compile import SPOOFED, TABLE, Compiled, PortBinding, State, compile_ruleset, transaction
+from weftd.policy.compile import (
+    SPOOFED,
+    TABLE,
+    Cache,
+    Compiled,
+    PortBinding,
+    State,
+    compile_ruleset,
+    delta,
+    transaction,
+)
 from weftlib.cni.skel import parse_cni_args
 from weftlib.kernel import nft, sysctl
 from weftlib.kernel.files import write_atomic
@@ -93,16 +109,18 @@ class PolicyMetrics:
         self.policies = Gauge("weft_policies", "NetworkPolicies known", registry=r)
 
 
-def read_counters() -> dict[str, tuple[int, int]]:
-    """Packets and bytes of every named counter in the policy tables (one per pod chain, and `spoofed`)."""
+def read_counters(names: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+    """Packets and bytes of every named counter in the policy tables (one per pod chain, and `spoofed`), or
+    of the pod chains `names` (none: no call; one listing costs about as much as one counter)."""
     out: dict[str, tuple[int, int]] = {}
-    for family in ("inet", "bridge"):
+    wanted = None if names is None else set(names)
+    for family in ("inet", "bridge") if wanted is None else ("inet",) if wanted else ():
         status, text, _ = nft.run(f"list counters table {family} {TABLE}", json_output=True)
         if status != 0:
             continue
         for item in json.loads(text).get("nftables", []):
             c = item.get("counter")
-            if c is not None:
+            if c is not None and (wanted is None or c["name"] in wanted):
                 out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
     return out
 
@@ -144,7 +162,8 @@ class PolicyEngine:
         self.lease_dir = lease_dir
         self.resync = resync
         self.nflog_group = nflog_group
-        self._names: dict[str, str] = {}  # address -> "namespace/name", for denied-packet logs
+        self._pods: list[model.Pod] = []  # the last apply's, to name the ends of denied packets
+        self._names: tuple[list[model.Pod], dict[str, str]] = ([], {})  # for which _pods: address -> "ns/name"
         registry = registry or CollectorRegistry()
         self.metrics = PolicyMetrics(registry)
         registry.register(DropCollector(self))
@@ -159,12 +178,15 @@ class PolicyEngine:
         self._generation = 0
         self._applied_generation = -1
         self._applied_text: str | None = None
-        self._described: dict[str, str] = {}
+        self._described: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
         self._lease_stamp: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self.last: Compiled | None = None
         self._retry = False
         self._snapshot: str | None = None  # the tables as last applied, to notice changes behind weftd's back
+        self._unchecked = False  # applied since the snapshot: the next resync applies in full and lists again
+        self._cache = Cache()
+        self._leases: dict[str, tuple[tuple[int, int, int], netaddr.IPAddress, str]] = {}  # file -> stat, address, veth
 
     # ---- lifecycle ----
 
@@ -211,13 +233,10 @@ class PolicyEngine:
                 changed = self.refresh()
                 if time.monotonic() - last_check > self.resync:
                     last_check = time.monotonic()
-                    with self._apply_lock:
-                        drift = self._snapshot is not None and _listing() != self._snapshot
-                        if drift:
-                            self._applied_text = None
-                    if drift:
-                        log.warning("policy tables missing or changed behind weftd's back; applying them again")
-                        changed = True
+                    retry, self._retry = self._retry, True  # until the check and its apply succeed
+                    applied = self._resync()
+                    self._retry = retry and not applied
+                    changed = changed and not applied
                 if changed or self._retry:
                     self._retry = True
                     self.request()
@@ -296,17 +315,28 @@ class PolicyEngine:
         while weftd was away)."""
         ports: dict[str, list[netaddr.IPAddress]] = {}
         try:
-            entries = list(self.lease_dir.iterdir())
+            entries = list(os.scandir(self.lease_dir))
         except FileNotFoundError:
             return []
-        for p in entries:
+        known, self._leases = self._leases, {}
+        for e in entries:
             try:
-                ip = netaddr.IPAddress(p.name)
-                cid, _, ifname = p.read_bytes().decode().partition("\r\n")
+                st = e.stat(follow_symlinks=False)
+                stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+                kept = known.get(e.name)
+                if kept is not None and kept[0] == stamp:  # leases are written once, by a rename or O_EXCL
+                    _, ip, veth = kept
+                else:
+                    ip = netaddr.IPAddress(e.name)
+                    with open(e.path, "rb") as f:
+                        cid, _, ifname = f.read().decode().partition("\r\n")
+                    cid, ifname = cid.strip(), ifname.strip()
+                    veth = host_veth_name(cid, ifname) if cid and ifname else ""
             except (ValueError, netaddr.AddrFormatError, OSError, UnicodeDecodeError):
                 continue
-            if cid and ifname:
-                ports.setdefault(host_veth_name(cid.strip(), ifname.strip()), []).append(ip)
+            self._leases[e.name] = (stamp, ip, veth)
+            if veth:
+                ports.setdefault(veth, []).append(ip)
         return [PortBinding(name, tuple(sorted(ips))) for name, ips in sorted(ports.items())]
 
     def state(self) -> tuple[State, list[model.Pod]]:
@@ -353,17 +383,18 @@ class PolicyEngine:
         t = time.perf_counter()
         try:
             state, local = self.state()
-            compiled = compile_ruleset(state, local, self._port_bindings(), self.nflog_group)
-            self._names = {str(ip): f"{p.namespace}/{p.name}" for p in state.pods if p.is_peer for ip in p.ips}
+            full = self._applied_text is None
+            compiled = compile_ruleset(state, local, self._port_bindings(), self.nflog_group, self._cache)
+            self._pods = state.pods
             if compiled.text != self._applied_text:
-                before = read_counters() if self._applied_text is not None else {}
-                status, _, err = nft.run(transaction(compiled.text))
-                if status != 0:
-                    raise PolicyError(f"nft: {err.strip()}")
+                before = self._send(compiled, full)
                 with self._lock:
                     self._dropped = self._accumulate(self._dropped, before)
                 self._applied_text = compiled.text
-                self._snapshot = _listing()
+                if full:  # at the start and at a resync: what the kernel holds now is what the next one expects
+                    self._snapshot, self._unchecked = listing(), False
+                else:
+                    self._unchecked = True
                 self.last = compiled
             self._describe(state, compiled)
         except (PolicyError, nft.Unavailable) as e:
@@ -386,11 +417,56 @@ class PolicyEngine:
         log.debug("policy ruleset: %d policies, %d local pods, %d rules, %.3fs", len(state.policies), len(local),
                   compiled.rules, took)
 
+    def _send(self, compiled: Compiled, full: bool) -> dict[str, tuple[int, int]]:
+        """Puts `compiled` in the kernel in one transaction: only what changed since the last apply, or (at
+        the start, at a resync, or if that fails) both tables replaced in full. Returns the counters the
+        transaction deleted or reset, as they were just before."""
+        change = None if full or self.last is None else delta(self.last, compiled)
+        if change is not None:
+            before = read_counters(change.removed | change.reset)
+            status, _, err = nft.run(change.commands) if change.commands else (0, "", "")
+            if status == 0:
+                return before
+            log.warning("policy: applying the change alone failed (%s); replacing the tables in full", err.strip())
+        before = read_counters() if self._applied_text is not None else {}
+        status, _, err = nft.run(transaction(compiled.text))
+        if status != 0:
+            raise PolicyError(f"nft: {err.strip()}")
+        return before
+
+    def _resync(self) -> bool:
+        """The periodic full check. If anything was applied since the last look at the kernel, or the tables
+        differ from that look, both tables are replaced in full (the leases read anew) and listed again.
+        True if it applied."""
+        with self._apply_lock:
+            if self._snapshot is None:
+                return False  # nothing applied yet: the loop's retry applies in full
+            seen = listing()
+            unchecked = self._unchecked
+            if not unchecked and seen == self._snapshot:
+                return False
+            applied = self._applied_text
+            self._applied_text = None
+            self._leases.clear()
+            with self._lock:
+                generation = self._generation
+            self._apply()
+            self._applied_generation = generation
+            # After applies the listing was not compared with, the same ruleset applied anew tells.
+            if not unchecked or (self._applied_text == applied and seen != self._snapshot):
+                log.warning("policy tables missing or changed behind weftd's back; applying them again")
+            return True
+
     def explain(self, chain: str, src: str, dst: str) -> str:
         """Who a denied packet came from and went to, and which policies did not allow it."""
+        pods = self._pods  # built here, not at every apply: an ADD should not pay for the cluster's size
+        if self._names[0] is not pods:
+            self._names = (pods, {str(ip): f"{p.namespace}/{p.name}" for p in pods if p.is_peer for ip in p.ips})
+        names = self._names[1]
+
         def name(addr: str) -> str:
             host = addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
-            return self._names.get(host, "outside the pods known")
+            return names.get(host, "outside the pods known")
 
         compiled = self.last
         policies = sorted(compiled.chain_policies.get(chain, ())) if compiled is not None else []
@@ -417,11 +493,11 @@ class PolicyEngine:
 
     def _describe(self, state: State, compiled: Compiled) -> None:
         """A log line per policy whose definition or selection changed, and per policy removed."""
-        now: dict[str, str] = {}
+        now: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
         for pol in state.policies:
             pid = f"{pol.namespace}/{pol.name}"
             pods = sorted(compiled.selected.get(pid, ()))
-            now[pid] = f"{pol!r} {pods}"
+            now[pid] = (pol, pods)
             if self._described.get(pid) != now[pid]:
                 log.info("policy %s applied: %s, %d ingress and %d egress rules, selects %d local pods%s", pid,
                          "+".join(sorted(pol.policy_types)), len(pol.ingress), len(pol.egress), len(pods),
@@ -432,19 +508,33 @@ class PolicyEngine:
 
 
 
-def _listing() -> str:
-    """Both policy tables as the kernel has them, without handles and counter values (which change)."""
+def listing() -> str:
+    """Both policy tables as the kernel has them, without handles and counter values (which change), in an
+    order that does not depend on how they were built (in full, or change by change): objects by kind and
+    name, rules in their chain's order, set elements sorted."""
     out = []
     for family in ("inet", "bridge"):
         status, text, _ = nft.run(f"list table {family} {TABLE}", json_output=True)
         if status != 0:
             out.append(f"{family}: missing")
             continue
+        items: list[tuple[tuple[str, str, int], str]] = []
+        position: dict[str, int] = {}
         for item in json.loads(text).get("nftables", []):
             kind, body = next(iter(item.items()))
             if kind in ("metainfo", "counter"):
                 continue
-            out.append(json.dumps({kind: {k: v for k, v in body.items() if k != "handle"}}, sort_keys=True))
+            body = {k: v for k, v in body.items() if k != "handle"}
+            if isinstance(body.get("elem"), list):
+                body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
+            if kind == "rule":
+                chain = str(body.get("chain", ""))
+                position[chain] = position.get(chain, 0) + 1
+                key = ("rule", chain, position[chain])
+            else:
+                key = (kind, str(body.get("name", "")), 0)
+            items.append((key, json.dumps({kind: body}, sort_keys=True)))
+        out += [f"{family} {line}" for _, line in sorted(items)]
     return "\n".join(out)
 
 

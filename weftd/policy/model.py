@@ -89,14 +89,24 @@ class Pod:
     node_name: str = ""
     ports: tuple[ContainerPort, ...] = ()
 
-    @property
-    def key(self) -> Key:
+    @cached_property
+    def key(self) -> Key:  # asked for often by every compile
         return ("Pod", self.namespace, self.name)
 
     @property
     def is_peer(self) -> bool:
         """hostNetwork pods look like their node, and pods without an address cannot be matched."""
         return not self.host_network and bool(self.ips)
+
+    @cached_property
+    def intervals(self) -> tuple[tuple[int, int, int], ...]:
+        """Its addresses as (IP version, first, last), like IPBlock.intervals."""
+        return tuple((ip.version, int(ip), int(ip)) for ip in self.ips)
+
+    @cached_property
+    def texts(self) -> tuple[tuple[int, str], ...]:
+        """Its addresses as (IP version, text): netaddr's str() is slow, and every compile writes them."""
+        return tuple((ip.version, str(ip)) for ip in self.ips)
 
     def named_port(self, name: str, protocol: str) -> list[int]:
         return sorted({p.port for p in self.ports if p.name == name and p.protocol == protocol})
