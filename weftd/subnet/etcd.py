@@ -21,7 +21,7 @@ from etcd3gw.lease import Lease as EtcdLease
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, StoreError, SubnetStore, allocate, log, register
+from weftd.subnet import Env, LeaseCache, StoreError, SubnetStore, allocate, log, register
 
 DEFAULT_PREFIX = "/weft/network"
 DEFAULT_TTL = 24 * 3600
@@ -71,6 +71,7 @@ class EtcdStore(SubnetStore):
         self._changed = threading.Event()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self.cache = LeaseCache(self._parse)  # by key
         self.network = self._config(network)
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
@@ -92,20 +93,25 @@ class EtcdStore(SubnetStore):
         except (ConfigError, ValueError) as e:
             raise StoreError(f"etcd {key}: {e}") from None
 
+    @staticmethod
+    def _parse(key: str, value: Any) -> Lease | None:
+        try:
+            v4, v6 = subnets_from_key(key)
+            return Lease.from_json(json.loads(value), subnet=v4, ipv6_subnet=v6)
+        except (LeaseError, ValueError, netaddr.AddrFormatError) as e:
+            log.warning("ignoring etcd key %s: %s", key, e)
+            return None
+
     def _raw(self) -> dict[str, tuple[Lease, int]]:
         """Every lease, by node, with the revision its key was created at."""
         items = self._call("list leases", self.client.get_prefix, f"{self.prefix}/subnets/")
-        out: dict[str, tuple[Lease, int]] = {}
+        records = []
+        created: dict[str, int] = {}
         for value, meta in items:
             key = meta["key"].decode() if isinstance(meta.get("key"), bytes) else str(meta.get("key"))
-            try:
-                v4, v6 = subnets_from_key(key)
-                lease = Lease.from_json(json.loads(value), subnet=v4, ipv6_subnet=v6)
-            except (LeaseError, ValueError, netaddr.AddrFormatError) as e:
-                log.warning("ignoring etcd key %s: %s", key, e)
-                continue
-            out[lease.node] = (lease, int(meta.get("create_revision") or 0))
-        return out
+            records.append((key, value))
+            created[key] = int(meta.get("create_revision") or 0)
+        return {lease.node: (lease, created[key]) for key, lease in self.cache.leases(records).items()}
 
     def acquire(self, node: str, attrs: Attrs) -> Lease:
         for _ in range(10):

@@ -15,7 +15,7 @@ from typing import Any
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, StoreError, SubnetStore, allocate, log, register
+from weftd.subnet import Env, LeaseCache, StoreError, SubnetStore, allocate, log, register
 from weftlib.kernel import files
 
 
@@ -35,7 +35,7 @@ class FileStore(SubnetStore):
     def __init__(self, path: str | Path, network: NetworkConfig | None = None) -> None:
         self.path = Path(path)
         self._seen: tuple[int, int, int] | None = None
-        self._parsed: dict[str, tuple[Any, Lease | None]] = {}  # node: (its JSON, the lease parsed from it)
+        self.cache = LeaseCache(self._parse)  # by node
         with self._locked():
             data = self._read()
             if "config" not in data:
@@ -104,18 +104,7 @@ class FileStore(SubnetStore):
         return self.leases().get(node)
 
     def leases(self) -> dict[str, Lease]:
-        # Every round reads the whole file; only the leases whose JSON changed are parsed again
-        # (at 5,000 peers parsing them all costs more than the rest of a round).
-        out = {}
-        parsed: dict[str, tuple[Any, Lease | None]] = {}
-        for node, raw in self._read().get("leases", {}).items():
-            hit = self._parsed.get(node)
-            lease = hit[1] if hit is not None and hit[0] == raw else self._parse(node, raw)
-            parsed[node] = (raw, lease)
-            if lease is not None:
-                out[node] = lease
-        self._parsed = parsed
-        return out
+        return self.cache.leases(self._read().get("leases", {}).items())
 
     def _stamp(self) -> tuple[int, int, int] | None:
         try:

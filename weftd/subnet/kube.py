@@ -24,7 +24,7 @@ import netaddr
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, StoreError, Subnets, SubnetStore, log, register
+from weftd.subnet import Env, LeaseCache, StoreError, Subnets, SubnetStore, log, register
 
 PREFIX = "weft.dev"
 ANN_MANAGED = f"{PREFIX}/kube-subnet-manager"
@@ -148,6 +148,8 @@ class KubeStore(SubnetStore):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watching = watch
+        # By name. A Node no event has replaced is the very same object, so comparing it costs next to nothing.
+        self.cache = LeaseCache(lambda _name, node: lease_from_node(node, self.network))
 
     def _dict(self, obj: Any) -> dict[str, Any]:
         if isinstance(obj, dict):
@@ -240,8 +242,8 @@ class KubeStore(SubnetStore):
         with self._lock:
             if not self._synced:
                 raise StoreError("node list not synced yet")
-            nodes = list(self._nodes.values())
-        return {lease.node: lease for n in nodes if (lease := lease_from_node(n, self.network)) is not None}
+            nodes = list(self._nodes.items())
+        return {lease.node: lease for lease in self.cache.leases(nodes).values()}
 
     def wait(self, timeout: float) -> None:
         self._changed.wait(timeout)
