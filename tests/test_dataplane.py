@@ -107,3 +107,39 @@ def test_nat_table_has_no_forward_chain_and_an_older_one_goes(make_cluster: Make
     chains = [i["chain"] for i in json.loads(table)["nftables"] if "chain" in i]
     assert [(ch["name"], ch.get("hook")) for ch in chains] == [("postrouting", "postrouting")]
     assert any(s == "fwd_nets4" and o == "weftd" for s, _, o in n1.node.nat_elements())  # weftd's record stays
+
+
+# Tables of Weft's earlier layout, as an older weftd (`ip weft`) and plugin (`inet weft_masq`) made them.
+OLD_WEFT = ("table ip weft {\n chain postrouting {\n  type nat hook postrouting priority srcnat; policy accept;\n"
+            "  meta mark & 0x4000 == 0x4000 return\n  ip saddr 10.244.0.0/16 ip daddr 10.244.0.0/16 return\n"
+            "  ip saddr 10.244.0.0/16 ip daddr 224.0.0.0/4 return\n  ip saddr 10.244.0.0/16 masquerade fully-random\n"
+            " }\n chain forward {\n  type filter hook forward priority filter; policy accept;\n"
+            "  ip saddr 10.244.0.0/16 accept\n  ip daddr 10.244.0.0/16 accept\n }\n}\n")
+OLD_MASQ = ("table inet weft_masq {\n chain postrouting {\n"
+            "  type nat hook postrouting priority srcnat; policy accept;\n"
+            "  ip saddr 10.244.7.2 ip daddr != 10.244.7.0/24 ip daddr != 224.0.0.0/4 masquerade"
+            ' comment "weft:0123456789abcdef:fedcba9876543210"\n }\n}\n')
+
+
+def test_tables_of_the_earlier_layout_go_when_weftd_starts(make_cluster: MakeCluster) -> None:
+    """weftd deletes the tables `ip weft` and `inet weft_masq` an older Weft made; tables by those names
+    holding anything Weft did not put there are left alone."""
+    c = make_cluster("host-gw")
+    n1, n2 = c.add_node("n1"), c.add_node("n2")
+    n1.ns.run("nft", "-f", "-", input=OLD_WEFT + OLD_MASQ)
+    n2.ns.run("nft", "-f", "-", input=OLD_WEFT + OLD_MASQ + "add set ip weft theirs { type ipv4_addr; }\n"
+              "add rule inet weft_masq postrouting ip saddr 10.9.9.9 masquerade\n")
+    for cn in (n1, n2):
+        c.start(cn)
+    for cn in (n1, n2):
+        c.wait_ready(cn)  # the tables are handled before weftd's own rules, well before it is ready
+
+    def tables(cn: ClusterNode) -> set[str]:
+        return {line.strip() for line in cn.ns.run("nft", "list", "tables").stdout.splitlines()}
+
+    assert "table ip weft" not in tables(n1) and "table inet weft_masq" not in tables(n1)
+    assert "table inet weft" in tables(n1)
+    assert {"table ip weft", "table inet weft_masq", "table inet weft"} <= tables(n2)
+    assert "10.9.9.9" in n2.ns.run("nft", "list", "table", "inet", "weft_masq").stdout
+    log = n2.log.read_text()
+    assert "leaving nftables table ip weft alone" in log and "leaving nftables table inet weft_masq alone" in log

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import netaddr
 
-from weftlib.kernel import nat
+from weftlib.kernel import nat, nft
 
 log = logging.getLogger("weftd.netfilter")
 KUBE_PROXY_MARK = nat.KUBE_PROXY_MARK
@@ -311,8 +311,60 @@ def rules_for(mode: str, networks: list[netaddr.IPNetwork], masquerade: bool) ->
     return (NftRules if mode == "nft" else LegacyRules)(networks, masquerade)
 
 
+# The nftables tables of Weft's earlier layout, replaced by `inet weft` (weftlib.kernel.nat): weftd's NAT and
+# forward chains (`ip weft`), and the plugin's ipMasq rules, one per pod address, each with its owner's tag
+# in its comment (`inet weft_masq`). By table: its chains as Weft made them, name -> (type, hook).
+OLD_TABLES: dict[tuple[str, str], dict[str, tuple[str, str]]] = {
+    ("ip", "weft"): {"postrouting": ("nat", "postrouting"), "forward": ("filter", "forward")},
+    ("inet", "weft_masq"): {"postrouting": ("nat", "postrouting")},
+}
+OLD_MASQ_TAG = "weft:"
+
+
+def _made_by_weft(family: str, name: str, items: list[dict[str, Any]]) -> bool:
+    """Whether a listed old table holds only what Weft put there: its chains, and in weft_masq tagged rules."""
+    chains = OLD_TABLES[(family, name)]
+    for item in items:
+        kind, obj = next(iter(item.items()))
+        if kind in ("metainfo", "table"):
+            continue
+        if kind == "chain" and (obj.get("type"), obj.get("hook")) == chains.get(obj.get("name")):
+            continue
+        if kind == "rule" and (name != "weft_masq" or str(obj.get("comment", "")).startswith(OLD_MASQ_TAG)):
+            continue
+        return False
+    return True
+
+
+def remove_old_tables() -> list[str]:
+    """Deletes the tables of Weft's earlier layout that hold only what Weft made; the ones it deleted. A table
+    by one of those names that holds anything else is not Weft's to delete, and stays (with a warning)."""
+    removed: list[str] = []
+    for family, name in OLD_TABLES:
+        try:
+            status, out, _ = nft.run(f"list table {family} {name}", json_output=True)
+            if status != 0:
+                continue  # not there
+            items = json.loads(out).get("nftables", [])
+            if not _made_by_weft(family, name, items):
+                log.warning("leaving nftables table %s %s alone: it holds more than Weft's earlier layout made",
+                            family, name)
+                continue
+            status, _, err = nft.run(f"delete table {family} {name}")
+        except nft.Unavailable:
+            return removed  # no nftables here: no old tables either
+        except ValueError:
+            raise NetfilterError(f"nft printed unreadable JSON for table {family} {name}") from None
+        if status != 0:
+            raise NetfilterError(f"deleting table {family} {name}: {err.strip()}")
+        removed.append(f"{family} {name}")
+    return removed
+
+
 def install(networks: list[netaddr.IPNetwork], masquerade: bool, mode: str | None = None) -> Rules:
-    """Rules for the node's mode, after removing any Weft left in the other mode."""
+    """Rules for the node's mode, after removing any Weft left in the other mode or in its earlier layout."""
+    for table in remove_old_tables():
+        log.info("removed nftables table %s of Weft's earlier layout", table)
     mode = mode or detect_mode()
     other = rules_for("legacy" if mode == "nft" else "nft", networks, masquerade)
     if other.present():
