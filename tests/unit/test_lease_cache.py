@@ -3,6 +3,7 @@ one (weftd.subnet.LeaseCache). Counted in parses, on each store with recorded ob
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,6 @@ import pytest
 from tests.unit.test_kube_objects import NET, RECORDED, StubAPI, model
 from weftd.config import NetworkConfig
 from weftd.lease import Lease
-from weftd.subnet import etcd
 from weftd.subnet.etcd import EtcdStore, subnet_key
 from weftd.subnet.file import FileStore
 from weftd.subnet.kube import ANN_IP_OVERWRITE, KubeStore
@@ -77,7 +77,8 @@ class RecordedEtcd:
 
 
 def test_etcd_store_parses_only_changed_keys(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(etcd, "Etcd3Client", RecordedEtcd)
+    # The module (the package's attribute `client` is a function of that name).
+    monkeypatch.setattr(importlib.import_module("etcd3gw.client"), "Etcd3Client", RecordedEtcd)
     store = EtcdStore("http://192.0.2.1:2379")
     client: RecordedEtcd = store.client  # type: ignore[assignment]
     put = {i: Lease.from_json(lease_json(i)) for i in range(1, 6)}

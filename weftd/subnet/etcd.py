@@ -12,16 +12,17 @@ import argparse
 import json
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import netaddr
-from etcd3gw.client import Etcd3Client
-from etcd3gw.lease import Lease as EtcdLease
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
 from weftd.subnet import Env, LeaseCache, StoreError, SubnetStore, allocate, log, register
+
+if TYPE_CHECKING:
+    from etcd3gw.lease import Lease as EtcdLease
 
 DEFAULT_PREFIX = "/weft/network"
 DEFAULT_TTL = 24 * 3600
@@ -60,6 +61,10 @@ class EtcdStore(SubnetStore):
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, ttl: int = DEFAULT_TTL,
                  network: NetworkConfig | None = None, timeout: float = 5.0) -> None:
+        # Imported here: weftd imports every store's module for its flags, and etcd3gw (with requests)
+        # is most of what an import of this one would cost a weftd that uses another store.
+        from etcd3gw.client import Etcd3Client
+
         url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         self.client = Etcd3Client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
                                   protocol=url.scheme or "http", timeout=timeout)
