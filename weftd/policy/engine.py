@@ -284,6 +284,7 @@ class PolicyEngine:
             if gone is not None:
                 self._save_bindings()
         if gone is not None:
+            self.refresh()  # takes in the released lease too, so the loop does not start an apply of its own
             self.request()
             log.info("pod %s/%s (%s) unbound", gone.namespace, gone.name, cid[:12])
 
