@@ -429,7 +429,9 @@ class PolicyEngine:
             if status == 0:
                 return before
             log.warning("policy: applying the change alone failed (%s); replacing the tables in full", err.strip())
-        before = read_counters() if self._applied_text is not None else {}
+        # what the drop counters held goes into the totals before the replace zeroes them (also at a resync,
+        # which forgets _applied_text); only tables weftd did not apply yet are not read
+        before = read_counters() if self.last is not None else {}
         status, _, err = nft.run(transaction(compiled.text))
         if status != 0:
             raise PolicyError(f"nft: {err.strip()}")
