@@ -2,8 +2,10 @@
 
 Every variant gets a node namespace of its own with two networks, "plain" (bridge + IPAM) and
 "masq" (the same with ipMasq, chained with the reference portmap), on the same subnets. The
-operations run through `cnidrive` (libcni, as containerd does), interleaved: one round is ADD,
-CHECK, DEL of a fresh pod on every variant in turn, so drift on the machine hits all alike.
+operations run through `cnidrive` (libcni, as containerd does), interleaved: one round is ADD and
+CHECK of a fresh pod on every variant in turn, then, after POD_AGE, their DELs in the same order, and
+only then are the pods' namespaces deleted; each round starts at another variant, so drift on the
+machine hits all alike.
 
 Weft runs from the frozen bundle (`make build`) on two paths: the production path, where the `weft`
 shim hands each invocation to a frozen weftd on the node, and the standalone path, with no weftd, where
@@ -49,6 +51,7 @@ from weftlib.kernel.netns import NetNS
 
 ROUNDS = int(os.environ.get("WEFT_BENCH_ROUNDS", "30"))
 BURST = int(os.environ.get("WEFT_BENCH_BURST", "100"))
+POD_AGE = 0.2  # seconds between a round's last CHECK and its first DEL
 SOURCE = os.environ.get("WEFT_BENCH_SOURCE", "") == "1"
 PRODUCTION, STANDALONE = "weft-frozen+weftd", "weft-frozen"
 BUNDLE = Path(os.environ.get("WEFT_BUNDLE", ROOT / ".build" / "dist" / "weft"))
@@ -141,13 +144,26 @@ def percentile(xs: list[float], q: float) -> float:
 def rounds(lab: Lab, variants: list[Variant]) -> None:
     conflists = {(v.name, n): v.conflist(n) for v in variants for n in NETWORKS}
     for r in range(ROUNDS):
+        # Each round starts at another variant, so what one variant's work leaves the kernel doing lands on
+        # every variant alike.
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
         for network in NETWORKS:
-            for v in variants:
+            pods = []
+            for v in order:
                 pod = lab.netns("p")
-                cid = f"r{r}{network}"
-                for verb in ("add", "check", "del"):
-                    took, _ = drive(v, verb, conflists[(v.name, network)], cid, pod.path)
+                pods.append(pod)
+                for verb in ("add", "check"):
+                    took, _ = drive(v, verb, conflists[(v.name, network)], f"r{r}{network}", pod.path)
                     v.times.setdefault(f"{network}:{verb}", []).append(took)
+            # The pods' namespaces go only after every DEL, and the DELs wait POD_AGE: the kernel tears a
+            # deleted namespace down in the background, and a veth deleted within ~30 ms of that costs it
+            # 10-15 ms more (`python -m bench.veth_delete`). Deleting each pod's namespace right after its
+            # DEL charged that to the next variant's DEL, the more the faster its ADD and CHECK were.
+            time.sleep(POD_AGE)
+            for v, pod in zip(order, pods, strict=True):
+                took, _ = drive(v, "del", conflists[(v.name, network)], f"r{r}{network}", pod.path)
+                v.times.setdefault(f"{network}:del", []).append(took)
+            for pod in pods:
                 subprocess.run(["ip", "netns", "del", pod.name], check=True)
                 lab.namespaces.remove(pod)
         if r % 10 == 9:
