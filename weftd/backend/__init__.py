@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import netaddr
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST
-from pyroute2.netlink.rtnl import RTM_DELNEIGH, RTM_DELROUTE, RTM_GETNEIGH, RTM_GETROUTE, RTM_NEWNEIGH, RTM_NEWROUTE
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 from weftd.config import ConfigError, Env
@@ -38,9 +36,19 @@ from weftlib.kernel.rtnl import (
     NDA_IFINDEX,
     NDA_LLADDR,
     NDMSG,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_REPLACE,
+    NLM_F_REQUEST,
     RTA_DST,
     RTA_GATEWAY,
     RTA_OIF,
+    RTM_DELNEIGH,
+    RTM_DELROUTE,
+    RTM_GETNEIGH,
+    RTM_GETROUTE,
+    RTM_NEWNEIGH,
+    RTM_NEWROUTE,
     RTMSG,
     U32,
     Rtnl,
