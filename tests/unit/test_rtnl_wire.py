@@ -94,3 +94,15 @@ def test_link_facts_reads_what_pyroute2_writes() -> None:
     facts = rtnl.link_facts(body)
     assert facts == rtnl.LinkFacts(5, "weftabc", "veth", "0a:00:00:00:00:01", 12, 3, 0x77656674, 0x101,
                                    "weft n c eth0")
+
+
+def test_message_types_and_flags_are_the_kernels() -> None:
+    import pyroute2.netlink as nl
+    import pyroute2.netlink.rtnl as rt
+
+    for name in ("NLM_F_REQUEST", "NLM_F_MULTI", "NLM_F_ACK", "NLM_F_DUMP", "NLM_F_REPLACE", "NLM_F_EXCL",
+                 "NLM_F_CREATE", "NLMSG_ERROR", "NLMSG_DONE"):
+        assert getattr(rtnl, name) == getattr(nl, name), name
+    for name in ("RTM_NEWLINK", "RTM_DELLINK", "RTM_GETLINK", "RTM_NEWADDR", "RTM_DELADDR", "RTM_GETADDR",
+                 "RTM_NEWROUTE", "RTM_DELROUTE", "RTM_GETROUTE", "RTM_NEWNEIGH", "RTM_DELNEIGH", "RTM_GETNEIGH"):
+        assert getattr(rtnl, name) == getattr(rt, name), name
