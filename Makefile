@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BUILD := .build
-# ../shared beside the checkout; a clone elsewhere falls back to the workspace's copy.
-SHARED ?= $(firstword $(wildcard ../shared $(CURDIR)/../shared /work/shared))
 CNIDRIVE := $(BUILD)/cnidrive
 DIST := $(BUILD)/dist
 BUNDLE := $(DIST)/weft
@@ -36,6 +34,8 @@ DEBS := \
 	iperf3 \
 	containerd \
 	runc \
+	umoci \
+	busybox-static \
 	libpython3.11 \
 	python3-venv \
 	gcc \
@@ -65,6 +65,8 @@ NEEDS := \
 	containerd:containerd \
 	ctr:containerd \
 	runc:runc \
+	umoci:umoci \
+	/bin/busybox:busybox-static \
 	/usr/lib/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libpython3.11.so.1.0:libpython3.11 \
 	gcc:gcc \
 	/usr/include/stdio.h:libc6-dev \
@@ -107,10 +109,12 @@ $(VENV)/.installed: pyproject.toml | $(BUILD)/.debs
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
+# The CNI runtime the tests, the demo and the benches drive plugins with (tools/cnidrive): libcni from
+# Debian's golang-github-appc-cni-dev, built in GOPATH mode against /usr/share/gocode (no module download).
 cnidrive: $(CNIDRIVE)
-$(CNIDRIVE): | $(BUILD)/.debs
-	@test -n "$(SHARED)" || { echo "../shared/tools/cnidrive not found"; exit 1; }
-	bash $(SHARED)/tools/cnidrive/build.sh $(CURDIR)/$(CNIDRIVE) >/dev/null
+$(CNIDRIVE): tools/cnidrive/main.go | $(BUILD)/.debs
+	GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/$(BUILD)/go-cache \
+	  go build -trimpath -o $@ ./tools/cnidrive
 
 # The real kube-apiserver the kube tests run (about 5 minutes on 2 cores, once per machine).
 kube-apiserver: | $(BUILD)/.debs
@@ -154,9 +158,16 @@ unit: venv
 	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; else $(PY) -m pytest -q tests/unit; fi
 
 # A clean clone of this checkout runs .ci/run on a pristine Debian 12 root (not part of `make test`).
+# The checker is the workspace's fresh-root.sh, beside the checkout in ../shared (FRESH_ROOT names it
+# from elsewhere, a worktree say); nothing else here uses ../shared. FRESH_NO_SHARED=1, the default,
+# puts the clone there with nothing beside it, as a user's clone of the repository is; 0 copies the
+# checker's ../shared beside it.
+FRESH_ROOT ?= ../shared/tools/fresh-root.sh
+FRESH_NO_SHARED ?= 1
 fresh-check:
-	@test -n "$(SHARED)" || { echo "../shared/tools/fresh-root.sh not found"; exit 1; }
-	FRESH_TEST_TIMEOUT=$${FRESH_TEST_TIMEOUT:-5400} bash $(SHARED)/tools/fresh-root.sh $(CURDIR)
+	@test -f $(FRESH_ROOT) || { echo "$(FRESH_ROOT) not found: set FRESH_ROOT" >&2; exit 1; }
+	FRESH_TEST_TIMEOUT=$${FRESH_TEST_TIMEOUT:-5400} FRESH_NO_SHARED=$(FRESH_NO_SHARED) \
+	  bash $(FRESH_ROOT) $(CURDIR)
 
 lint: venv
 	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py

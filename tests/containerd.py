@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tests.lab import ROOT, SOCKET_DIR, Netns
 
-SHARED = next((p for p in (ROOT.parent / "shared", Path("/work/shared")) if p.is_dir()), None)
 IMAGE = "local/busybox:1"
+IMAGE_BUILDER = ROOT / "tools" / "busybox-image.sh"
 
 ENTER = """
 set -e
@@ -34,12 +34,15 @@ exec "$@"
 """
 
 
-def busybox_archive(target: Path) -> Path:
-    if SHARED is None:
-        raise RuntimeError("../shared/tools/busybox-image.sh not found")
-    if not target.exists():
-        subprocess.run(["bash", str(SHARED / "tools" / "busybox-image.sh"), str(target), IMAGE], check=True,
-                       capture_output=True)
+def busybox_archive() -> Path:
+    """The busybox image as an OCI archive for `ctr images import`, built by tools/busybox-image.sh into
+    .build and rebuilt when that script changes."""
+    target = ROOT / ".build" / "busybox-oci.tar"
+    if not target.exists() or target.stat().st_mtime < IMAGE_BUILDER.stat().st_mtime:
+        target.parent.mkdir(exist_ok=True)
+        p = subprocess.run(["bash", str(IMAGE_BUILDER), str(target), IMAGE], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"{IMAGE_BUILDER} failed: {p.stdout}{p.stderr}")
     return target
 
 

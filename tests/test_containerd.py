@@ -28,7 +28,7 @@ def containerd(lab: Lab, node: Node, bundle: Path, tmp_path: Path) -> Iterator[C
     (ctrd.cni / "bin" / "portmap").symlink_to(REFERENCE_DIR / "portmap")
     try:
         ctrd.start()
-        ctrd.ctr("images", "import", str(busybox_archive(tmp_path.parent / "busybox-oci.tar")))
+        ctrd.ctr("images", "import", str(busybox_archive()))
         yield ctrd
     finally:
         ctrd.stop()
