@@ -123,7 +123,7 @@ kube-apiserver: | $(BUILD)/.debs
 	else bash tests/kubeapi/build.sh $(BUILD) >/dev/null; fi
 
 # The `weft` executable containerd runs: a static C shim that hands each invocation to weftd and
-# execs `weft-py` beside it when weftd is not there (README, "How a pod is attached").
+# execs `weft-py` beside it when weftd is not there (docs/architecture.md, "How a pod is attached").
 shim: $(SHIM)
 $(SHIM): shim/weft-shim.c | $(BUILD)/.debs
 	$(CC) $(SHIM_CFLAGS) -o $@ $<

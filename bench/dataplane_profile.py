@@ -1,5 +1,5 @@
-"""Where a TCP stream's CPU goes, node-to-node against pod-to-pod: the table in README.md ("Where pod
-traffic's CPU goes").
+"""Where a TCP stream's CPU goes, node-to-node against pod-to-pod: the table in docs/performance.md
+("Where pod traffic's CPU goes").
 
 `python -m bench.dataplane_profile [vxlan|host-gw]` (root, needs `perf`: Debian's linux-perf). It boots
 the dataplane bench's two nodes, runs one iperf3 stream node-to-node and one pod-to-pod under
