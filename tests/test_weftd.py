@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 
-from tests.cluster import OUTSIDE_IP, Cluster, MakeCluster
-from tests.lab import assert_path_mtu, peer_address, ping, weft_conf
+from tests.cluster import OUTSIDE_IP, Cluster, ClusterNode, MakeCluster
+from tests.lab import ROOT, assert_path_mtu, peer_address, ping, weft_conf
+from weftlib.cni.handoff import SOCKET_KEY
+
+EXAMPLE_CONFLIST = ROOT / "conf" / "10-weft.conflist"
 
 
 def all_pods_reach_each_other(c: Cluster) -> None:
@@ -231,8 +237,6 @@ def test_health_and_metrics(make_cluster: MakeCluster) -> None:
 
 
 def test_subnet_change_fixes_the_bridge_address(make_cluster: MakeCluster) -> None:
-    import json
-
     c = make_cluster("host-gw")
     n1, _, _ = c.boot()
     c.pod(n1, "old")
@@ -249,3 +253,63 @@ def test_subnet_change_fixes_the_bridge_address(make_cluster: MakeCluster) -> No
     assert "10.244.77.1/24" in addrs and old_gw not in addrs
     _, ip = c.pod(n1, "new")
     assert ip.startswith("10.244.77.")
+
+
+def node_config_repairs(cn: ClusterNode) -> dict[str, float]:
+    """weft_node_config_repairs_total by file, from weftd's /metrics."""
+    code, body = cn.http("/metrics")
+    assert code == 200, body
+    out = {}
+    for line in body.splitlines():
+        if line.startswith("weft_node_config_repairs_total{"):
+            labels, _, value = line.partition(" ")
+            out[labels.split('file="')[1].split('"')[0]] = float(value)
+    return out
+
+
+def test_weftd_puts_back_its_conflist_and_subnet_file(make_cluster: MakeCluster) -> None:
+    """The node config is weftd's: overwritten (as `make install` once did with its example), deleted or
+    edited, it is written again within a resync (1 s here), with one log line and a count per repair;
+    left alone, it is never rewritten."""
+    c = make_cluster("host-gw")
+    (n1,) = c.boot(["n1"])
+    conflist, env = n1.conflist.read_text(), n1.subnet_file.read_text()
+
+    def holds(path: Path, text: str) -> bool:
+        try:
+            return path.read_text() == text
+        except FileNotFoundError:
+            return False
+
+    def replace(path: Path, text: str) -> None:
+        tmp = path.with_name(".drift.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    edited = json.loads(conflist)
+    del edited["plugins"][0][SOCKET_KEY]
+    drifts: list[tuple[str, Callable[[], None], Path, str]] = [
+        ("the example conflist over it", lambda: replace(n1.conflist, EXAMPLE_CONFLIST.read_text()), n1.conflist,
+         conflist),
+        ("the conflist deleted", n1.conflist.unlink, n1.conflist, conflist),
+        ("the conflist without daemonSocket", lambda: replace(n1.conflist, json.dumps(edited)), n1.conflist,
+         conflist),
+        ("the subnet file deleted", n1.subnet_file.unlink, n1.subnet_file, env),
+        ("the subnet file edited", lambda: replace(n1.subnet_file, env.replace("WEFT_MTU=", "WEFT_MTU=9")),
+         n1.subnet_file, env),
+    ]
+    for what, drift, path, text in drifts:
+        drift()
+        assert not holds(path, text)
+        c.until(lambda path=path, text=text: holds(path, text), 60, f"weftd repairing {what}", n1)
+    repairs = node_config_repairs(n1)
+    logged = n1.log.read_text().count("repaired drift: ")
+    # At least one repair per drift (a repair may see a drift half-made and be followed by a second one).
+    assert repairs["10-weft.conflist"] >= 3 and repairs["subnet.env"] >= 2, repairs
+    assert logged == sum(repairs.values()), (logged, repairs)
+    # Unchanged files are not written again: the same inodes after more rounds.
+    inodes = (n1.conflist.stat().st_ino, n1.subnet_file.stat().st_ino)
+    rounds = n1.metric("weft_reconcile_duration_seconds_count")
+    c.until(lambda: n1.metric("weft_reconcile_duration_seconds_count") >= rounds + 3, 60, "three more rounds", n1)
+    assert (n1.conflist.stat().st_ino, n1.subnet_file.stat().st_ino) == inodes
+    assert node_config_repairs(n1) == repairs

@@ -1,7 +1,8 @@
 """What weftd writes for the node: its state file (Flannel's subnet.env) and the CNI conflist.
 
 Both are written atomically (temporary file, then rename) and only once the
-backend is ready, so no pod ever sees half a config.
+backend is ready, so no pod ever sees half a config. Both are weftd's: at every
+resync, one that anything else changed, replaced or removed is written again.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ipaddress
 import json
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import netaddr
@@ -66,11 +68,12 @@ def conflist(bridge: str, network: NetworkConfig, own: Lease, mtu: int, paths: P
     return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
 
 
-def write(paths: Paths, bridge: str, network: NetworkConfig, own: Lease, mtu: int, portmap: bool = True) -> bool:
-    env = files.replace_if_changed(paths.subnet_file, subnet_env(network, own, mtu))
-    conf = files.replace_if_changed(paths.conflist,
-                                    json.dumps(conflist(bridge, network, own, mtu, paths, portmap), indent=2) + "\n")
-    return env or conf
+def write(paths: Paths, bridge: str, network: NetworkConfig, own: Lease, mtu: int, portmap: bool = True) -> list[Path]:
+    """The subnet file, then the conflist, each replaced atomically and only if its content differs (whoever
+    changed, edited or removed it); returns the files that were rewritten."""
+    wanted = {paths.subnet_file: subnet_env(network, own, mtu),
+              paths.conflist: json.dumps(conflist(bridge, network, own, mtu, paths, portmap), indent=2) + "\n"}
+    return [path for path, text in wanted.items() if files.replace_if_changed(path, text)]
 
 
 def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, own: Lease) -> None:
