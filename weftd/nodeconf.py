@@ -23,7 +23,7 @@ from weftd.lease import Lease
 from weftlib import ipnet
 from weftlib.cni import handoff
 from weftlib.kernel import files
-from weftlib.kernel.netlink import GROUP, get_link, ignore_errno
+from weftlib.kernel.netlink import get_link, ignore_errno, owned
 from weftlib.kernel.rtnl import IFA_F_NODAD
 
 log = logging.getLogger("weftd.nodeconf")
@@ -95,7 +95,7 @@ def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork,
              and netaddr.IPNetwork(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") != gw]
     if not stale:
         return
-    if br.get("group") != GROUP:
+    if not owned(br):
         log.error("%s holds %s but was not created by weft; leaving it alone", bridge,
                   ", ".join(a.get("IFA_ADDRESS") for a in stale))
         return
@@ -109,8 +109,21 @@ def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork,
 
 
 def remove(paths: Paths) -> None:
-    for p in (paths.conflist, paths.subnet_file):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+    """Uninstall: every file weftd writes on the node."""
+    for p in (paths.conflist, paths.subnet_file, paths.policy_state):
+        files.unlink(str(p))
+
+
+def remove_bridge(ipr: IPRoute, bridge: str) -> None:
+    """Uninstall: the pod bridge goes if Weft created it and no pod is attached to it any more."""
+    br = get_link(ipr, bridge)
+    if br is None:
+        return
+    if not owned(br):
+        log.info("%s was not created by weft; leaving it alone", bridge)
+        return
+    ports = [link.get("ifname") for link in ipr.get_links() if link.get("master") == br["index"]]
+    if ports:
+        log.warning("%s still has pods attached (%s): left in place", bridge, ", ".join(ports))
+        return
+    ignore_errno(ipr.link, "del", index=br["index"], codes=(errno.ENODEV,))
