@@ -6,12 +6,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 from tests.cluster import OUTSIDE_IP, Cluster, ClusterNode, MakeCluster
-from tests.lab import ROOT, assert_path_mtu, peer_address, ping, weft_conf
+from tests.lab import ROOT, Pinger, assert_path_mtu, peer_address, ping, weft_conf
 from weftlib.cni.handoff import SOCKET_KEY
 
 EXAMPLE_CONFLIST = ROOT / "conf" / "10-weft.conflist"
@@ -108,18 +107,14 @@ def test_restart_keeps_pod_traffic_flowing(make_cluster: MakeCluster) -> None:
     n1, n2, _ = c.boot()
     a, _ = c.pod(n1, "a")
     _, b_ip = c.pod(n2, "b")
-    pinger = subprocess.Popen(["ip", "netns", "exec", a.name, "ping", "-i", "0.01", "-c", "600", "-W", "1", b_ip],
-                              stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    c.stop(n1, signal.SIGKILL)
-    c.stop(n2, signal.SIGTERM)
-    c.start(n1)
-    c.start(n2)
-    c.wait_ready(n1)
-    c.wait_ready(n2)
-    out, _ = pinger.communicate(timeout=60)
-    assert " 0% packet loss" in out, out[-300:]
-    assert "600 received" in out
+    with Pinger(a, b_ip, 0.01) as pings:  # from before the stops until both are ready again, however long
+        c.stop(n1, signal.SIGKILL)
+        c.stop(n2, signal.SIGTERM)
+        c.start(n1)
+        c.start(n2)
+        c.wait_ready(n1)
+        c.wait_ready(n2)
+    assert pings.sent > 1 and pings.failures() == [], "".join(pings.lines)[-300:]
 
 
 def test_reconciliation_repairs_drift_and_leaves_foreign_entries(make_cluster: MakeCluster) -> None:
