@@ -178,9 +178,7 @@ def test_weftd_and_plugin_share_the_nat_table_and_remove_only_their_own(make_clu
     assert n1.node.plugin("ADD", conf, cid="m1", netns=pod.path).rc == 0
     assert n1.node.masqueraded() == ["10.23.0.2"]
     c.stop(n1)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
-                   check=True, capture_output=True)
+    c.uninstall(n1)
     assert "weftd" not in {owner for _, _, owner in n1.node.nat_elements()}
     assert n1.node.masqueraded() == ["10.23.0.2"]
     assert n1.node.plugin("DEL", conf, cid="m1", netns="").rc == 0
@@ -209,9 +207,7 @@ def test_legacy_iptables_node_uses_python_iptables_and_uninstall_cleans_up(make_
 
     c.stop(n1)
     n1.node.drive("del", n1.conflist, "a", a.path)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
-                   check=True, capture_output=True)
+    c.uninstall(n1)
     assert "WEFT" not in n1.ns.run("iptables-legacy-save").stdout
     assert "weft.1" not in n1.ns.links()
     assert n1.routes() == []

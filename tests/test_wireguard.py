@@ -264,9 +264,7 @@ def test_uninstall_stops_wireguard_go_and_keeps_the_key(make_cluster: MakeCluste
     c = make_cluster("wireguard")
     n1, _ = c.boot(["n1", "n2"])
     c.stop(n1)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent),
-                    "--wireguard-device", n1.wg_device], check=True, capture_output=True)
+    c.uninstall(n1)
     assert c.wireguard_go(n1) is None
     assert n1.wg_device not in n1.ns.links()
     assert not Path(f"/var/run/wireguard/{n1.wg_device}.sock").exists()
