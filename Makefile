@@ -11,7 +11,10 @@ SHIM := $(BUILD)/weft-shim
 CC := gcc
 SHIM_CFLAGS := -std=c11 -Wall -Wextra -Werror -O2 -static
 # make install: the bundle under $(PREFIX)/lib/weft, weftd in $(PREFIX)/bin, the CNI plugins and an
-# example conflist where containerd looks for them. DESTDIR stages the whole tree elsewhere.
+# example conflist where containerd looks for them. DESTDIR stages the whole tree elsewhere. The
+# example is written only where $(CNI_CONF_DIR) holds no 10-weft.conflist: any existing one is
+# weftd's (on a node running weftd) or the operator's, and is left as it is; make uninstall removes
+# the file only while it still holds the example (packaging/install.sh).
 PREFIX ?= /usr/local
 DESTDIR ?=
 CNI_BIN_DIR ?= /opt/cni/bin
@@ -146,7 +149,7 @@ install: build
 
 uninstall:
 	sh packaging/install.sh remove $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(PREFIX)/bin \
-	  10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
+	  conf/10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
 
 test: deps venv cnidrive build kube-apiserver lint
 	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; fi

@@ -112,6 +112,18 @@ class Reservations:
     def set_last_reserved(self, index: int, ip: IPAddress) -> None:
         self._write(f"{LAST_RESERVED}{index}", str(ip).encode(), exclusive=False)
 
+    def remove_if_unused(self) -> bool:
+        """Uninstall, under the lock: the directory goes if it holds nothing but the lock and the round-robin
+        positions; False if anything else is left (a reservation above all), and then it is untouched."""
+        self.all()  # removes leftovers of killed writers
+        names = os.listdir(self.dir)
+        if any(n != LOCK and not n.startswith(LAST_RESERVED) for n in names):
+            return False
+        for name in names:
+            files.unlink(self._path(name))
+        os.rmdir(self.dir)
+        return True
+
 
 def _read(path: str) -> bytes:
     try:

@@ -5,8 +5,14 @@
 # at that moment never sees half a bundle. The CNI binaries are relative symlinks into `current`,
 # which stay right when the tree is copied or seen through a host mount.
 #
+# CONFLIST is an example for a node without weftd. It is written only where CNI_CONF_DIR holds no file
+# of its name: on a node with weftd that file is weftd's (weftd writes it with the node's subnet, data
+# directory and socket, and puts it back whenever something else changed it), and any other one is
+# the operator's. `remove` takes the same CONFLIST and removes the installed file only while it still
+# holds the example, so it never removes weftd's (`weftd uninstall` does that).
+#
 #   install.sh install BUNDLE LIBDIR CNI_BIN_DIR [BIN_DIR] [CONFLIST CNI_CONF_DIR]
-#   install.sh remove LIBDIR CNI_BIN_DIR [BIN_DIR] [CONFLIST_NAME CNI_CONF_DIR]
+#   install.sh remove LIBDIR CNI_BIN_DIR [BIN_DIR] [CONFLIST CNI_CONF_DIR]
 set -eu
 
 PLUGINS="weft weft-ipam"
@@ -48,19 +54,33 @@ install_bundle() {
     fi
     if [ -n "$conflist" ]; then
         mkdir -p "$confdir"
-        cp "$conflist" "$confdir/.$(basename "$conflist").tmp.$$"
-        chmod 0644 "$confdir/.$(basename "$conflist").tmp.$$"
-        mv -f "$confdir/.$(basename "$conflist").tmp.$$" "$confdir/$(basename "$conflist")"
+        name=$(basename "$conflist")
+        tmp="$confdir/.$name.tmp.$$"
+        cp "$conflist" "$tmp"
+        chmod 0644 "$tmp"
+        # A hard link never replaces an existing file, even one weftd writes between a test and the link.
+        if ln "$tmp" "$confdir/$name" 2>/dev/null; then
+            conf_note=", $confdir/$name"
+        elif [ -e "$confdir/$name" ] || [ -L "$confdir/$name" ]; then
+            conf_note=" ($confdir/$name exists: left as it is)"
+        else
+            rm -f "$tmp"
+            echo "install.sh: cannot write $confdir/$name" >&2
+            exit 1
+        fi
+        rm -f "$tmp"
     fi
-    echo "installed bundle-$id: $cnibin/{$(echo $PLUGINS | tr ' ' ,)}${bindir:+, $bindir/weftd}"
+    echo "installed bundle-$id: $cnibin/{$(echo $PLUGINS | tr ' ' ,)}${bindir:+, $bindir/weftd}${conf_note:-}"
 }
 
 remove_bundle() {
-    libdir=$1 cnibin=$2 bindir=${3:-} confname=${4:-} confdir=${5:-}
+    libdir=$1 cnibin=$2 bindir=${3:-} conflist=${4:-} confdir=${5:-}
     for link in $(for p in $PLUGINS; do echo "$cnibin/$p"; done) ${bindir:+"$bindir/weftd"}; do
         if ours "$link" "$libdir"; then rm -f "$link"; fi
     done
-    if [ -n "$confname" ]; then rm -f "$confdir/$confname"; fi
+    if [ -n "$conflist" ] && cmp -s "$conflist" "$confdir/$(basename "$conflist")"; then
+        rm -f "$confdir/$(basename "$conflist")"
+    fi
     rm -rf "$libdir"
     echo "removed $libdir and its links"
 }

@@ -214,6 +214,12 @@ class Cluster:
             cn.proc.wait(60)
             cn.proc = None
 
+    def uninstall(self, cn: ClusterNode) -> None:
+        """`weftd uninstall` on the node, with the node's own paths and device names."""
+        cn.ns.run(*self.weftd, "uninstall", *self.store_args(), "--subnet-file", str(cn.subnet_file),
+                  "--cni-conf-dir", str(cn.conflist.parent), "--ipam-data-dir", str(cn.node.data_dir),
+                  "--wireguard-device", cn.wg_device)
+
     def wait_ready(self, cn: ClusterNode, timeout: float = 120) -> None:
         self.until(lambda: cn.conflist.exists() and cn.http("/healthz")[0] == 200, timeout,
                    f"{cn.name} ready", cn)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE_DIR = Path("/usr/lib/cni")
@@ -110,6 +113,49 @@ def ping(ns: Netns, ip: str, *extra: str, once: bool = False) -> bool:
     """
     wait = ("-W", "2") if once else ("-w", "30")
     return ns.run("ping", "-c1", *wait, *extra, ip, check=False).returncode == 0
+
+
+class Pinger:
+    """`ping -i <interval>` from `ns` to `ip` for exactly as long as a `with` block runs, however long
+    that takes: the block starts once the first reply is back, and the pings stop when it ends."""
+
+    def __init__(self, ns: Netns, ip: str, interval: float) -> None:
+        self.cmd = ["ip", "netns", "exec", ns.name, "ping", "-n", "-i", str(interval), "-W", "1", ip]
+        self.lines: list[str] = []
+        self.first_reply = threading.Event()
+        self.sent = 0
+
+    def _read(self, out: IO[str]) -> None:
+        for line in out:
+            self.lines.append(line)
+            if " bytes from " in line:
+                self.first_reply.set()
+
+    def __enter__(self) -> Pinger:
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdout is not None
+        self.reader = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self.reader.start()
+        if not self.first_reply.wait(30):
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"no reply to {' '.join(self.cmd)}: {''.join(self.lines)[-300:]}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        self.proc.wait(30)
+        self.reader.join(30)
+        summary = re.search(r"(\d+) packets transmitted", "".join(self.lines))
+        self.sent = int(summary.group(1)) if summary else 0
+
+    def failures(self) -> list[str]:
+        """What ping said besides its header, replies and statistics (a send that failed, an error), and
+        each echo without a reply but the last, which may have been in flight at the stop."""
+        said = [line.strip() for line in self.lines if line.strip() and not line.startswith(("PING ", "--- ", "rtt "))
+                and " bytes from " not in line and "packets transmitted" not in line]
+        replied = {int(m.group(1)) for line in self.lines if (m := re.search(r" icmp_seq=(\d+) ", line))}
+        return said + [f"icmp_seq={seq}: no reply" for seq in range(1, self.sent) if seq not in replied]
 
 
 def assert_path_mtu(ns: Netns, ip: str, mtu: int) -> None:

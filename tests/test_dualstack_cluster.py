@@ -4,7 +4,6 @@ both families (ICMP and TCP), the largest packet that fits, IPv6 masquerade, dir
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from typing import Any
 
@@ -186,9 +185,7 @@ def test_uninstall_removes_the_ipv6_state_too(make_cluster: MakeCluster) -> None
     n1, _ = c.boot(["n1", "n2"])
     assert n1.routes(6) and "weft6.1" in n1.ns.links()
     c.stop(n1)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
-                   check=True, capture_output=True)
+    c.uninstall(n1)
     assert n1.routes(6) == [] and n1.routes(4) == []
     assert not any(name.startswith("weft") for name in n1.ns.links())
     assert n1.node.nat_elements() == []

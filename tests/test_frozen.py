@@ -13,9 +13,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tests.cluster import MakeCluster
 from tests.lab import ROOT, Node, install_bundle, ping
 
 INSTALL = ROOT / "packaging" / "install.sh"
+EXAMPLE_CONFLIST = ROOT / "conf" / "10-weft.conflist"
 
 
 def run(exe: Path | str, command: str, stdin: str = "", **env: str) -> subprocess.CompletedProcess[str]:
@@ -48,6 +50,45 @@ def test_install_is_idempotent_and_uninstall_removes_only_its_own(bundle: Path, 
                    capture_output=True)
     assert sorted(p.name for p in cnibin.iterdir()) == ["bridge"]
     assert not lib.exists() and not (bindir / "weftd").exists()
+
+
+def make(target: str, bundle: Path, destdir: Path) -> str:
+    """`make <target> DESTDIR=...` in this checkout, with `bundle` installed as it is (-o build: not rebuilt)."""
+    return subprocess.run(["make", "-s", "-C", str(ROOT), "-o", "build", f"BUNDLE={bundle}", f"DESTDIR={destdir}",
+                           target], check=True, capture_output=True, text=True).stdout
+
+
+def test_make_install_never_overwrites_the_conflist_weftd_wrote(bundle: Path, make_cluster: MakeCluster,
+                                                                 tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    conf_dir, cnibin = dest / "etc" / "cni" / "net.d", dest / "opt" / "cni" / "bin"
+    conflist = conf_dir / EXAMPLE_CONFLIST.name
+    c = make_cluster("host-gw")
+    n1 = c.add_node("n1")
+    c.start(n1, "--cni-conf-dir", str(conf_dir))  # the last --cni-conf-dir counts: weftd writes into the tree
+    c.until(lambda: conflist.exists() and n1.http("/healthz")[0] == 200, 120, "n1 ready", n1)
+    c.stop(n1)  # so that nothing puts the file back: what make install does to it stays
+    written, before = conflist.read_bytes(), conflist.stat()
+    assert b'"daemonSocket"' in written and written != EXAMPLE_CONFLIST.read_bytes()
+
+    out = make("install", bundle, dest)
+    assert f"{conflist} exists: left as it is" in out, out
+    after = conflist.stat()
+    assert conflist.read_bytes() == written
+    assert (after.st_ino, after.st_mtime_ns, after.st_mode) == (before.st_ino, before.st_mtime_ns, before.st_mode)
+    assert (cnibin / "weft").resolve() == (dest / "usr" / "local" / "lib" / "weft" / "current" / "weft").resolve()
+    assert not [p.name for p in conf_dir.iterdir() if p.name != conflist.name]  # no temporary file left
+    # make uninstall removes the plugins and leaves weftd's conflist too (`weftd uninstall` removes it).
+    make("uninstall", bundle, dest)
+    assert conflist.read_bytes() == written and not (cnibin / "weft").exists()
+
+    # A tree without one gets the example; make uninstall removes it again.
+    fresh = tmp_path / "fresh"
+    make("install", bundle, fresh)
+    example = fresh / "etc" / "cni" / "net.d" / EXAMPLE_CONFLIST.name
+    assert example.read_bytes() == EXAMPLE_CONFLIST.read_bytes() and example.stat().st_mode & 0o777 == 0o644
+    make("uninstall", bundle, fresh)
+    assert not example.exists()
 
 
 def test_frozen_weftd_knows_every_backend_and_store(bundle: Path, tmp_path: Path) -> None:

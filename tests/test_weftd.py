@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
+from pathlib import Path
 
-from tests.cluster import OUTSIDE_IP, Cluster, MakeCluster
-from tests.lab import assert_path_mtu, peer_address, ping, weft_conf
+from tests.cluster import OUTSIDE_IP, Cluster, ClusterNode, MakeCluster
+from tests.lab import ROOT, Pinger, assert_path_mtu, peer_address, ping, weft_conf
+from weftlib.cni.handoff import SOCKET_KEY
+
+EXAMPLE_CONFLIST = ROOT / "conf" / "10-weft.conflist"
 
 
 def all_pods_reach_each_other(c: Cluster) -> None:
@@ -102,18 +107,14 @@ def test_restart_keeps_pod_traffic_flowing(make_cluster: MakeCluster) -> None:
     n1, n2, _ = c.boot()
     a, _ = c.pod(n1, "a")
     _, b_ip = c.pod(n2, "b")
-    pinger = subprocess.Popen(["ip", "netns", "exec", a.name, "ping", "-i", "0.01", "-c", "600", "-W", "1", b_ip],
-                              stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    c.stop(n1, signal.SIGKILL)
-    c.stop(n2, signal.SIGTERM)
-    c.start(n1)
-    c.start(n2)
-    c.wait_ready(n1)
-    c.wait_ready(n2)
-    out, _ = pinger.communicate(timeout=60)
-    assert " 0% packet loss" in out, out[-300:]
-    assert "600 received" in out
+    with Pinger(a, b_ip, 0.01) as pings:  # from before the stops until both are ready again, however long
+        c.stop(n1, signal.SIGKILL)
+        c.stop(n2, signal.SIGTERM)
+        c.start(n1)
+        c.start(n2)
+        c.wait_ready(n1)
+        c.wait_ready(n2)
+    assert pings.sent > 1 and pings.failures() == [], "".join(pings.lines)[-300:]
 
 
 def test_reconciliation_repairs_drift_and_leaves_foreign_entries(make_cluster: MakeCluster) -> None:
@@ -177,9 +178,7 @@ def test_weftd_and_plugin_share_the_nat_table_and_remove_only_their_own(make_clu
     assert n1.node.plugin("ADD", conf, cid="m1", netns=pod.path).rc == 0
     assert n1.node.masqueraded() == ["10.23.0.2"]
     c.stop(n1)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
-                   check=True, capture_output=True)
+    c.uninstall(n1)
     assert "weftd" not in {owner for _, _, owner in n1.node.nat_elements()}
     assert n1.node.masqueraded() == ["10.23.0.2"]
     assert n1.node.plugin("DEL", conf, cid="m1", netns="").rc == 0
@@ -208,9 +207,7 @@ def test_legacy_iptables_node_uses_python_iptables_and_uninstall_cleans_up(make_
 
     c.stop(n1)
     n1.node.drive("del", n1.conflist, "a", a.path)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent)],
-                   check=True, capture_output=True)
+    c.uninstall(n1)
     assert "WEFT" not in n1.ns.run("iptables-legacy-save").stdout
     assert "weft.1" not in n1.ns.links()
     assert n1.routes() == []
@@ -231,8 +228,6 @@ def test_health_and_metrics(make_cluster: MakeCluster) -> None:
 
 
 def test_subnet_change_fixes_the_bridge_address(make_cluster: MakeCluster) -> None:
-    import json
-
     c = make_cluster("host-gw")
     n1, _, _ = c.boot()
     c.pod(n1, "old")
@@ -249,3 +244,63 @@ def test_subnet_change_fixes_the_bridge_address(make_cluster: MakeCluster) -> No
     assert "10.244.77.1/24" in addrs and old_gw not in addrs
     _, ip = c.pod(n1, "new")
     assert ip.startswith("10.244.77.")
+
+
+def node_config_repairs(cn: ClusterNode) -> dict[str, float]:
+    """weft_node_config_repairs_total by file, from weftd's /metrics."""
+    code, body = cn.http("/metrics")
+    assert code == 200, body
+    out = {}
+    for line in body.splitlines():
+        if line.startswith("weft_node_config_repairs_total{"):
+            labels, _, value = line.partition(" ")
+            out[labels.split('file="')[1].split('"')[0]] = float(value)
+    return out
+
+
+def test_weftd_puts_back_its_conflist_and_subnet_file(make_cluster: MakeCluster) -> None:
+    """The node config is weftd's: overwritten (as `make install` once did with its example), deleted or
+    edited, it is written again within a resync (1 s here), with one log line and a count per repair;
+    left alone, it is never rewritten."""
+    c = make_cluster("host-gw")
+    (n1,) = c.boot(["n1"])
+    conflist, env = n1.conflist.read_text(), n1.subnet_file.read_text()
+
+    def holds(path: Path, text: str) -> bool:
+        try:
+            return path.read_text() == text
+        except FileNotFoundError:
+            return False
+
+    def replace(path: Path, text: str) -> None:
+        tmp = path.with_name(".drift.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    edited = json.loads(conflist)
+    del edited["plugins"][0][SOCKET_KEY]
+    drifts: list[tuple[str, Callable[[], None], Path, str]] = [
+        ("the example conflist over it", lambda: replace(n1.conflist, EXAMPLE_CONFLIST.read_text()), n1.conflist,
+         conflist),
+        ("the conflist deleted", n1.conflist.unlink, n1.conflist, conflist),
+        ("the conflist without daemonSocket", lambda: replace(n1.conflist, json.dumps(edited)), n1.conflist,
+         conflist),
+        ("the subnet file deleted", n1.subnet_file.unlink, n1.subnet_file, env),
+        ("the subnet file edited", lambda: replace(n1.subnet_file, env.replace("WEFT_MTU=", "WEFT_MTU=9")),
+         n1.subnet_file, env),
+    ]
+    for what, drift, path, text in drifts:
+        drift()
+        assert not holds(path, text)
+        c.until(lambda path=path, text=text: holds(path, text), 60, f"weftd repairing {what}", n1)
+    repairs = node_config_repairs(n1)
+    logged = n1.log.read_text().count("repaired drift: ")
+    # At least one repair per drift (a repair may see a drift half-made and be followed by a second one).
+    assert repairs["10-weft.conflist"] >= 3 and repairs["subnet.env"] >= 2, repairs
+    assert logged == sum(repairs.values()), (logged, repairs)
+    # Unchanged files are not written again: the same inodes after more rounds.
+    inodes = (n1.conflist.stat().st_ino, n1.subnet_file.stat().st_ino)
+    rounds = n1.metric("weft_reconcile_duration_seconds_count")
+    c.until(lambda: n1.metric("weft_reconcile_duration_seconds_count") >= rounds + 3, 60, "three more rounds", n1)
+    assert (n1.conflist.stat().st_ino, n1.subnet_file.stat().st_ino) == inodes
+    assert node_config_repairs(n1) == repairs

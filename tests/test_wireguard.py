@@ -18,7 +18,7 @@ import netaddr
 import pytest
 
 from tests.cluster import Cluster, ClusterNode, MakeCluster
-from tests.lab import Lab, Netns, assert_path_mtu, ping
+from tests.lab import Lab, Netns, Pinger, assert_path_mtu, ping
 from tests.test_weftd import pods_on_every_node_talk
 
 PSK = base64.b64encode(bytes(range(32))).decode()
@@ -149,14 +149,11 @@ def test_restarted_node_keeps_key_and_peers_reconnect(make_cluster: MakeCluster)
     pid = c.wireguard_go(n1)
 
     # weftd restarts: wireguard-go is the device and stays, the new weftd adopts it; no ping is lost.
-    pinger = subprocess.Popen(["ip", "netns", "exec", a.name, "ping", "-i", "0.02", "-c", "250", "-W", "1", b_ip],
-                              stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
-    c.stop(n1)
-    c.start(n1)
-    c.wait_ready(n1)
-    out, _ = pinger.communicate(timeout=60)
-    assert " 0% packet loss" in out, out[-300:]
+    with Pinger(a, b_ip, 0.02) as pings:  # from before the stop until weftd is ready again, however long
+        c.stop(n1)
+        c.start(n1)
+        c.wait_ready(n1)
+    assert pings.sent > 1 and pings.failures() == [], "".join(pings.lines)[-300:]
     assert c.wireguard_go(n1) == pid
     assert "adopted wireguard-go" in n1.log.read_text()
 
@@ -267,9 +264,7 @@ def test_uninstall_stops_wireguard_go_and_keeps_the_key(make_cluster: MakeCluste
     c = make_cluster("wireguard")
     n1, _ = c.boot(["n1", "n2"])
     c.stop(n1)
-    subprocess.run(["ip", "netns", "exec", n1.ns.name, sys.executable, "-m", "weftd", "uninstall", *c.store_args(),
-                    "--subnet-file", str(n1.subnet_file), "--cni-conf-dir", str(n1.conflist.parent),
-                    "--wireguard-device", n1.wg_device], check=True, capture_output=True)
+    c.uninstall(n1)
     assert c.wireguard_go(n1) is None
     assert n1.wg_device not in n1.ns.links()
     assert not Path(f"/var/run/wireguard/{n1.wg_device}.sock").exists()

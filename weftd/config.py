@@ -180,3 +180,8 @@ class Paths:
     @property
     def conflist(self) -> Path:
         return self.cni_conf_dir / self.cni_conf_name
+
+    @property
+    def policy_state(self) -> Path:
+        """The policy engine's record of the pods it bound, beside the subnet file."""
+        return self.subnet_file.parent / "policy-pods.json"

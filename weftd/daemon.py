@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
@@ -78,7 +79,25 @@ class Daemon:
         """The node config, for the bridge and for the runtime: only once the backend is programmed."""
         assert self.own is not None
         nodeconf.fix_bridge(self.ipr, self.bridge, self.store.network, self.own)
-        nodeconf.write(self.paths, self.bridge, self.store.network, self.own, self.backend.mtu(), self.portmap)
+        self.write_node_config()
+
+    def write_node_config(self) -> list[Path]:
+        assert self.own is not None
+        return nodeconf.write(self.paths, self.bridge, self.store.network, self.own, self.backend.mtu(),
+                              self.portmap)
+
+    def repair_node_config(self) -> None:
+        """The conflist and the subnet file are weftd's: one that something else rewrote (an install
+        of the example conflist, say), edited or deleted is written again, as drifted routes are."""
+        try:
+            repaired = self.write_node_config()
+        except OSError as e:
+            self.metrics.reconcile_errors.labels("node-config").inc()
+            log.error("writing the node config: %s", e)
+            return
+        for path in repaired:
+            self.metrics.node_config_repairs.labels(path.name).inc()
+            log.warning("repaired drift: %s did not hold what weftd wrote; wrote it again", path)
 
     def reconcile(self) -> bool:
         assert self.own is not None
@@ -148,6 +167,7 @@ class Daemon:
                 self.metrics.reconcile_errors.labels("renew").inc()
                 log.error("renewing the lease: %s", e)
             self.reconcile()
+            self.repair_node_config()
         self.store.close()
         self.backend.close()
         log.info("stopped; kernel state left in place so pod traffic keeps flowing")

@@ -75,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     un.add_argument("--subnet-file", default=_env("subnet-file", str(Paths.subnet_file)))
     un.add_argument("--cni-conf-dir", default=_env("cni-conf-dir", str(Paths.cni_conf_dir)))
     un.add_argument("--cni-conf-name", default=_env("cni-conf-name", Paths.cni_conf_name))
+    un.add_argument("--ipam-data-dir", default=_env("ipam-data-dir", str(Paths.ipam_data_dir)))
+    un.add_argument("--bridge", default=_env("bridge", DEFAULT_BRIDGE),
+                    help="the node bridge, removed when Weft made it and no pod is attached to it")
 
     rm = sub.add_parser("remove-node", help="delete a node's lease from the file or etcd store")
     common(rm)
@@ -146,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             source = DirSource(Path(args.policy_dir))
         policy = PolicyEngine(args.node_name, source,
-                              paths.subnet_file.parent / "policy-pods.json", paths.ipam_data_dir / NETWORK_NAME,
+                              paths.policy_state, paths.ipam_data_dir / NETWORK_NAME,
                               metrics.registry, args.resync, args.policy_nflog_group)
     cni = None
     if paths.cni_socket is not None and not can_enter_netns():
@@ -178,17 +181,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_uninstall(args: argparse.Namespace) -> int:
     from pyroute2 import IPRoute
 
+    from ipam.reservations import Reservations
     from weftd import netfilter, nodeconf
     from weftd.policy.engine import remove_tables
 
+    paths = _paths(args)
+    nodeconf.remove(paths)  # first: a runtime that reads the conflist now finds no network to attach pods to
     with IPRoute() as ipr:
         for kind in backend.types().values():
             kind.teardown(ipr, args)
+        nodeconf.remove_bridge(ipr, args.bridge)
     netfilter.uninstall()
     remove_tables()
-    nodeconf.remove(_paths(args))
-    log.info("removed weft's routes, VTEP, WireGuard device, netfilter and policy rules and node config; the "
-             "WireGuard key stays in the state directory")
+    leases = Reservations(str(paths.ipam_data_dir), nodeconf.NETWORK_NAME)
+    if leases.exists():
+        with leases:
+            if not leases.remove_if_unused():
+                log.warning("%s still holds reservations of pods: left in place", leases.dir)
+    log.info("removed weft's routes, VTEP, WireGuard device, netfilter and policy rules, node config and empty "
+             "pod bridge; the WireGuard key stays in the state directory")
     return 0
 
 

@@ -23,6 +23,9 @@ class Metrics:
                                    buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.reconcile_errors = Counter("weft_reconcile_errors_total", "Failed reconciliations", ["stage"],
                                         registry=r)
+        self.node_config_repairs = Counter(
+            "weft_node_config_repairs_total", "Times weftd wrote its conflist or subnet file again after something "
+            "else changed or removed it", ["file"], registry=r)
         self.changes = Counter("weft_kernel_changes_total", "Kernel entries added, fixed or removed", registry=r)
         self.renewals = Counter("weft_lease_renewals_total", "Lease renewals in the store", registry=r)
         self.store_up = Gauge("weft_store_up", "1 if the last read of the store succeeded", registry=r)

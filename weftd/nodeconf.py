@@ -1,7 +1,8 @@
 """What weftd writes for the node: its state file (Flannel's subnet.env) and the CNI conflist.
 
 Both are written atomically (temporary file, then rename) and only once the
-backend is ready, so no pod ever sees half a config.
+backend is ready, so no pod ever sees half a config. Both are weftd's: at every
+resync, one that anything else changed, replaced or removed is written again.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import ipaddress
 import json
 import logging
 import socket
+from pathlib import Path
 from typing import Any
 
 import netaddr
@@ -21,7 +23,7 @@ from weftd.lease import Lease
 from weftlib import ipnet
 from weftlib.cni import handoff
 from weftlib.kernel import files
-from weftlib.kernel.netlink import GROUP, get_link, ignore_errno
+from weftlib.kernel.netlink import get_link, ignore_errno, owned
 from weftlib.kernel.rtnl import IFA_F_NODAD
 
 log = logging.getLogger("weftd.nodeconf")
@@ -66,11 +68,12 @@ def conflist(bridge: str, network: NetworkConfig, own: Lease, mtu: int, paths: P
     return {"cniVersion": "1.0.0", "name": NETWORK_NAME, "plugins": plugins}
 
 
-def write(paths: Paths, bridge: str, network: NetworkConfig, own: Lease, mtu: int, portmap: bool = True) -> bool:
-    env = files.replace_if_changed(paths.subnet_file, subnet_env(network, own, mtu))
-    conf = files.replace_if_changed(paths.conflist,
-                                    json.dumps(conflist(bridge, network, own, mtu, paths, portmap), indent=2) + "\n")
-    return env or conf
+def write(paths: Paths, bridge: str, network: NetworkConfig, own: Lease, mtu: int, portmap: bool = True) -> list[Path]:
+    """The subnet file, then the conflist, each replaced atomically and only if its content differs (whoever
+    changed, edited or removed it); returns the files that were rewritten."""
+    wanted = {paths.subnet_file: subnet_env(network, own, mtu),
+              paths.conflist: json.dumps(conflist(bridge, network, own, mtu, paths, portmap), indent=2) + "\n"}
+    return [path for path, text in wanted.items() if files.replace_if_changed(path, text)]
 
 
 def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, own: Lease) -> None:
@@ -92,7 +95,7 @@ def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork,
              and netaddr.IPNetwork(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") != gw]
     if not stale:
         return
-    if br.get("group") != GROUP:
+    if not owned(br):
         log.error("%s holds %s but was not created by weft; leaving it alone", bridge,
                   ", ".join(a.get("IFA_ADDRESS") for a in stale))
         return
@@ -106,8 +109,21 @@ def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork,
 
 
 def remove(paths: Paths) -> None:
-    for p in (paths.conflist, paths.subnet_file):
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+    """Uninstall: every file weftd writes on the node."""
+    for p in (paths.conflist, paths.subnet_file, paths.policy_state):
+        files.unlink(str(p))
+
+
+def remove_bridge(ipr: IPRoute, bridge: str) -> None:
+    """Uninstall: the pod bridge goes if Weft created it and no pod is attached to it any more."""
+    br = get_link(ipr, bridge)
+    if br is None:
+        return
+    if not owned(br):
+        log.info("%s was not created by weft; leaving it alone", bridge)
+        return
+    ports = [link.get("ifname") for link in ipr.get_links() if link.get("master") == br["index"]]
+    if ports:
+        log.warning("%s still has pods attached (%s): left in place", bridge, ", ".join(ports))
+        return
+    ignore_errno(ipr.link, "del", index=br["index"], codes=(errno.ENODEV,))

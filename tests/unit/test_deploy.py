@@ -20,6 +20,7 @@ from weftd.subnet import kube
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "conf" / "kube-weft.yml"
+UNINSTALL = ROOT / "conf" / "kube-weft-uninstall.yml"
 KIND = ROOT / "conf" / "kind-cluster.yaml"
 
 # The kubernetes client's CoreV1Api methods weftd may call, and the permission each one needs.
@@ -34,16 +35,16 @@ PERMISSIONS = {
 }
 
 
-def docs() -> list[dict[str, Any]]:
-    return [d for d in yaml.safe_load_all(MANIFEST.read_text()) if d]
+def docs(manifest: Path = MANIFEST) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(manifest.read_text()) if d]
 
 
-def by_kind(kind: str) -> dict[str, Any]:
-    (obj,) = [d for d in docs() if d["kind"] == kind]
+def by_kind(kind: str, manifest: Path = MANIFEST) -> dict[str, Any]:
+    (obj,) = [d for d in docs(manifest) if d["kind"] == kind]
     return obj
 
 
-@pytest.mark.parametrize("obj", docs(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+@pytest.mark.parametrize("obj", docs() + docs(UNINSTALL), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
 def test_every_object_is_valid_for_its_model(obj: dict[str, Any]) -> None:
     client = ApiClient()
     model = client.deserialize(json.dumps(obj), f"V1{obj['kind']}", "application/json")  # raises on a missing field
@@ -156,3 +157,54 @@ def test_network_config_and_kind_cluster_agree() -> None:
     assert netaddr.IPNetwork(cluster["networking"]["podSubnet"]) in net.network
     assert sum(1 for n in cluster["nodes"] if n["role"] == "worker") >= 1
 
+
+
+def _host_mounts(container: dict[str, Any], volumes: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """mountPath -> the hostPath volume behind it (path and type), for the container's hostPath mounts."""
+    return {path: volume["hostPath"] for path, (_, volume) in _mounts(container, volumes).items()
+            if "hostPath" in volume}
+
+
+def test_uninstall_manifest_matches_the_install_one() -> None:
+    """The uninstall DaemonSet runs the same image, sees the node through the same hostPaths at the same
+    places, and gives `weftd uninstall` weftd's environment, so it finds and removes the same names."""
+    (ds,) = docs(UNINSTALL)
+    assert ds["kind"] == "DaemonSet" and ds["metadata"]["namespace"] == "kube-system"  # kube-weft may be gone
+    spec, install = ds["spec"]["template"]["spec"], by_kind("DaemonSet")["spec"]["template"]["spec"]
+    assert spec["hostNetwork"] is True and spec["tolerations"] == [{"operator": "Exists"}]  # every taint
+    assert spec["automountServiceAccountToken"] is False  # it calls no API
+    volumes, install_volumes = {v["name"]: v for v in spec["volumes"]}, {v["name"]: v for v in install["volumes"]}
+    (weftd,), (install_cni,) = install["containers"], install["initContainers"]
+    uninstall, remove_cni = spec["initContainers"]
+    (done,) = spec["containers"]
+    assert {c["image"] for c in (uninstall, remove_cni, done)} == {weftd["image"]}
+    assert {v["hostPath"]["path"]: v["hostPath"] for v in volumes.values()} == {
+        v["hostPath"]["path"]: v["hostPath"] for v in install_volumes.values() if "hostPath" in v}
+    assert _host_mounts(uninstall, volumes) == _host_mounts(weftd, install_volumes)
+    assert uninstall["env"] == weftd["env"]
+    assert uninstall["command"] == [weftd["command"][0], "uninstall"]
+    assert uninstall["securityContext"]["privileged"] is True
+    # remove-cni undoes install-cni: the same script on the same libdir and bin dir, through the same mount.
+    script, verb, libdir, cnibin = remove_cni["command"][1:]
+    assert (script, verb) == (install_cni["command"][1], "remove")
+    assert [libdir, cnibin] == install_cni["command"][4:6]
+    assert _host_mounts(remove_cni, volumes) == _host_mounts(install_cni, install_volumes)
+    # Ready once the init containers are done: the main container only waits.
+    assert done["command"] == ["sleep", "infinity"] and "readinessProbe" not in done
+
+
+def test_uninstall_resolves_the_names_weftd_run_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the manifest's environment, every setting `weftd uninstall` shares with `weftd run` has the
+    same value: the paths, the bridge, the device names."""
+    from weftd import main
+
+    (ds,) = docs(UNINSTALL)
+    uninstall = ds["spec"]["template"]["spec"]["initContainers"][0]
+    for e in uninstall["env"]:
+        monkeypatch.setenv(e["name"], e.get("value", "node-1"))
+    run = vars(main._parser().parse_args(["run"]))
+    removes = vars(main._parser().parse_args(["uninstall"]))
+    shared = set(run) & set(removes) - {"command"}
+    assert {"subnet_file", "cni_conf_dir", "cni_conf_name", "ipam_data_dir", "bridge", "node_name"} <= shared
+    assert {k: removes[k] for k in shared} == {k: run[k] for k in shared}
+    assert removes["subnet_file"] == "/run/weft/subnet.env" and removes["ipam_data_dir"] == "/var/lib/cni/networks"
