@@ -20,7 +20,7 @@ DESTDIR ?=
 CNI_BIN_DIR ?= /opt/cni/bin
 CNI_CONF_DIR ?= /etc/cni/net.d
 SOURCES := $(wildcard weftlib/*.py weftlib/*/*.py cni_plugin/*.py ipam/*.py weftd/*.py weftd/*/*.py weftd/*/*/*.py) \
-           packaging/entry.py packaging/bootstrap.py packaging/weft.spec
+           packaging/entry.py packaging/bootstrap.py packaging/weft.spec packaging/check_bundle.py
 # Debian packages every target needs, one a line. Installed with --no-install-recommends (without it
 # apt pulls a kernel image for wireguard).
 DEBS := \
@@ -137,6 +137,7 @@ build: $(BUNDLE)/weft
 $(BUNDLE)/weft-py: $(SOURCES) | $(VENV)/.installed
 	$(VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(DIST) --workpath $(BUILD)/pyinstaller \
 	  packaging/weft.spec
+	$(PY) packaging/check_bundle.py $(BUNDLE) || { rm -f $@; exit 1; }
 	ln -sfn weft-py $(BUNDLE)/weft-ipam
 	ln -sfn weft-py $(BUNDLE)/weftd
 	@touch $@
