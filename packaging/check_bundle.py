@@ -20,6 +20,7 @@ import ast
 import glob
 import json
 import os
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -54,14 +55,15 @@ KINDS = {
         "egress": [{"to": [{"ipBlock": {"cidr": "0.0.0.0/0"}}], "ports": [{"port": 53, "protocol": "UDP"}]}]}}]},
 }
 
-# Run in a fresh interpreter, so that only what Weft's code loads is counted, not this script's own
-# imports: prints each module loaded after start-up as [name, origin], the origin None for a namespace
-# package. Modules made at run time (no spec) have no file to look for; an alias (os.path) counts as
-# the module it names.
+# Run in a fresh interpreter without `site` (python -S: no .pth hooks, which load modules of their own),
+# so that only what Weft's code loads is counted, not this script's imports: prints each module loaded
+# after start-up as [name, origin], the origin None for a namespace package. Modules made at run time
+# (no spec) have no file to look for; an alias (os.path) counts as the module it names.
 EXERCISE = """
-import importlib, json, sys
+import sys
 before = set(sys.modules)
-sys.path.insert(0, sys.argv[1])
+import importlib, json
+sys.path[:0] = json.loads(sys.argv[1])
 todo = json.loads(sys.stdin.read())
 for name in todo["modules"]:
     importlib.import_module(name)
@@ -134,11 +136,9 @@ def loaded_modules() -> list[tuple[str, str | None]]:
     todo = {"modules": weft_modules() + sorted(modules),
             "reads": [[m, n, sorted(attrs)] for (m, n), attrs in sorted(reads.items())],
             "kinds": KINDS}
-    # setuptools' hook in a venv would serve `import distutils` (python-iptables) from setuptools, which
-    # pulls in setuptools and pkg_resources; the bundle has the standard library's.
-    env = {**os.environ, "SETUPTOOLS_USE_DISTUTILS": "stdlib"}
-    p = subprocess.run([sys.executable, "-c", EXERCISE, str(ROOT)], input=json.dumps(todo), capture_output=True,
-                       text=True, env=env, check=False)
+    path = [str(ROOT), *site.getsitepackages()]
+    p = subprocess.run([sys.executable, "-S", "-c", EXERCISE, json.dumps(path)], input=json.dumps(todo),
+                       capture_output=True, text=True, check=False)
     if p.returncode != 0:
         sys.exit(f"check_bundle: running Weft's imports in {sys.executable} failed:\n{p.stderr}")
     return [(name, origin) for name, origin in json.loads(p.stdout)]

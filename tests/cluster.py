@@ -170,9 +170,10 @@ class Cluster:
             return ["--store", "etcd", "--etcd-endpoint", f"http://{ETCD_IP}:2379", "--etcd-ttl",
                     str(self.etcd_ttl)]
         if self.store == "kube":
-            assert self.kubeconfig is not None, "a kube cluster needs KubeAPI.attach and a kubeconfig"
-            # As the manifest runs it: NetworkPolicy from the same API server.
-            return ["--store", "kube", "--kubeconfig", str(self.kubeconfig), "--policy-kube"]
+            # As the manifest runs it: NetworkPolicy from the same API server. Without a kubeconfig, weftd uses
+            # the credentials a pod has (tests/kubeapi's KubeAPI.as_pod gives them).
+            creds = ["--kubeconfig", str(self.kubeconfig)] if self.kubeconfig is not None else []
+            return ["--store", "kube", *creds, "--policy-kube"]
         return file_store(self.dir / "store.json")
 
     etcd_ttl = 30

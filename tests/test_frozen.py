@@ -2,19 +2,29 @@
 
 The chroot test runs the installed binaries in a root that holds the bundle and
 glibc's shared objects and nothing else (no interpreter, no shell), and attaches
-a real pod from there.
+a real pod from there. The frozen weftd runs each subnet store and policy source
+against the real thing: the etcd and kube stores and --policy-kube here, the file
+store with --policy-dir in tests/test_netpol.py (test_frozen_weftd_enforces_policy).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-from tests.cluster import MakeCluster
-from tests.lab import ROOT, Node, install_bundle, ping
+from tests.cluster import Cluster, MakeCluster
+from tests.kubeapi import KubeAPI
+from tests.lab import ROOT, Node, install_bundle, ping, weftd_exe
+from tests.test_etcd import etcd_keys
+from tests.test_kube import join, kube_store_cluster, weft_token  # noqa: F401 - fixtures
+from tests.test_netpol_kube import NP, ApiPods
+from tests.test_weftd import pods_on_every_node_talk
+from weftd.subnet import kube as kube_store
 
 INSTALL = ROOT / "packaging" / "install.sh"
 EXAMPLE_CONFLIST = ROOT / "conf" / "10-weft.conflist"
@@ -160,3 +170,91 @@ def test_frozen_plugin_attaches_a_pod_from_a_root_without_python(bundle: Path, n
     dele = chrooted("DEL")
     assert dele.returncode == 0, dele.stdout + dele.stderr
     assert "eth0" not in pod.links() and not (root / "var/lib/cni/networks/frozen/10.33.0.2").exists()
+
+
+def test_the_bundle_holds_every_module_weft_loads(bundle: Path) -> None:
+    """packaging/check_bundle.py, which `make build` runs, on this bundle: every module Weft's code and
+    its lazy imports load is in it."""
+    out = subprocess.run([sys.executable, str(ROOT / "packaging" / "check_bundle.py"), str(bundle)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def node_subnets(c: Cluster) -> dict[str, str]:
+    """Each node's pod subnet as it wrote it, in its state file and in its conflist (which must agree)."""
+    out = {}
+    for cn in c.nodes.values():
+        subnet = str(ipaddress.ip_interface(cn.state()["WEFT_SUBNET"]).network)
+        ipam = json.loads(cn.conflist.read_text())["plugins"][0]["ipam"]
+        assert ipam["subnet"] == subnet, (cn.name, ipam)
+        out[cn.name] = subnet
+    return out
+
+
+def routes_to_peers(c: Cluster, subnets: dict[str, str]) -> bool:
+    """Whether each node of `subnets` routes to every other one's subnet, and to nothing else."""
+    return all({r["dst"] for r in c.nodes[name].routes()} == {s for peer, s in subnets.items() if peer != name}
+               for name in subnets)
+
+
+def test_frozen_weftd_on_the_etcd_store(make_cluster: MakeCluster, bundle: Path) -> None:
+    """The etcd store (etcd3gw over requests) in the frozen weftd, against a real etcd: each node leases a
+    subnet, writes its conflist and routes to the others'; pods reach each other; the frozen
+    `weftd remove-node` deletes a lease and the others drop its route."""
+    c = make_cluster("vxlan", store="etcd")
+    c.weftd = weftd_exe(bundle)
+    c.start_etcd()
+    n1, _, n3 = c.boot()
+    subnets = node_subnets(c)
+    leases = {str(v["Node"]): k.rsplit("/", 1)[1].replace("-", "/")  # type: ignore[index]
+              for k, v in etcd_keys(c).items() if "/subnets/" in k}
+    assert leases == subnets and len(set(subnets.values())) == 3
+    assert routes_to_peers(c, subnets)
+    pods_on_every_node_talk(c)
+
+    c.stop(n3)
+    n1.ns.run(*c.weftd, "remove-node", "--node-name", "n3", *c.store_args())
+    del subnets["n3"]
+    c.until(lambda: routes_to_peers(c, subnets), 60, "n1 and n2 drop n3's route")
+    assert "n3" not in json.dumps(etcd_keys(c))
+
+
+def test_frozen_weftd_as_the_daemonset_runs_it(kube_api: KubeAPI, make_cluster: MakeCluster,
+                                               weft_token: str, bundle: Path, tmp_path: Path) -> None:  # noqa: F811
+    """The kube store and NetworkPolicy from the API server (--policy-kube) in the frozen weftd, with the
+    credentials the DaemonSet's pods have (conf/kube-weft.yml: its ServiceAccount's token, no kubeconfig):
+    each node takes its Node's podCIDR, writes its conflist, annotates its Node and routes to the other's
+    subnet; a policy from the API server denies, and its deletion allows again."""
+    kube = kube_api
+    with kube_store_cluster(kube, make_cluster, weft_token, "vxlan") as c:
+        c.kubeconfig = None
+        c.weftd = kube.as_pod(weftd_exe(bundle), weft_token, tmp_path / "pod")
+        n1 = join(kube, c, "n1", "10.244.1.0/24")
+        n2 = join(kube, c, "n2", "10.244.2.0/24")
+        subnets = node_subnets(c)
+        assert subnets == {"n1": "10.244.1.0/24", "n2": "10.244.2.0/24"}
+        c.until(lambda: routes_to_peers(c, subnets), 60, "routes between n1 and n2")
+        for cn in (n1, n2):
+            assert kube.node(cn.name)["metadata"]["annotations"][kube_store.ANN_IP] == cn.ip
+
+        pods = ApiPods(kube)
+        for ns in ("x", "y"):
+            kube.create_namespace(ns, {"ns": ns})
+        try:
+            pods.add("x", "a", n1)
+            pods.add("x", "b", n2)
+            pods.add("y", "a", n2)
+            c.until(lambda: pods.table() == pods.everyone(), 60, "every pod reaches every pod")
+            status, obj = kube.request("POST", NP.format("x"), {
+                "metadata": {"name": "from-y"},
+                "spec": {"podSelector": {"matchLabels": {"pod": "a"}},
+                         "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}]}})
+            assert status == 201, obj
+            want = {**pods.everyone(), ("x/b", "x/a"): False}
+            c.until(lambda: pods.table() == want, 60, "x/a reachable only from y", n1)
+            assert kube.request("DELETE", NP.format("x") + "/from-y")[0] == 200
+            c.until(lambda: pods.table() == pods.everyone(), 60, "the policy gone", n1)
+        finally:
+            pods.close()
+            for ns in ("x", "y"):
+                kube.delete_namespace(ns)

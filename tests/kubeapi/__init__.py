@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from kubernetes import client
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from tests.lab import ROOT, Lab, Netns
+from tests.lab import ROOT, SOCKET_DIR, Lab, Netns
 
 KUBE_IP = "192.168.77.3"
 PORT = 6443
@@ -275,6 +276,27 @@ class KubeAPI:
         req = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[],
                                                                                  expiration_seconds=seconds))
         return str(self.core.create_namespaced_service_account_token(service_account, namespace, req).status.token)
+
+    def as_pod(self, exe: list[str], token: str, d: Path) -> list[str]:
+        """`exe` wrapped to run with the credentials kubelet gives a pod: KUBERNETES_SERVICE_HOST and _PORT,
+        and the ServiceAccount's token, the cluster's CA and the namespace where the client looks for them,
+        /var/run/secrets/kubernetes.io/serviceaccount. They are mounted in a mount namespace of the
+        command's own, on a tmpfs over /run, so the machine's /run is untouched; the tests' CNI socket
+        directory is bound back into it."""
+        sa = d / "serviceaccount"
+        keep = d / "run-weft-tests"
+        sa.mkdir(parents=True)
+        keep.mkdir()
+        (sa / "token").write_text(token)
+        (sa / "ca.crt").write_bytes((self.pki / "ca.crt").read_bytes())
+        (sa / "namespace").write_text("kube-weft")
+        sockets, keep_, sa_ = (shlex.quote(str(p)) for p in (SOCKET_DIR, keep, sa))
+        mount = "/run/secrets/kubernetes.io/serviceaccount"
+        script = (f"mkdir -p {sockets} && mount --bind {sockets} {keep_} && mount -t tmpfs weft-pod /run && "
+                  f"mkdir -p {sockets} {mount} && mount --bind {keep_} {sockets} && "
+                  f'mount --bind {sa_} {mount} && exec "$@"')
+        return ["unshare", "--mount", "--propagation", "private", "env", f"KUBERNETES_SERVICE_HOST={KUBE_IP}",
+                f"KUBERNETES_SERVICE_PORT={PORT}", "sh", "-c", script, "sh", *exe]
 
     def create_node(self, name: str, pod_cidrs: list[str], internal_ip: str | None = None) -> dict[str, Any]:
         """A Node as kubelet registers it and the controller-manager gives it podCIDRs."""
