@@ -299,9 +299,9 @@ def declared() -> list[Option]:
     """Every option of every command: weftd's own, each store's and each backend's."""
     from weftd import backend, subnet
 
-    stores = subnet.types()
-    out = [*_core_options(list(stores)), *(o for s in stores.values() for o in s.options), *_common_options(),
-           *_node_options(), *(o for b in backend.types().values() for o in b.options)]
+    stores, backends = sorted(subnet.types().items()), sorted(backend.types().items())  # not in import order
+    out = [*_core_options([name for name, _ in stores]), *(o for _, s in stores for o in s.options),
+           *_common_options(), *_node_options(), *(o for _, b in backends for o in b.options)]
     seen: dict[str, Option] = {}
     for opt in out:
         if seen.setdefault(opt.flag, opt) is not opt:
