@@ -179,6 +179,12 @@ def test_run_refuses_bad_files_and_addresses_in_one_line(setup: Setup) -> None:
     assert "--policy-dir '/nonexistent' does not exist" in one_line_refusal(setup, "run", "--policy-dir=/nonexistent")
     assert "--kubeconfig '/nonexistent/kc' does not exist" in one_line_refusal(setup, "run",
                                                                                "--kubeconfig=/nonexistent/kc")
+    garbage = d / "kubeconfig"
+    garbage.write_text("clusters: [\n")
+    assert "--policy-kube: kube credentials: ParserError" in one_line_refusal(
+        setup, "run", f"--kubeconfig={garbage}", "--policy-kube")
+    assert f"kube credentials from --kubeconfig {garbage}: ParserError" in one_line_refusal(
+        setup, "run", f"--kubeconfig={garbage}", "--store=kube")
     assert "--iface nosuch0: no such interface" in one_line_refusal(setup, "run", "--iface=nosuch0", seeds_store=True)
     assert "--public-ip 10.9.9.9: eth0 does not hold it" in one_line_refusal(setup, "run", "--public-ip=10.9.9.9",
                                                                              seeds_store=True)

@@ -73,7 +73,8 @@ def _policy(args: argparse.Namespace, paths: Paths, metrics: Metrics) -> PolicyE
         try:
             source: Source = KubeSource(args.kubeconfig)
         except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
-            raise ConfigError(f"--policy-kube: kube credentials: {type(e).__name__}: {e}") from None
+            said = " ".join(str(e).split())  # a YAML error spans lines
+            raise ConfigError(f"--policy-kube: kube credentials: {type(e).__name__}: {said}") from None
     else:
         from weftd.policy.source import DirSource
 

@@ -138,7 +138,10 @@ class KubeStore(SubnetStore):
                 else:
                     config.load_kube_config(config_file=kubeconfig)
             except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
-                raise StoreError(f"kube credentials: {type(e).__name__}: {e}") from None
+                where = (f"from --kubeconfig {kubeconfig}" if kubeconfig
+                         else "(no --kubeconfig given, and not in a cluster)")
+                said = " ".join(str(e).split())  # a YAML error spans lines
+                raise StoreError(f"kube credentials {where}: {type(e).__name__}: {said}") from None
             api = client.CoreV1Api()
         self.api = api
         self._nodes: dict[str, dict[str, Any]] = {}
