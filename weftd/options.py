@@ -321,7 +321,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _help(opt: Option) -> str:
-    return f"{opt.help} (default: {opt.describe_default()}; env {opt.env})".replace("%", "%%")
+    return f"{opt.help} (default: {opt.describe_default()}; env {', '.join(opt.variables)})".replace("%", "%%")
 
 
 def parser(options: Sequence[Option], version: str) -> argparse.ArgumentParser:
@@ -338,7 +338,7 @@ def parser(options: Sequence[Option], version: str) -> argparse.ArgumentParser:
                 sp.add_argument(opt.flag, nargs="?", const="true", metavar="true|false", help=_help(opt))
             else:
                 sp.add_argument(opt.flag, metavar=metavar, help=_help(opt))
-    sub.add_parser("version", help="print weftd's version", description="Print weftd's version.")
+    sub.add_parser("version", help="print weftd's version", description="Print weftd's version.", allow_abbrev=False)
     return p
 
 
@@ -381,8 +381,9 @@ def unknown_variables(options: Iterable[Option], environ: Mapping[str, str]) -> 
 
 def parse(argv: Sequence[str], environ: Mapping[str, str],
           version: str) -> tuple[argparse.Namespace, dict[str, str]]:
-    """weftd's command line and environment. Exits for --help, --version and bad flags (status 2);
-    raises OptionError for a bad variable."""
+    """weftd's command line and environment. Exits for --help, --version and a command line argparse
+    refuses (unknown flag, missing value: status 2); raises OptionError for a value weftd cannot use,
+    naming its flag or variable."""
     options = declared()
     given = parser(options, version).parse_args(argv)
     if given.command == "version":

@@ -133,7 +133,8 @@ def test_help_shows_every_default_and_variable(capsys: pytest.CaptureFixture[str
             options.parse([command, "--help"], {}, "test")
         out = " ".join(capsys.readouterr().out.split())
         for opt in options.for_command(options.declared(), command):
-            assert f"default: {' '.join(opt.describe_default().split())}; env {opt.env})" in out, opt.flag
+            variables = ", ".join(opt.variables)
+            assert f"default: {' '.join(opt.describe_default().split())}; env {variables})" in out, opt.flag
 
 
 def test_version_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -201,17 +202,26 @@ def test_no_flag_is_declared_twice(monkeypatch: pytest.MonkeyPatch) -> None:
         options.declared()
 
 
-def test_the_manifest_sets_only_declared_variables_to_values_they_take() -> None:
-    docs = [d for d in yaml.safe_load_all((ROOT / "conf" / "kube-weft.yml").read_text()) if d]
+@pytest.mark.parametrize("manifest", ["kube-weft.yml", "kube-weft-uninstall.yml"])
+def test_the_manifests_set_only_declared_variables_to_values_they_take(manifest: str) -> None:
+    """Each container that runs weftd: every WEFTD_ variable it sets is an option's, and those of the
+    command it runs parse (a variable of another command is ignored by this one: uninstall runs with
+    weftd's whole environment)."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "conf" / manifest).read_text()) if d]
     (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
-    (weftd,) = ds["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e.get("value") for e in weftd["env"]}
-    by_var = {v: o for o in options.for_command(options.declared(), "run") for v in o.variables}
-    for var, value in env.items():
-        assert var in by_var, var
-        if value is not None and not by_var[var].parse.__name__.startswith("existing"):
-            by_var[var].convert(value)
-    assert by_var["WEFTD_POLICY_KUBE"].convert(env["WEFTD_POLICY_KUBE"]) is True
+    spec = ds["spec"]["template"]["spec"]
+    runs = [c for c in spec.get("initContainers", []) + spec["containers"] if c["command"][0].endswith("/weftd")]
+    assert runs
+    declared = options.declared()
+    for container in runs:
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert not options.unknown_variables(declared, env)
+        by_var = {v: o for o in options.for_command(declared, container["command"][1]) for v in o.variables}
+        for var, value in env.items():
+            if var in by_var and value is not None and not by_var[var].parse.__name__.startswith("existing"):
+                by_var[var].convert(value)
+        if container["command"][1] == "run":
+            assert by_var["WEFTD_POLICY_KUBE"].convert(env["WEFTD_POLICY_KUBE"]) is True
 
 
 def test_readme_carries_the_generated_reference() -> None:
