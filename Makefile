@@ -85,7 +85,7 @@ NEEDS := \
 # (tests/kubeapi/build.sh), or the one WEFT_KUBE_APISERVER names (another checkout's, say).
 KUBE_APISERVER_LINK := $(BUILD)/kube-apiserver/current/kube-apiserver
 
-.PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint demo bench clean fresh-check
+.PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint docs demo bench clean fresh-check
 
 all: venv
 
@@ -177,6 +177,10 @@ lint: venv
 	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py
 	$(VENV)/bin/mypy weftlib cni_plugin ipam weftd
 	$(VENV)/bin/lint-imports
+
+# README.md's table of weftd's flags and variables, from their declarations (weftd/options.py).
+docs: venv
+	$(PY) -m weftd.options --readme README.md
 
 demo: deps venv cnidrive shim
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo

@@ -47,4 +47,5 @@ def _lazy_pyroute2() -> None:
 
 def main() -> None:
     _lazy_pyroute2()
-    sys.exit(skel.run(PLUGIN, HANDLERS))
+    sys.exit(skel.run(PLUGIN, HANDLERS, "Weft's CNI plugin: attaches a pod to the node bridge (the bridge "
+                                        "plugin's config), handing the work to weftd when it runs."))

@@ -136,4 +136,5 @@ HANDLERS = {command: _handler(command) for command in ("ADD", "DEL", "CHECK", "G
 
 
 def main() -> None:
-    sys.exit(skel.run(PLUGIN, HANDLERS))
+    sys.exit(skel.run(PLUGIN, HANDLERS, "Weft's IPAM plugin: pod addresses from the ranges of its config "
+                                        "(host-local's config and data directory)."))

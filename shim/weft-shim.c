@@ -174,11 +174,13 @@ static int scan_config(const char *const keys[2], char vals[2][108], int found[2
 }
 
 int main(int argc, char **argv) {
-    (void)argc;
     char self[PATH_MAX];
     ssize_t n = readlink("/proc/self/exe", self, sizeof self - 1);
     if (n > 0) self[n] = 0;
     else if (!realpath(argv[0], self)) snprintf(self, sizeof self, "%s", argv[0]);
+    /* A runtime passes no arguments: these are a person asking, and the plugin prints its usage. */
+    if (argc > 1 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") || !strcmp(argv[1], "--version")))
+        run_local(argv, self);
     while (config_len < sizeof config && (n = read(0, config + config_len, sizeof config - config_len)) != 0) {
         if (n < 0 && errno != EINTR) break;
         if (n > 0) config_len += (size_t)n;

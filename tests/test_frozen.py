@@ -25,6 +25,7 @@ from tests.test_kube import join, kube_store_cluster, weft_token  # noqa: F401 -
 from tests.test_netpol_kube import NP, ApiPods
 from tests.test_weftd import pods_on_every_node_talk
 from weftd.subnet import kube as kube_store
+from weftlib.version import version
 
 INSTALL = ROOT / "packaging" / "install.sh"
 EXAMPLE_CONFLIST = ROOT / "conf" / "10-weft.conflist"
@@ -55,6 +56,13 @@ def test_install_is_idempotent_and_uninstall_removes_only_its_own(bundle: Path, 
               CNI_CONTAINERID="c", CNI_NETNS="/proc/self/ns/net", CNI_IFNAME="eth0")
     assert out.returncode == 1 and "range" in json.loads(out.stdout)["details"].lower()
     assert "usage: weftd" in subprocess.run([str(bindir / "weftd"), "--help"], capture_output=True, text=True).stdout
+    # The version is pyproject.toml's, from the package metadata the bundle carries.
+    assert subprocess.run([str(bindir / "weftd"), "--version"], capture_output=True, text=True).stdout == \
+        f"weftd {version()}\n"
+    for plugin in ("weft", "weft-ipam"):  # `weft`, the shim, execs weft-py for it
+        usage = subprocess.run([str(cnibin / plugin), "--help"], stdin=subprocess.PIPE, capture_output=True,
+                               text=True, timeout=30).stdout
+        assert usage.startswith("usage: weft-") and f"(Weft {version()})" in usage, usage
 
     subprocess.run(["sh", str(INSTALL), "remove", str(lib), str(cnibin), str(bindir)], check=True,
                    capture_output=True)

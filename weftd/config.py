@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,9 +18,6 @@ if TYPE_CHECKING:
 
 class ConfigError(Exception):
     pass
-
-
-Env = Callable[[str, Any], Any]  # a command-line flag's default from the environment (WEFTD_<FLAG>)
 
 
 @dataclass(frozen=True)
@@ -44,6 +41,11 @@ class FamilyConfig:
         raw = lookup_ci(d, key)
         if raw is None:
             raise ConfigError(f"{key} is required" + ("" if version == 4 else " when EnableIPv6 is true"))
+        example = "10.244.0.0/16" if version == 4 else "fd00:10:244::/56"
+        if not isinstance(raw, str):
+            raise ConfigError(f"{key} {raw!r} must be a CIDR string such as {example!r}")
+        if "/" not in raw:
+            raise ConfigError(f"{key} {raw!r} has no prefix length: write it as a CIDR such as {example!r}")
         try:
             network = netaddr.IPNetwork(raw)
         except (netaddr.AddrFormatError, TypeError, ValueError) as e:
@@ -73,8 +75,14 @@ class FamilyConfig:
             raw = lookup_ci(d, f"{pre}{name}")
             if raw is None:
                 return default
+            if not isinstance(raw, str):
+                raise ConfigError(f"{pre}{name} {raw!r} must be an address string")
+            addr, _, plen = raw.partition("/")
+            if plen and plen != str(subnet_len):
+                raise ConfigError(f"{pre}{name} {raw!r} has prefix length /{plen}, but {pre}SubnetLen is "
+                                  f"{subnet_len}: give the address alone")
             try:
-                ip = netaddr.IPAddress(raw.split("/")[0] if isinstance(raw, str) else raw)
+                ip = netaddr.IPAddress(addr)
             except (netaddr.AddrFormatError, TypeError, ValueError) as e:
                 raise ConfigError(f"{pre}{name} {raw!r} is not an address: {e}") from None
             sn = netaddr.IPNetwork((int(ip), subnet_len), version=version) if ip.version == version else None
@@ -138,6 +146,8 @@ class NetworkConfig:
             return cls.parse(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as e:
             raise ConfigError(f"reading network config {path}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"network config {path}: {e}") from None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"EnableIPv4": self.ipv4 is not None, "EnableIPv6": self.ipv6 is not None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -9,10 +10,14 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from weftlib.version import version
+
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        Gauge("weft_build_info", "1, labelled with the running weftd's version", ["version"],
+              registry=r).labels(version=version()).set(1)
         self.peers = Gauge("weft_peers", "Peers known from the store", registry=r)
         self.routes = Gauge("weft_routes", "Routes to peer subnets programmed by weftd", registry=r)
         self.neighbours = Gauge("weft_neighbours", "Permanent neighbour entries on the VTEP", registry=r)
@@ -71,8 +76,9 @@ class Health:
             return True, "ok"
 
 
-def serve(addr: str, metrics: Metrics, health: Health) -> ThreadingHTTPServer:
-    host, _, port = addr.rpartition(":")
+def serve(addr: tuple[str, int], metrics: Metrics, health: Health) -> ThreadingHTTPServer:
+    """Serves /metrics and /healthz on (host, port); host '' for every address."""
+    host, port = addr
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -93,6 +99,9 @@ def serve(addr: str, metrics: Metrics, health: Health) -> ThreadingHTTPServer:
         def log_message(self, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer((host or "0.0.0.0", int(port)), Handler)
+    class Server(ThreadingHTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host or "0.0.0.0", port), Handler)
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

@@ -193,17 +193,16 @@ def test_uninstall_manifest_matches_the_install_one() -> None:
     assert done["command"] == ["sleep", "infinity"] and "readinessProbe" not in done
 
 
-def test_uninstall_resolves_the_names_weftd_run_uses(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_uninstall_resolves_the_names_weftd_run_uses() -> None:
     """With the manifest's environment, every setting `weftd uninstall` shares with `weftd run` has the
     same value: the paths, the bridge, the device names."""
-    from weftd import main
+    from weftd import options
 
     (ds,) = docs(UNINSTALL)
     uninstall = ds["spec"]["template"]["spec"]["initContainers"][0]
-    for e in uninstall["env"]:
-        monkeypatch.setenv(e["name"], e.get("value", "node-1"))
-    run = vars(main._parser().parse_args(["run"]))
-    removes = vars(main._parser().parse_args(["uninstall"]))
+    env = {e["name"]: e.get("value", "node-1") for e in uninstall["env"]}
+    run = vars(options.parse(["run"], env, "test")[0])
+    removes = vars(options.parse(["uninstall"], env, "test")[0])
     shared = set(run) & set(removes) - {"command"}
     assert {"subnet_file", "cni_conf_dir", "cni_conf_name", "ipam_data_dir", "bridge", "node_name"} <= shared
     assert {k: removes[k] for k in shared} == {k: run[k] for k in shared}

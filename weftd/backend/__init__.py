@@ -27,8 +27,9 @@ import netaddr
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
-from weftd.config import ConfigError, Env
+from weftd.config import ConfigError
 from weftd.lease import Attrs, Lease
+from weftd.options import Option
 from weftlib.gojson import lookup_ci
 from weftlib.kernel.rtnl import (
     IFINFOMSG,
@@ -142,14 +143,14 @@ def find_underlay(ipr: IPRoute, iface: str | None = None, public_ip: str | None 
     if iface:
         found = ipr.link_lookup(ifname=iface)
         if not found:
-            raise BackendError(f"interface {iface} does not exist")
+            raise BackendError(f"--iface {iface}: no such interface")
         index = found[0]
     elif any(wanted[v] for v in versions):
         v = next(v for v in versions if wanted[v])
         index = next((i for i, a in _global_addresses(ipr, v) if netaddr.IPAddress(a) == netaddr.IPAddress(wanted[v])),
                      None)
         if index is None:
-            raise BackendError(f"no interface holds {wanted[v]}")
+            raise BackendError(f"{'--public-ip' if v == 4 else '--public-ipv6'} {wanted[v]}: no interface holds it")
     else:
         for v in versions:
             for r in ipr.get_routes(family=_AF[v], table=MAIN_TABLE):
@@ -168,7 +169,8 @@ def find_underlay(ipr: IPRoute, iface: str | None = None, public_ip: str | None 
         addrs = [netaddr.IPAddress(a) for _, a in _global_addresses(ipr, v, index)]
         if wanted[v]:
             if netaddr.IPAddress(wanted[v]) not in addrs:
-                raise BackendError(f"{name} does not hold {wanted[v]}")
+                raise BackendError(f"{'--public-ip' if v == 4 else '--public-ipv6'} {wanted[v]}: {name} does not "
+                                   "hold it")
             got[v] = netaddr.IPAddress(wanted[v])
         elif addrs:
             got[v] = addrs[0]
@@ -396,16 +398,14 @@ C = TypeVar("C", bound=BackendConfig)
 class Backend(ABC, Generic[C]):
     type: ClassVar[str]
     config_type: ClassVar[builtins.type[BackendConfig]] = BackendConfig
+    # The backend's own options, for `weftd run` and `weftd uninstall` (every backend's are accepted).
+    options: ClassVar[tuple[Option, ...]] = ()
 
     def __init__(self, ipr: IPRoute, cfg: C, underlay: Underlay, published: Attrs | None = None) -> None:
         """`published`: what this node published with its lease before this start, if anything."""
         self.ipr = ipr
         self.cfg = cfg
         self.underlay = underlay
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
-        """Adds the backend's own flags to `weftd run` and `weftd uninstall` (every backend's are accepted)."""
 
     @classmethod
     def create(cls, ipr: IPRoute, network: NetworkConfig, underlay: Underlay, published: Attrs | None,

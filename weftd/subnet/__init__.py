@@ -1,7 +1,7 @@
 """Subnet stores: where a node gets its pod subnet lease and learns every peer's (Flannel's subnet.Manager).
 
 Each store is one module of this package that registers its class with `@register`; the class
-names itself (`--store NAME`), declares its own command-line flags and builds itself from them.
+names itself (`--store NAME`), declares its own options (weftd.options) and builds itself from them.
 Adding a store is adding a module here.
 """
 
@@ -17,6 +17,7 @@ import netaddr
 
 from weftd.config import FamilyConfig, NetworkConfig
 from weftd.lease import Attrs, Lease
+from weftd.options import Option
 from weftlib.registry import import_modules
 
 log = logging.getLogger("weftd.subnet")
@@ -26,18 +27,17 @@ class StoreError(Exception):
     """The store could not be reached or read. The daemon keeps its last good view and retries."""
 
 
-Env = Callable[[str, Any], Any]  # a flag's default from the environment (WEFTD_<FLAG>)
+class NoNetworkConfig(StoreError):
+    """The store holds no network config, and none was given to seed it with."""
 
 
 class SubnetStore(ABC):
     """The interface weftd's daemon and commands use. Every method may raise StoreError."""
 
     name: ClassVar[str]
+    # The store's own options, for every command (every store's are accepted, whichever is chosen).
+    options: ClassVar[tuple[Option, ...]] = ()
     network: NetworkConfig
-
-    @classmethod  # noqa: B027 - a store without flags of its own needs nothing here
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
-        """Adds the store's own flags (every store's are accepted, whichever is chosen)."""
 
     @classmethod
     @abstractmethod

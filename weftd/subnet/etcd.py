@@ -19,7 +19,8 @@ import netaddr
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, LeaseCache, StoreError, SubnetStore, allocate, log, register
+from weftd.options import ALL, Option, integer, key_prefix, url
+from weftd.subnet import LeaseCache, NoNetworkConfig, StoreError, SubnetStore, allocate, log, register
 
 if TYPE_CHECKING:
     from etcd3gw.lease import Lease as EtcdLease
@@ -48,12 +49,14 @@ def subnets_from_key(key: str) -> tuple[str | None, str | None]:
 @register
 class EtcdStore(SubnetStore):
     name = "etcd"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
-        parser.add_argument("--etcd-endpoint", default=env("etcd-endpoint", "http://127.0.0.1:2379"))
-        parser.add_argument("--etcd-prefix", default=env("etcd-prefix", DEFAULT_PREFIX))
-        parser.add_argument("--etcd-ttl", type=int, default=int(env("etcd-ttl", DEFAULT_TTL)))
+    options = (
+        Option("--etcd-endpoint", "etcd store: the etcd server's URL (its v3 JSON gateway)", ALL, url,
+               default="http://127.0.0.1:2379", metavar="URL"),
+        Option("--etcd-prefix", "etcd store: the key prefix (PREFIX/config, PREFIX/subnets/...)", ALL, key_prefix,
+               default=DEFAULT_PREFIX, metavar="PREFIX"),
+        Option("--etcd-ttl", "etcd store: the lease TTL in seconds, renewed at a third of it", ALL,
+               integer(1, 2**31 - 1), default=str(DEFAULT_TTL), metavar="SECONDS"),
+    )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> EtcdStore:
@@ -90,7 +93,7 @@ class EtcdStore(SubnetStore):
         got = self._call("get config", self.client.get, key)
         if not got:
             if network is None:
-                raise StoreError(f"etcd has no network config at {key} and none was given")
+                raise NoNetworkConfig(f"etcd has no network config at {key}")
             self._call("create config", self.client.create, key, json.dumps(network.to_json()))
             got = self._call("get config", self.client.get, key)
         try:

@@ -15,18 +15,16 @@ from typing import Any
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, LeaseCache, StoreError, SubnetStore, allocate, log, register
+from weftd.options import ALL, Option, path
+from weftd.subnet import LeaseCache, NoNetworkConfig, StoreError, SubnetStore, allocate, log, register
 from weftlib.kernel import files
 
 
 @register
 class FileStore(SubnetStore):
     name = "file"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
-        parser.add_argument("--store-path", default=env("store-path", "/var/lib/weft/store.json"),
-                            help="file store: the shared JSON file")
+    options = (Option("--store-path", "file store: the shared JSON file", ALL, path,
+                      default="/var/lib/weft/store.json", metavar="FILE"),)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> FileStore:
@@ -40,7 +38,7 @@ class FileStore(SubnetStore):
             data = self._read()
             if "config" not in data:
                 if network is None:
-                    raise StoreError(f"{self.path} holds no network config and none was given")
+                    raise NoNetworkConfig(f"{self.path} holds no network config")
                 data["config"] = network.to_json()
                 data.setdefault("leases", {})
                 self._write(data)

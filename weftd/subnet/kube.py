@@ -24,7 +24,8 @@ import netaddr
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.subnet import Env, LeaseCache, StoreError, Subnets, SubnetStore, log, register
+from weftd.options import ALL, Option, existing_file
+from weftd.subnet import LeaseCache, StoreError, Subnets, SubnetStore, log, register
 
 PREFIX = "weft.dev"
 ANN_MANAGED = f"{PREFIX}/kube-subnet-manager"
@@ -113,10 +114,9 @@ def lease_from_node(node: dict[str, Any], network: NetworkConfig) -> Lease | Non
 @register
 class KubeStore(SubnetStore):
     name = "kube"
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
-        parser.add_argument("--kubeconfig", default=env("kubeconfig", None))
+    options = (Option("--kubeconfig", "kube store and --policy-kube: the API server's kubeconfig", ALL,
+                      existing_file, shown_default="in-cluster (the pod's service account), else ~/.kube/config",
+                      metavar="FILE"),)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> KubeStore:
@@ -138,7 +138,10 @@ class KubeStore(SubnetStore):
                 else:
                     config.load_kube_config(config_file=kubeconfig)
             except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
-                raise StoreError(f"kube credentials: {type(e).__name__}: {e}") from None
+                where = (f"from --kubeconfig {kubeconfig}" if kubeconfig
+                         else "(no --kubeconfig given, and not in a cluster)")
+                said = " ".join(str(e).split())  # a YAML error spans lines
+                raise StoreError(f"kube credentials {where}: {type(e).__name__}: {said}") from None
             api = client.CoreV1Api()
         self.api = api
         self._nodes: dict[str, dict[str, Any]] = {}

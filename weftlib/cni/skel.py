@@ -201,6 +201,24 @@ def invoke(plugin: str, handlers: Mapping[str, Handler], raw: bytes, environ: Ma
                        log_failure(plugin, e, log_file))
 
 
-def run(plugin: str, handlers: Mapping[str, Handler]) -> int:
-    """Runs the invocation this process was started for; returns the exit status."""
+HELP_ARGS = ("-h", "--help", "--version")
+
+
+def usage(prog: str, about: str) -> str:
+    """What `PROG --help` prints: a runtime never passes arguments, so a person is asking."""
+    from weftlib.version import version
+
+    return (f"usage: {prog} (Weft {version()}): {about}\n"
+            "A CNI plugin, which the container runtime runs: CNI_COMMAND (ADD, DEL, CHECK, GC, STATUS or VERSION), "
+            "CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and CNI_PATH in the environment, the network config on stdin, "
+            "the result or a CNI error as JSON on stdout.\n"
+            f"Try: CNI_COMMAND=VERSION {prog} </dev/null\n")
+
+
+def run(plugin: str, handlers: Mapping[str, Handler], about: str = "") -> int:
+    """Runs the invocation this process was started for; returns the exit status. With -h, --help or
+    --version as its argument (a runtime passes none), prints the usage instead."""
+    if len(sys.argv) > 1 and sys.argv[1] in HELP_ARGS:
+        sys.stdout.write(usage(os.path.basename(sys.argv[0]), about))
+        return 0
     return invoke(plugin, handlers, read_stdin(), os.environ).deliver()

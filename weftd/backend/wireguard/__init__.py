@@ -35,8 +35,9 @@ from weftd.backend.wireguard.config import WireGuardConfig
 from weftd.backend.wireguard.device import Device, NotSupported, valid_ifname
 from weftd.backend.wireguard.keys import KEY_FILE, KeyPair, load_or_create
 from weftd.backend.wireguard.peers import Desired, PeerConfig, RemovePeer, SetPeer, desired_peers, plan
-from weftd.config import ConfigError, Env, NetworkConfig
+from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease
+from weftd.options import NODE, Option, ifname, path
 from weftlib.kernel.netlink import ignore_errno, kind
 
 log = logging.getLogger("weftd.wireguard")
@@ -125,20 +126,17 @@ def plan_tunnels(cfg: WireGuardConfig, versions: tuple[int, ...]) -> list[tuple[
 class WireGuard(Backend[WireGuardConfig]):
     type = "wireguard"
     config_type = WireGuardConfig
-
-    @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, env: Env) -> None:
-        parser.add_argument("--state-dir", default=env("state-dir", "/var/lib/weft"),
-                            help="weftd's persistent state (the WireGuard key); not a tmpfs, so it survives reboots")
-        parser.add_argument("--wireguard-device", default=env("wireguard-device", DEFAULT_DEVICE),
-                            help="wireguard backend: the device name; unique on the host (wireguard-go's control "
-                                 "sockets are shared by all network namespaces)")
-        parser.add_argument("--wireguard-device-v6", default=env("wireguard-device-v6", ""),
-                            help="wireguard backend, Mode separate: the IPv6 device's name (default: the "
-                                 "device's name and -v6)")
-        parser.add_argument("--wireguard-implementation", choices=IMPLEMENTATIONS,
-                            default=env("wireguard-implementation", "auto"),
-                            help="wireguard backend: the kernel module where it exists (auto), or wireguard-go")
+    options = (
+        Option("--state-dir", "weftd's persistent state (the WireGuard key); not a tmpfs, so it survives reboots",
+               NODE, path, default="/var/lib/weft", metavar="DIR"),
+        Option("--wireguard-device", "wireguard backend: the device name; unique on the host (wireguard-go's "
+               "control sockets are shared by all network namespaces)", NODE, ifname, default=DEFAULT_DEVICE,
+               metavar="NAME"),
+        Option("--wireguard-device-v6", "wireguard backend, Mode separate: the IPv6 device's name", NODE, ifname,
+               shown_default="the --wireguard-device name and -v6", metavar="NAME"),
+        Option("--wireguard-implementation", "wireguard backend: the kernel module where it exists (auto), or "
+               "wireguard-go (userspace)", NODE, default="auto", choices=IMPLEMENTATIONS),
+    )
 
     @classmethod
     def create(cls, ipr: IPRoute, network: NetworkConfig, underlay: Underlay, published: Attrs | None,
@@ -152,9 +150,13 @@ class WireGuard(Backend[WireGuardConfig]):
                 if mode == f"ipv{v}" and underlay.address(v) is None:
                     raise ConfigError(f"Backend.Mode {cfg.mode} reaches peers over IPv{v}, but the underlay "
                                       f"{underlay.ifname} has no IPv{v} address in use")
-        keys = load_keys(Path(args.state_dir))
         v6_name = args.wireguard_device_v6 or f"{args.wireguard_device}-v6"
         names = [v6_name if cfg.mode == "separate" and fams == (6,) else args.wireguard_device for _, fams, _ in plan]
+        for name in names:  # all of them before the first device is made
+            if not valid_ifname(name):
+                raise ConfigError(f"WireGuard device name {name!r} is not a valid interface name (1-15 bytes): "
+                                  "set --wireguard-device-v6")
+        keys = load_keys(Path(args.state_dir))
         tunnels = []
         for name, (port, fams, mode) in zip(names, plan, strict=True):
             device = open_device(ipr, name, args.wireguard_implementation)
