@@ -181,7 +181,7 @@ def test_run_refuses_bad_files_and_addresses_in_one_line(setup: Setup) -> None:
                                                                                "--kubeconfig=/nonexistent/kc")
     garbage = d / "kubeconfig"
     garbage.write_text("clusters: [\n")
-    assert "--policy-kube: kube credentials: ParserError" in one_line_refusal(
+    assert f"--policy-kube: kube credentials from --kubeconfig {garbage}: ParserError" in one_line_refusal(
         setup, "run", f"--kubeconfig={garbage}", "--policy-kube")
     assert f"kube credentials from --kubeconfig {garbage}: ParserError" in one_line_refusal(
         setup, "run", f"--kubeconfig={garbage}", "--store=kube")

@@ -196,7 +196,7 @@ def test_kube_store_end_to_end(kube_api: KubeAPI, kube_cluster: Cluster) -> None
     seen = {cn.name: len(cn.log.read_text()) for cn in (n1, n2)}
     kube.stop_server()
     for cn in (n1, n2):  # weftd's watch fails and retries against a closed port
-        c.until(lambda cn=cn: "kube watch: " in cn.log.read_text()[seen[cn.name]:], 60,
+        c.until(lambda cn=cn: "Node list/watch: " in cn.log.read_text()[seen[cn.name]:], 60,
                 f"{cn.name}'s watch failing while the API server is away", cn)
     assert peer_routes(n1) == {"10.244.2.0/24"}, "routes must stay while the API server is away"
     kube.start()

@@ -19,6 +19,7 @@ from weftd.config import Paths
 from weftd.lease import Lease
 from weftd.metrics import Health, Metrics
 from weftd.netfilter import Rules
+from weftd.retry import Retry, Stopped
 from weftd.subnet import StoreError, SubnetStore
 from weftlib.kernel import sysctl
 
@@ -42,23 +43,22 @@ class Daemon:
     portmap: bool = True
     bridge: str = DEFAULT_BRIDGE
     policy: PolicyEngine | None = None
-    stop: threading.Event = field(init=False, default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # weftd's: every wait and retry ends when set
     own: Lease | None = field(init=False, default=None)
     peers: list[Lease] = field(init=False, default_factory=list)
     announced: bool = field(init=False, default=False)  # the store has been told this node's network is up
 
     def start(self) -> None:
-        """Blocks until the node is ready: lease, backend, NAT, peers programmed, config written."""
-        while not self.stop.is_set():
+        """Blocks until the node is ready: lease, backend, NAT, peers programmed, config written. Raises Stopped if
+        `stop` is set first."""
+        retry = Retry("acquiring this node's lease", self.stop, log)
+        while self.own is None:
             try:
                 self.own = self.store.acquire(self.node, self.backend.attrs())
-                break
             except StoreError as e:
                 self.health.failed(str(e))
-                log.error("acquiring a lease: %s; retrying", e)
-                self.stop.wait(1.0)
-        if self.own is None:
-            return
+                retry.pause(e)
+        retry.ok()
         log.info("node %s: subnet %s, backend %s, MTU %d", self.node, " ".join(map(str, self.own.subnets)),
                  self.backend.type, self.backend.mtu())
         self.backend.setup(self.own)
@@ -69,8 +69,12 @@ class Daemon:
         sysctl.write("/proc/sys/net/ipv4/ip_forward", "1", missing_ok=False)
         if self.store.network.ipv6 is not None:
             sysctl.write("/proc/sys/net/ipv6/conf/all/forwarding", "1", missing_ok=False)
-        while not self.stop.is_set() and not self.reconcile():
-            self.stop.wait(1.0)
+        retry = Retry("programming this node's routes", self.stop, log)
+        while (error := self.reconcile()) is not None:
+            retry.pause(error)
+        retry.ok()
+        if self.stop.is_set():
+            raise Stopped
         self.publish()
         self.health.ready = True
         log.info("ready: wrote %s and %s", self.paths.subnet_file, self.paths.conflist)
@@ -99,7 +103,9 @@ class Daemon:
             self.metrics.node_config_repairs.labels(path.name).inc()
             log.warning("repaired drift: %s did not hold what weftd wrote; wrote it again", path)
 
-    def reconcile(self) -> bool:
+    def reconcile(self) -> str | None:
+        """One round: the kernel made to match the store. None if it succeeded, else what failed (counted in the
+        metrics and health; the caller retries)."""
         assert self.own is not None
         t = time.perf_counter()
         try:
@@ -121,17 +127,15 @@ class Daemon:
             self.metrics.store_up.set(0)
             self.metrics.reconcile_errors.labels("store").inc()
             self.health.failed(str(e))
-            log.error("store: %s; keeping the last good state", e)
-            return False
+            return f"{e}; keeping the last good state"
         try:
             stats = self.backend.reconcile(self.own, self.peers)
             if self.rules.ensure():
                 log.info("netfilter rules restored")
-        except Exception as e:  # noqa: BLE001 - log, count, retry at the next round
+        except Exception as e:  # noqa: BLE001 - count, retry at the next round
             self.metrics.reconcile_errors.labels("kernel").inc()
             self.health.failed(f"kernel: {e}")
-            log.error("reconcile: %s", e)
-            return False
+            return f"kernel: {e}"
         took = time.perf_counter() - t
         m = self.metrics
         m.reconcile.observe(took)
@@ -152,22 +156,37 @@ class Daemon:
             except StoreError as e:
                 log.error("announcing the network is up: %s; retrying", e)
         self.health.ok()
-        return True
+        return None
 
     def run(self) -> None:
-        self.start()
-        while not self.stop.is_set():
-            self.store.wait(self.resync)
-            if self.stop.is_set():
-                break
-            try:
-                if self.store.renew():
-                    self.metrics.renewals.inc()
-            except StoreError as e:
-                self.metrics.reconcile_errors.labels("renew").inc()
-                log.error("renewing the lease: %s", e)
-            self.reconcile()
-            self.repair_node_config()
-        self.store.close()
-        self.backend.close()
+        """start(), then a round at every change of the store and every `resync` seconds (sooner, with backoff,
+        after a failed one) until `stop` is set."""
+        try:
+            self.start()
+            rounds = Retry("reconciling", self.stop, log)
+            renewals = Retry("renewing the lease", self.stop, log)
+            wait = self.resync
+            while not self.stop.is_set():
+                self.store.wait(wait)
+                if self.stop.is_set():
+                    break
+                try:
+                    if self.store.renew():
+                        self.metrics.renewals.inc()
+                    renewals.ok()
+                except StoreError as e:
+                    self.metrics.reconcile_errors.labels("renew").inc()
+                    renewals.failed(e)
+                error = self.reconcile()
+                if error is None:
+                    rounds.ok()
+                    wait = self.resync
+                else:
+                    wait = min(self.resync, rounds.failed(error))
+                self.repair_node_config()
+        except Stopped:
+            pass
+        finally:
+            self.store.close()
+            self.backend.close()
         log.info("stopped; kernel state left in place so pod traffic keeps flowing")

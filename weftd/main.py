@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 import logging
 import os
-import signal
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,9 +35,14 @@ def _network(args: argparse.Namespace, origins: Origins) -> NetworkConfig | None
     return NetworkConfig.load(args.net_conf)
 
 
-def _store(args: argparse.Namespace, network: NetworkConfig | None) -> subnet.SubnetStore:
+def _store(args: argparse.Namespace, network: NetworkConfig | None,
+           stop: threading.Event | None = None) -> subnet.SubnetStore:
+    """The store the options name; with weftd's `stop`, connected (SubnetStore.connect: it may wait for the store)."""
     try:
-        return subnet.types()[args.store].from_args(args, network)
+        store = subnet.types()[args.store].from_args(args, network)
+        if stop is not None:
+            store.connect(stop)
+        return store
     except subnet.NoNetworkConfig as e:
         raise ConfigError(f"{e}, and the network config {args.net_conf} (--net-conf) does not exist") from None
 
@@ -58,7 +63,7 @@ def can_enter_netns() -> bool:
         return False
 
 
-def _policy(args: argparse.Namespace, paths: Paths, metrics: Metrics) -> PolicyEngine | None:
+def _policy(args: argparse.Namespace, paths: Paths, metrics: Metrics, stop: threading.Event) -> PolicyEngine | None:
     """The NetworkPolicy engine --policy-dir or --policy-kube asks for (not started: it touches nothing yet)."""
     if args.policy_dir and args.policy_kube:
         raise ConfigError("--policy-dir and --policy-kube are two sources of the same objects: choose one")
@@ -71,10 +76,9 @@ def _policy(args: argparse.Namespace, paths: Paths, metrics: Metrics) -> PolicyE
         from weftd.policy.kube import KubeSource
 
         try:
-            source: Source = KubeSource(args.kubeconfig)
-        except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
-            said = " ".join(str(e).split())  # a YAML error spans lines
-            raise ConfigError(f"--policy-kube: kube credentials: {type(e).__name__}: {said}") from None
+            source: Source = KubeSource(args.kubeconfig, stop=stop)
+        except ConfigError as e:
+            raise ConfigError(f"--policy-kube: {e}") from None
     else:
         from weftd.policy.source import DirSource
 
@@ -84,11 +88,19 @@ def _policy(args: argparse.Namespace, paths: Paths, metrics: Metrics) -> PolicyE
 
 
 def cmd_run(args: argparse.Namespace, origins: Origins) -> int:
+    from weftd import shutdown
+
+    return shutdown.run(lambda stop: _run(args, origins, stop))
+
+
+def _run(args: argparse.Namespace, origins: Origins, stop: threading.Event) -> int:
+    """`weftd run` until `stop` is set (weftd.shutdown sets it on SIGTERM or SIGINT)."""
     from pyroute2 import IPRoute
 
     from weftd import netfilter
     from weftd.daemon import Daemon
     from weftd.metrics import Health, Metrics, serve
+    from weftd.retry import Retry
 
     # Everything that can be refused is checked before the first change to the kernel: the network
     # config, the policy source, the listen address (bound now), the store, the underlay. The first line
@@ -96,21 +108,19 @@ def cmd_run(args: argparse.Namespace, origins: Origins) -> int:
     network = _network(args, origins)
     paths = _paths(args)
     metrics, health = Metrics(), Health(max_age=max(30.0, 3 * args.resync))
-    policy = _policy(args, paths, metrics)
+    policy = _policy(args, paths, metrics, stop)
     try:
         server = serve(args.listen, metrics, health)
     except OSError as e:
         raise ConfigError(f"--listen {options.show_listen(args.listen)}: {e.strerror or e}") from None
-    store = _store(args, network)
+    store = _store(args, network, stop)
     net = store.network
     ipr = IPRoute()
     underlay = backend.find_underlay(ipr, args.iface, args.public_ip, args.public_ipv6,
                                      tuple(f.version for f in net.families))
-    try:
-        published = store.lease(args.node_name)
-    except subnet.StoreError as e:
-        log.warning("cannot read this node's published lease (%s); a new VTEP MAC may be chosen", e)
-        published = None
+    # Its VTEP MAC is kept across restarts: worth waiting for, since the lease needs the store too.
+    published = Retry("reading this node's published lease", stop, log).call(lambda: store.lease(args.node_name),
+                                                                              (subnet.StoreError,))
     log.info("weftd %s on %s: underlay %s %s (MTU %d), store %s", version(), args.node_name, underlay.ifname,
              " ".join(str(a) for a in (underlay.ip, underlay.ip6) if a is not None), underlay.mtu, args.store)
     node_backend = backend.create(ipr, net, underlay, published.attrs if published is not None else None, args)
@@ -125,9 +135,7 @@ def cmd_run(args: argparse.Namespace, origins: Origins) -> int:
         cni = CniServer(paths.cni_socket, metrics, policy)
         cni.start()
     daemon = Daemon(args.node_name, ipr, store, node_backend, rules, paths, metrics, health, args.resync,
-                    portmap=not args.no_portmap, bridge=args.bridge, policy=policy)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: daemon.stop.set())
+                    portmap=not args.no_portmap, bridge=args.bridge, policy=policy, stop=stop)
     try:
         daemon.run()
     finally:
@@ -195,4 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, subnet.StoreError, BackendError, NetfilterError) as e:
         log.error("%s", e)
         code = 2
-    sys.exit(code)
+    # Not sys.exit: weftd's threads (watches, servers) may still be inside calls, and the interpreter's
+    # finalization beside them can abort the process (seen: SIGABRT after SIGTERM).
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(code)

@@ -34,7 +34,7 @@ class StubAPI:
         self.api_client = client.ApiClient()
         self.patches: list[tuple[str, dict[str, Any]]] = []
 
-    def read_node(self, name: str) -> Any:
+    def read_node(self, name: str, **_: Any) -> Any:
         for n in RECORDED["items"]:
             if n["metadata"]["name"] == name:
                 return model(n)

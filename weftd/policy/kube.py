@@ -1,41 +1,39 @@
 """The kube source: Pods, Namespaces and NetworkPolicies watched through the API server.
 
 Each kind is listed once, then watched from the list's resourceVersion; only a 410 (the version is
-gone) lists again, and any other failure resumes the watch after a second while the last known
-objects stay in force. The first poll() blocks until all three kinds have been listed, so weftd never
-replaces the node's policy tables with a partial view. API calls made here, and so the RBAC they
-need: pods, namespaces and networkpolicies list and watch (API_CALLS).
+gone) lists again, and any other failure resumes the watch after a backoff while the last known
+objects stay in force (weftd.kubeclient.reflect). The first poll() blocks until all three kinds have
+been listed, so weftd never replaces the node's policy tables with a partial view. API calls made
+here, and so the RBAC they need: pods, namespaces and networkpolicies list and watch (API_CALLS).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
 from typing import Any
 
+from weftd import kubeclient
 from weftd.policy import model
 from weftd.policy.model import Key, Object
+from weftd.retry import Stopped, wait_either
 
 log = logging.getLogger("weftd.policy")
-GONE = 410
-WATCH_TIMEOUT = 300
 API_CALLS = (("pods", "list"), ("pods", "watch"), ("namespaces", "list"), ("namespaces", "watch"),
              ("networkpolicies", "list"), ("networkpolicies", "watch"))
 
 
 class KubeSource:
-    def __init__(self, kubeconfig: str | None = None, core: Any = None, networking: Any = None) -> None:
+    def __init__(self, kubeconfig: str | None = None, core: Any = None, networking: Any = None,
+                 stop: threading.Event | None = None) -> None:
+        """`stop`: weftd's stop event, which ends the watches and the first poll's wait (default: close())."""
         if core is None or networking is None:
-            import os
+            from kubernetes import client
 
-            from kubernetes import client, config
-
-            if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-                config.load_incluster_config()
-            else:
-                config.load_kube_config(config_file=kubeconfig)
-            core, networking = client.CoreV1Api(), client.NetworkingV1Api()
+            api = kubeclient.load(kubeconfig)
+            core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
         self.core = core
         self.kinds: dict[str, Callable[..., Any]] = {
             "Pod": core.list_pod_for_all_namespaces,
@@ -47,7 +45,7 @@ class KubeSource:
         self._synced = {k: threading.Event() for k in self.kinds}
         self._lock = threading.Lock()
         self._changed = False
-        self._stop = threading.Event()
+        self._stop = stop or threading.Event()
         self._threads: list[threading.Thread] = []
 
     def _dict(self, obj: Any) -> dict[str, Any]:
@@ -97,45 +95,26 @@ class KubeSource:
             self._changed = True
 
     def _watch(self, kind: str) -> None:
-        from kubernetes import watch
-        from kubernetes.client import ApiException
-
-        lister = self.kinds[kind]
-        version: str | None = None
-        while not self._stop.is_set():
-            try:
-                if version is None:
-                    listed = lister()
-                    self._replace(kind, listed.items)
-                    version = listed.metadata.resource_version
-                w = watch.Watch()
-                for ev in w.stream(lister, resource_version=version, timeout_seconds=WATCH_TIMEOUT):
-                    self._event(kind, ev["type"], ev["object"])
-                    version = w.resource_version
-                    if self._stop.is_set():
-                        w.stop()
-            except ApiException as e:
-                if e.status == GONE:
-                    log.info("kube %s watch: resourceVersion %s is gone (410): listing again", kind, version)
-                    version = None
-                    continue
-                log.warning("kube %s watch: %s %s", kind, e.status, e.reason)
-                self._stop.wait(1.0)
-            except Exception as e:  # noqa: BLE001 - the server is unreachable: resume from `version`
-                log.warning("kube %s watch: %s: %s", kind, type(e).__name__, e)
-                self._stop.wait(1.0)
+        kubeclient.reflect(f"{kind} list/watch", self.kinds[kind], functools.partial(self._replace, kind),
+                           functools.partial(self._event, kind), self._stop)
 
     def poll(self) -> bool:
-        """True if anything changed since the last poll; the first poll waits for every kind's list."""
+        """True if anything changed since the last poll; the first poll waits for every kind's list (raises Stopped
+        if weftd stops first)."""
         if not self._threads:
             for kind in self.kinds:
                 t = threading.Thread(target=self._watch, args=(kind,), name=f"kube-{kind}", daemon=True)
                 t.start()
                 self._threads.append(t)
+            warned = False
             for kind, synced in self._synced.items():
-                while not synced.wait(5) and not self._stop.is_set():
-                    log.warning("waiting for the API server to list %ss; the policy tables stay as they are",
-                                kind)
+                while not wait_either(synced, self._stop, 5):
+                    if self._stop.is_set():
+                        raise Stopped
+                    if not warned:
+                        log.warning("waiting for the API server's first list of %s objects; the policy tables stay "
+                                    "as they are", kind)
+                        warned = True
         with self._lock:
             changed, self._changed = self._changed, False
         return changed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -38,11 +39,18 @@ class SubnetStore(ABC):
     # The store's own options, for every command (every store's are accepted, whichever is chosen).
     options: ClassVar[tuple[Option, ...]] = ()
     network: NetworkConfig
+    stop: threading.Event  # ends the store's waits, retries and watches (close() sets it)
 
     @classmethod
     @abstractmethod
     def from_args(cls, args: argparse.Namespace, network: NetworkConfig | None) -> SubnetStore:
         """The store the flags describe. `network`: the --net-conf file's config, if there is one."""
+
+    def connect(self, stop: threading.Event) -> None:
+        """`weftd run` calls this first: from then on `stop` (weftd's) ends the store's waits, retries and watches.
+        A store that must read something before use (etcd: the network config) reads it here, retrying until the
+        store answers; raises Stopped if `stop` is set first."""
+        self.stop = stop
 
     @abstractmethod
     def acquire(self, node: str, attrs: Attrs) -> Lease:
@@ -62,7 +70,7 @@ class SubnetStore(ABC):
 
     @abstractmethod
     def wait(self, timeout: float) -> None:
-        """Returns when the store may have changed, or after `timeout` seconds."""
+        """Returns when the store may have changed, after `timeout` seconds, or soon after `stop` is set."""
 
     def network_ready(self, node: str) -> None:  # noqa: B027 - only the kube store publishes it
         """Tells the cluster this node's routes are programmed. Raises StoreError."""
@@ -71,8 +79,8 @@ class SubnetStore(ABC):
         """Keeps this node's lease alive where the store expires leases; True if it renewed."""
         return False
 
-    def close(self) -> None:  # noqa: B027 - only stores with background watchers need it
-        pass
+    def close(self) -> None:
+        self.stop.set()
 
 
 class LeaseCache:

@@ -9,6 +9,7 @@ keeps its subnet.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import threading
 import time
@@ -20,6 +21,7 @@ import netaddr
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
 from weftd.options import ALL, Option, integer, key_prefix, url
+from weftd.retry import Retry, Stopped, network_cause, wait_either
 from weftd.subnet import LeaseCache, NoNetworkConfig, StoreError, SubnetStore, allocate, log, register
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ class EtcdStore(SubnetStore):
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX, ttl: int = DEFAULT_TTL,
                  network: NetworkConfig | None = None, timeout: float = 5.0) -> None:
+        """`network`: the config to store at `<prefix>/config` if etcd has none. Nothing is read before connect()."""
         # Imported here: weftd imports every store's module for its flags, and etcd3gw (with requests)
         # is most of what an import of this one would cost a weftd that uses another store.
         from etcd3gw.client import Etcd3Client
@@ -71,35 +74,53 @@ class EtcdStore(SubnetStore):
         url = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         self.client = Etcd3Client(host=url.hostname or "127.0.0.1", port=url.port or 2379,
                                   protocol=url.scheme or "http", timeout=timeout)
+        self.endpoint = f"{url.scheme or 'http'}://{url.netloc}"  # as the operator wrote it, for messages
+        self.timeout = timeout
         self.prefix = prefix.rstrip("/")
         self.ttl = ttl
+        self._seed = network
         self._lease: EtcdLease | None = None
         self._own: Lease | None = None
         self._renewed = 0.0
         self._changed = threading.Event()
-        self._stop = threading.Event()
+        self.stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self.cache = LeaseCache(self._parse)  # by key
-        self.network = self._config(network)
+
+    def connect(self, stop: threading.Event) -> None:
+        super().connect(stop)
+        network = Retry("reading the network config", stop, log).call(lambda: self._config(self._seed), (StoreError,))
+        if network is None:
+            raise NoNetworkConfig(f"etcd {self.endpoint} has no network config at {self.prefix}/config")
+        self.network = network
+
+    def _error(self, what: str, e: Exception) -> StoreError:
+        cause = network_cause(e)
+        if cause is not None:
+            return StoreError(f"etcd {self.endpoint} unreachable: {cause}")
+        detail = getattr(e, "detail_text", None) or str(e)  # etcd3gw's exceptions keep the server's answer there
+        return StoreError(f"etcd {self.endpoint}: {what}: {type(e).__name__}" + (f": {detail}" if detail else ""))
 
     def _call(self, what: str, fn: Any, *args: Any, **kw: Any) -> Any:
         try:
             return fn(*args, **kw)
         except Exception as e:  # noqa: BLE001 - requests/etcd3gw raise many types; all mean "store unusable"
-            raise StoreError(f"etcd {what}: {type(e).__name__}: {e}") from None
+            raise self._error(what, e) from None
 
-    def _config(self, network: NetworkConfig | None) -> NetworkConfig:
+    def _config(self, network: NetworkConfig | None) -> NetworkConfig | None:
+        """The network config etcd holds, stored from `network` if it holds none; None if it holds none and
+        `network` is None. Raises StoreError if etcd cannot be read, ConfigError if the config is wrong."""
         key = f"{self.prefix}/config"
         got = self._call("get config", self.client.get, key)
         if not got:
             if network is None:
-                raise NoNetworkConfig(f"etcd has no network config at {key}")
+                return None
             self._call("create config", self.client.create, key, json.dumps(network.to_json()))
             got = self._call("get config", self.client.get, key)
         try:
             return NetworkConfig.parse(json.loads(got[0]))
         except (ConfigError, ValueError) as e:
-            raise StoreError(f"etcd {key}: {e}") from None
+            raise ConfigError(f"etcd {self.endpoint} {key}: {e}") from None
 
     @staticmethod
     def _parse(key: str, value: Any) -> Lease | None:
@@ -192,22 +213,34 @@ class EtcdStore(SubnetStore):
             self._watcher.start()
 
     def _watch(self) -> None:
-        while not self._stop.is_set():
-            try:
-                events, cancel = self.client.watch_prefix(f"{self.prefix}/subnets/")
-                self._changed.set()  # whatever happened while no watch was open
-                for _ in events:
-                    self._changed.set()
-                    if self._stop.is_set():
-                        cancel()
-                        return
-            except Exception as e:  # noqa: BLE001 - reconnect whatever went wrong
-                log.debug("etcd watch: %s", e)
-            self._stop.wait(1.0)
+        """Sets _changed whenever a lease key changes, through one watch stream of etcd's JSON gateway; a stream
+        that fails or ends is opened again, with backoff."""
+        prefix = f"{self.prefix}/subnets/".encode()
+        end = prefix[:-1] + bytes([prefix[-1] + 1])  # the range of keys with the prefix
+        request = {"create_request": {"key": base64.b64encode(prefix).decode(),
+                                      "range_end": base64.b64encode(end).decode()}}
+        retry = Retry("etcd watch", self.stop, log)
+        try:
+            while not self.stop.is_set():
+                try:
+                    with self.client.session.post(self.client.get_url("/watch"), json=request, stream=True,
+                                                  timeout=(self.timeout, None)) as resp:
+                        if resp.status_code != 200:
+                            raise StoreError(f"etcd {self.endpoint}: watch: {resp.status_code} {resp.reason}")
+                        retry.ok()
+                        self._changed.set()  # whatever happened while no watch was open
+                        for _ in resp.iter_content(chunk_size=None):
+                            self._changed.set()
+                            if self.stop.is_set():
+                                return
+                    raise StoreError(f"etcd {self.endpoint} ended the watch")
+                except StoreError as e:
+                    retry.pause(e)
+                except Exception as e:  # noqa: BLE001 - requests raises many types; all mean "watch again"
+                    retry.pause(self._error("watch", e))
+        except Stopped:
+            pass
 
     def wait(self, timeout: float) -> None:
-        self._changed.wait(timeout)
+        wait_either(self._changed, self.stop, timeout)
         self._changed.clear()
-
-    def close(self) -> None:
-        self._stop.set()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ class FileStore(SubnetStore):
 
     def __init__(self, path: str | Path, network: NetworkConfig | None = None) -> None:
         self.path = Path(path)
+        self.stop = threading.Event()
         self._seen: tuple[int, int, int] | None = None
         self.cache = LeaseCache(self._parse)  # by node
         with self._locked():
@@ -120,4 +122,5 @@ class FileStore(SubnetStore):
             if now != self._seen:
                 self._seen = now
                 return
-            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+            if self.stop.wait(min(0.1, max(0.0, deadline - time.monotonic()))):
+                return

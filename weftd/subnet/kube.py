@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import threading
 from datetime import UTC, datetime
 from typing import Any
 
 import netaddr
 
+from weftd import kubeclient
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
 from weftd.options import ALL, Option, existing_file
+from weftd.retry import wait_either
 from weftd.subnet import LeaseCache, StoreError, Subnets, SubnetStore, log, register
 
 PREFIX = "weft.dev"
@@ -41,8 +42,6 @@ ANN_IP6_OVERWRITE = f"{PREFIX}/public-ipv6-overwrite"
 API_CALLS = (("nodes", "get"), ("nodes", "list"), ("nodes", "watch"), ("nodes/status", "patch"))
 # Built-in objects take strategic merge patches: conditions merge by type, so kubelet's stay.
 PATCH = "application/strategic-merge-patch+json"
-WATCH_TIMEOUT = 300
-GONE = 410
 
 
 def node_annotations(attrs: Attrs) -> dict[str, str | None]:
@@ -130,25 +129,16 @@ class KubeStore(SubnetStore):
         to keep the node cache filled only through replace_all() and apply()."""
         self.network = network
         if api is None:
-            from kubernetes import client, config
+            from kubernetes import client
 
-            try:
-                if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-                    config.load_incluster_config()
-                else:
-                    config.load_kube_config(config_file=kubeconfig)
-            except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
-                where = (f"from --kubeconfig {kubeconfig}" if kubeconfig
-                         else "(no --kubeconfig given, and not in a cluster)")
-                said = " ".join(str(e).split())  # a YAML error spans lines
-                raise StoreError(f"kube credentials {where}: {type(e).__name__}: {said}") from None
-            api = client.CoreV1Api()
+            api = client.CoreV1Api(kubeclient.load(kubeconfig))
         self.api = api
+        self.server = kubeclient.server(api)
         self._nodes: dict[str, dict[str, Any]] = {}
         self._synced = False
         self._lock = threading.Lock()
         self._changed = threading.Event()
-        self._stop = threading.Event()
+        self.stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watching = watch
         # By name. A Node no event has replaced is the very same object, so comparing it costs next to nothing.
@@ -159,11 +149,14 @@ class KubeStore(SubnetStore):
             return obj
         return self.api.api_client.sanitize_for_serialization(obj)
 
+    def _error(self, e: Exception) -> StoreError:
+        return StoreError(kubeclient.describe(self.server, e))
+
     def _read_node(self, node: str) -> dict[str, Any]:
         try:
-            return self._dict(self.api.read_node(node))
+            return self._dict(self.api.read_node(node, _request_timeout=kubeclient.TIMEOUT))
         except Exception as e:  # noqa: BLE001 - ApiException, urllib3 errors: the API is unreachable
-            raise StoreError(f"kube API: {type(e).__name__}: {e}") from None
+            raise self._error(e) from None
 
     def lease(self, node: str) -> Lease | None:
         return lease_from_node(self._read_node(node), self.network)
@@ -176,20 +169,20 @@ class KubeStore(SubnetStore):
         try:
             v4, v6 = pod_cidrs(obj, self.network)
             self.api.patch_node_status(node, {"metadata": {"annotations": node_annotations(attrs)}},
-                                       _content_type=PATCH)
+                                       _content_type=PATCH, _request_timeout=kubeclient.TIMEOUT)
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - ApiException, urllib3 errors: the API is unreachable
-            raise StoreError(f"kube API: {type(e).__name__}: {e}") from None
+            raise self._error(e) from None
         self._start()
         return Lease(node, v4, attrs, v6)
 
     def network_ready(self, node: str) -> None:
         try:
             self.api.patch_node_status(node, {"status": {"conditions": [network_up_condition()]}},
-                                       _content_type=PATCH)
+                                       _content_type=PATCH, _request_timeout=kubeclient.TIMEOUT)
         except Exception as e:  # noqa: BLE001 - as in acquire
-            raise StoreError(f"kube API: {type(e).__name__}: {e}") from None
+            raise self._error(e) from None
 
     def _start(self) -> None:
         if self._thread is None and self._watching:
@@ -214,32 +207,7 @@ class KubeStore(SubnetStore):
         self._changed.set()
 
     def _watch(self) -> None:
-        from kubernetes import watch
-        from kubernetes.client import ApiException
-
-        version: str | None = None  # None: list first
-        while not self._stop.is_set():
-            try:
-                if version is None:
-                    listed = self.api.list_node()
-                    self.replace_all(listed.items)
-                    version = listed.metadata.resource_version
-                w = watch.Watch()
-                for ev in w.stream(self.api.list_node, resource_version=version, timeout_seconds=WATCH_TIMEOUT):
-                    self.apply(ev["type"], ev["object"])
-                    version = w.resource_version
-                    if self._stop.is_set():
-                        w.stop()
-            except ApiException as e:
-                if e.status == GONE:
-                    log.info("kube watch: resourceVersion %s is gone (410): listing again", version)
-                    version = None
-                    continue
-                log.warning("kube watch: %s %s", e.status, e.reason)
-                self._stop.wait(1.0)
-            except Exception as e:  # noqa: BLE001 - the server is unreachable: resume from `version`
-                log.warning("kube watch: %s: %s", type(e).__name__, e)
-                self._stop.wait(1.0)
+        kubeclient.reflect("Node list/watch", self.api.list_node, self.replace_all, self.apply, self.stop)
 
     def leases(self) -> dict[str, Lease]:
         with self._lock:
@@ -249,8 +217,5 @@ class KubeStore(SubnetStore):
         return {lease.node: lease for lease in self.cache.leases(nodes).values()}
 
     def wait(self, timeout: float) -> None:
-        self._changed.wait(timeout)
+        wait_either(self._changed, self.stop, timeout)
         self._changed.clear()
-
-    def close(self) -> None:
-        self._stop.set()

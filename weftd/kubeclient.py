@@ -1,0 +1,110 @@
+"""The Kubernetes API client that the kube store and the kube policy source share.
+
+Credentials come from a kubeconfig or the pod's service account. The client itself never retries (urllib3 would
+retry at once and log a warning per attempt): weftd retries with backoff (weftd.retry). Every call has a timeout,
+and a failure reads as one short line naming the API server. `reflect` is the list-then-watch loop that keeps a
+cache of one kind of object, as client-go's reflector does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from weftd.config import ConfigError
+from weftd.retry import Retry, Stopped, network_cause
+
+log = logging.getLogger("weftd")
+CONNECT_TIMEOUT = 5.0
+TIMEOUT = (CONNECT_TIMEOUT, 30.0)  # (connect, read) seconds, for every call but a watch
+WATCH_TIMEOUT = 300  # the server ends a watch after this long; the client waits 30 s more for its bytes
+GONE = 410
+
+
+def load(kubeconfig: str | None) -> Any:
+    """An ApiClient with the kubeconfig's credentials, or the pod's service account's in a cluster (no
+    --kubeconfig). Raises ConfigError."""
+    from kubernetes import client, config
+
+    cfg = client.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
+            config.load_incluster_config(client_configuration=cfg)
+        else:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    except Exception as e:  # noqa: BLE001 - ConfigException, OSError, YAML errors: no usable credentials
+        where = f"from --kubeconfig {kubeconfig}" if kubeconfig else "(no --kubeconfig given, and not in a cluster)"
+        said = " ".join(str(e).split())  # a YAML error spans lines
+        raise ConfigError(f"kube credentials {where}: {type(e).__name__}: {said}") from None
+    cfg.retries = False
+    return client.ApiClient(cfg)
+
+
+def server(api: Any) -> str:
+    """The API server's address, as an API object (CoreV1Api, ...) reaches it."""
+    cfg = getattr(getattr(api, "api_client", None), "configuration", None)
+    return str(getattr(cfg, "host", None) or "(unknown address)")
+
+
+def describe(address: str, e: Exception) -> str:
+    """One short line on why a call to the API server at `address` failed."""
+    from kubernetes.client import ApiException
+
+    if isinstance(e, ApiException) and e.status:
+        return f"API server {address} answered {e.status} {e.reason}"
+    cause = network_cause(e)
+    if cause is not None:
+        return f"API server {address} unreachable: {cause}"
+    return f"API server {address}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def reflect(what: str, lister: Callable[..., Any], replace: Callable[[list[Any]], None],
+            apply: Callable[[str, Any], None], stop: threading.Event) -> None:
+    """Keeps one kind's cache filled until `stop` is set: lists it (`replace` gets the items), then watches from the
+    list's resourceVersion (`apply` gets each event's type and object). A watch that ends or fails resumes from the
+    last version seen; only a 410 Gone (that version is too old) lists again. Failures are retried with backoff,
+    and the cache keeps what it had meanwhile. `lister`: the API's list call, e.g. CoreV1Api.list_node."""
+    from kubernetes import watch
+    from kubernetes.client import ApiException
+
+    address = server(getattr(lister, "__self__", None))
+    retry = Retry(what, stop)
+
+    @functools.wraps(lister)
+    def answered(*args: Any, **kwargs: Any) -> Any:
+        """The watch's request: the server is back as soon as it answers it, events or not."""
+        resp = lister(*args, **kwargs)
+        if 200 <= int(getattr(resp, "status", 200)) < 300:
+            retry.ok()
+        return resp
+
+    version: str | None = None  # None: list first
+    try:
+        while not stop.is_set():
+            try:
+                if version is None:
+                    listed = lister(_request_timeout=TIMEOUT)
+                    replace(listed.items)
+                    version = listed.metadata.resource_version
+                    retry.ok()
+                w = watch.Watch()
+                for ev in w.stream(answered, resource_version=version, timeout_seconds=WATCH_TIMEOUT,
+                                   _request_timeout=(CONNECT_TIMEOUT, WATCH_TIMEOUT + 30.0)):
+                    apply(ev["type"], ev["object"])
+                    version = w.resource_version
+                    if stop.is_set():
+                        w.stop()
+            except ApiException as e:
+                if e.status == GONE:
+                    log.info("%s: resourceVersion %s is gone (410): listing again", what, version)
+                    version = None
+                    continue
+                retry.pause(describe(address, e))
+            except Exception as e:  # noqa: BLE001 - the server is unreachable: resume from `version`
+                retry.pause(describe(address, e))
+    except Stopped:
+        pass
