@@ -161,4 +161,6 @@ def network_cause(exc: BaseException) -> str | None:
             return "timed out"
         if isinstance(e, ConnectionError):
             return "connection lost"
+    if names & {"ProtocolError", "ChunkedEncodingError", "IncompleteRead"}:  # urllib3's, requests', http.client's
+        return "the connection closed mid-answer"
     return None

@@ -178,6 +178,8 @@ def test_network_causes() -> None:
     cert = ssl.SSLCertVerificationError(1, "certificate verify failed")
     cert.verify_message = "self-signed certificate"
     assert network_cause(cert) == "TLS: self-signed certificate"
+    assert network_cause(urllib3.exceptions.ProtocolError("Response ended prematurely")) == \
+        "the connection closed mid-answer"
     assert network_cause(ValueError("not JSON")) is None
 
 

@@ -187,7 +187,9 @@ class EtcdStore(SubnetStore):
         if self._lease is not None:
             try:
                 ttl = int(self._lease.refresh())
-            except Exception:  # noqa: BLE001 - an expired lease makes the gateway answer with an error
+            except Exception as e:  # noqa: BLE001 - an expired lease makes the gateway answer with an error
+                if network_cause(e) is not None:
+                    raise self._error("refresh lease", e) from None
                 ttl = -1
         if ttl <= 0:
             log.warning("etcd lease of %s expired; publishing it again", self._own.node)
