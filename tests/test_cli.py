@@ -23,7 +23,7 @@ import pytest
 
 from tests.lab import ROOT, SOCKET_DIR, Node
 from weftd import options
-from weftd.options import Option
+from weftd.option import Option
 from weftlib.version import version
 
 CANDIDATES = ("", "maybe", "ten", "0", "70000", "x" * 300, "/nonexistent/weft-test", "a b")

@@ -18,9 +18,11 @@ import netaddr
 import pytest
 
 from tests.lab import Lab, Netns
-from weftd.backend import PROTO, RouteSpec, Stats, find_underlay, parse_config, sync_fdb, sync_neighbours, sync_routes
+from weftd.backend import parse_config
 from weftd.backend.hostgw import HostGW
-from weftd.backend.vxlan import VXLAN, VXLANConfig
+from weftd.backend.sync import PROTO, RouteSpec, Stats, sync_fdb, sync_neighbours, sync_routes
+from weftd.backend.underlay import find_underlay
+from weftd.backend.vxlan import VXLAN, VtepData, VXLANConfig
 from weftd.lease import Attrs, Lease
 from weftlib.kernel.netns import NetNS
 
@@ -30,7 +32,12 @@ UNDERLAY = "192.168.200.254/16"  # peers' 192.168.100.x addresses are on-link
 def peer(i: int) -> Lease:
     mac = f"02:00:00:{(i >> 8) & 255:02x}:{i & 255:02x}:01"
     return Lease(f"peer{i}", netaddr.IPNetwork(f"10.{i >> 8}.{i & 255}.0/24"),
-                 Attrs(netaddr.IPAddress(f"192.168.100.{i % 250 + 1}") + (i // 250) * 256, "vxlan", mac, 1))
+                 Attrs(netaddr.IPAddress(f"192.168.100.{i % 250 + 1}") + (i // 250) * 256, "vxlan",
+                       VtepData(1, mac).to_json()))
+
+
+def vtep_mac(p: Lease) -> str:
+    return p.attrs.backend_data["VtepMAC"]
 
 
 OWN = Lease("me", netaddr.IPNetwork("10.250.1.0/24"), Attrs(netaddr.IPAddress("192.168.200.254"), "vxlan"))
@@ -89,8 +96,8 @@ def assert_vxlan_matches(ns: Netns, peers: list[Lease]) -> None:
     for p in peers:
         r = routes[str(p.subnet)]
         assert (r["gateway"], r["dev"], "onlink" in r.get("flags", [])) == (str(p.subnet.network), "weft.1", True)
-    assert neighbours(ns, "weft.1") == {str(p.subnet.network): p.attrs.vtep_mac for p in peers}
-    assert fdb(ns, "weft.1") == {p.attrs.vtep_mac: [str(p.public_ip)] for p in peers}
+    assert neighbours(ns, "weft.1") == {str(p.subnet.network): vtep_mac(p) for p in peers}
+    assert fdb(ns, "weft.1") == {vtep_mac(p): [str(p.public_ip)] for p in peers}
 
 
 def test_vxlan_peers_join_leave_and_drift_is_repaired_foreign_untouched(node_ns: Netns) -> None:
@@ -111,9 +118,9 @@ def test_vxlan_peers_join_leave_and_drift_is_repaired_foreign_untouched(node_ns:
     ns.run("ip", "route", "replace", "10.0.5.0/24", "via", "192.168.100.200", "dev", "eth0", "proto", str(PROTO))
     ns.run("ip", "neigh", "del", "10.0.6.0", "dev", "weft.1")
     ns.run("ip", "neigh", "replace", "10.0.7.0", "lladdr", "02:bb:00:00:00:07", "dev", "weft.1", "nud", "permanent")
-    ns.run("bridge", "fdb", "replace", peers[8].attrs.vtep_mac, "dev", "weft.1", "dst", "192.168.100.222", "self",
+    ns.run("bridge", "fdb", "replace", vtep_mac(peers[8]), "dev", "weft.1", "dst", "192.168.100.222", "self",
            "permanent")
-    ns.run("bridge", "fdb", "append", peers[9].attrs.vtep_mac, "dev", "weft.1", "dst", "192.168.100.223", "self",
+    ns.run("bridge", "fdb", "append", vtep_mac(peers[9]), "dev", "weft.1", "dst", "192.168.100.223", "self",
            "permanent")
     ns.run("ip", "route", "add", "10.97.0.0/24", "via", "192.168.100.9", "proto", str(PROTO))
 
@@ -166,13 +173,13 @@ def test_either_family_in_one_reconcile(node_ns: Netns) -> None:
     ns.run("ip", "-6", "route", "add", "fd00:99::/64", "via", "fd00:200::9", "proto", "static")
     with inside(ns):
         eth0_index, wv6 = socket.if_nametoindex("eth0"), socket.if_nametoindex("wv6")
-        routes = {netaddr.IPNetwork(f"fd00:1:{i:x}::/64"): RouteSpec(f"fd00:200::{i + 1:x}", eth0_index)
-                  for i in range(50)}
-        routes[netaddr.IPNetwork("10.77.0.0/24")] = RouteSpec("192.168.100.7", eth0_index)
-        routes.update({netaddr.IPNetwork(f"fd00:2:{i:x}::/64"): RouteSpec(f"fd00:2:{i:x}::", wv6, onlink=True)
-                       for i in range(50)})
-        neigh = {str(netaddr.IPAddress(f"fd00:2:{i:x}::")): f"02:00:00:00:{i:02x}:06" for i in range(50)}
-        remotes = {f"02:00:00:00:{i:02x}:06": f"fd00:200::{i + 100:x}" for i in range(50)}
+        routes = {netaddr.IPNetwork(f"fd00:1:{i:x}::/64"):
+                  RouteSpec(netaddr.IPAddress(f"fd00:200::{i + 1:x}"), eth0_index) for i in range(50)}
+        routes[netaddr.IPNetwork("10.77.0.0/24")] = RouteSpec(netaddr.IPAddress("192.168.100.7"), eth0_index)
+        routes.update({netaddr.IPNetwork(f"fd00:2:{i:x}::/64"):
+                       RouteSpec(netaddr.IPAddress(f"fd00:2:{i:x}::"), wv6, onlink=True) for i in range(50)})
+        neigh = {netaddr.IPAddress(f"fd00:2:{i:x}::"): f"02:00:00:00:{i:02x}:06" for i in range(50)}
+        remotes = {f"02:00:00:00:{i:02x}:06": netaddr.IPAddress(f"fd00:200::{i + 100:x}") for i in range(50)}
         stats = Stats()
         sync_neighbours(wv6, neigh, (socket.AF_INET6,), stats)
         sync_fdb(wv6, remotes, stats)
@@ -188,8 +195,8 @@ def test_either_family_in_one_reconcile(node_ns: Netns) -> None:
     assert set(v6) == {str(k) for k in keep if k.version == 6}
     assert v6["fd00:2:3::/64"]["dev"] == "wv6" and "onlink" in v6["fd00:2:3::/64"].get("flags", [])
     assert set(weft_routes(ns)) == {"10.77.0.0/24"}
-    assert neighbours(ns, "wv6", "-6") == neigh
-    assert fdb(ns, "wv6") == {mac: [ip] for mac, ip in remotes.items()}
+    assert neighbours(ns, "wv6", "-6") == {str(ip): mac for ip, mac in neigh.items()}
+    assert fdb(ns, "wv6") == {mac: [str(ip)] for mac, ip in remotes.items()}
     assert "fd00:99::/64" in {r["dst"] for r in ns.ip_json("-6", "route", "show", "proto", "static")}
 
 

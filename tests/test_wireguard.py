@@ -310,7 +310,7 @@ def test_auto_picks_wireguard_go_without_the_module(lab: Lab) -> None:
         pytest.skip("this kernel has the WireGuard module: auto picks it (test_kernel_device_three_nodes)")
     ns = lab.netns("wgauto")
     code = ("from pyroute2 import IPRoute\nfrom weftd.backend.wireguard import open_device\n"
-            "from weftd.backend import BackendError\nipr=IPRoute()\n"
+            "from weftd.backend.errors import BackendError\nipr=IPRoute()\n"
             "print(open_device(ipr,'wgauto0','auto').implementation)\n"
             "try: open_device(ipr,'wgauto0','kernel')\nexcept BackendError as e: print(e)\n"
             "print(sorted(l.get('IFLA_IFNAME') for l in ipr.get_links()))")

@@ -6,14 +6,13 @@ import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import netaddr
 
+from weftd.backend import BackendConfig, parse_config
+from weftd.backend.errors import BackendConfigError
 from weftlib.gojson import lookup_ci
-
-if TYPE_CHECKING:
-    from weftd.backend import BackendConfig
 
 
 class ConfigError(Exception):
@@ -136,9 +135,11 @@ class NetworkConfig:
         masq = lookup_ci(d, "IPMasq", True)
         if not isinstance(masq, bool):
             raise ConfigError("IPMasq must be true or false")
-        from weftd import backend  # it imports this module for ConfigError
-
-        return cls(ipv4, backend.parse_config(lookup_ci(d, "Backend")), masq, ipv6)
+        try:
+            backend_config = parse_config(lookup_ci(d, "Backend"))
+        except BackendConfigError as e:
+            raise ConfigError(str(e)) from None
+        return cls(ipv4, backend_config, masq, ipv6)
 
     @classmethod
     def load(cls, path: str | Path) -> NetworkConfig:

@@ -2,15 +2,14 @@
 
 A lease carries one subnet per enabled family (`subnet`: IPv4, `ipv6_subnet`: IPv6; either is None
 when its family is off), and per family the address peers reach the node at and the backend's data
-for it: Flannel's PublicIP/BackendData and PublicIPv6/BackendV6Data.
+for it: Flannel's PublicIP/BackendData and PublicIPv6/BackendV6Data. The backend data is JSON that
+only the backend named by BackendType reads (as Flannel keeps it raw); the lease and the stores
+carry it as it came.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
-import re
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -24,42 +23,24 @@ class LeaseError(ValueError):
 
 @dataclass(frozen=True)
 class Attrs:
-    """What a node publishes: where to reach it and how, per family."""
+    """What a node publishes: where to reach it, per family, and its backend's data for that family."""
 
     public_ip: netaddr.IPAddress | None  # None: the node has no IPv4 underlay (IPv6-only)
     backend_type: str
-    vtep_mac: str | None = None  # vxlan: the IPv4 VTEP's MAC
-    vni: int | None = None
-    public_key: str | None = None  # wireguard: the node's public key, base64 (one key for both families)
-    wg_port: int | None = None  # wireguard: the port it listens on over IPv4
+    backend_data: Any = None  # a JSON object (None: none): the backend's, for IPv4
     public_ipv6: netaddr.IPAddress | None = None
-    vtep_mac6: str | None = None  # vxlan: the IPv6 VTEP's MAC
-    wg_port6: int | None = None  # wireguard: the port it listens on over IPv6
+    backend_v6_data: Any = None  # the backend's, for IPv6
 
     def public(self, version: int) -> netaddr.IPAddress | None:
         return self.public_ip if version == 4 else self.public_ipv6
 
-    def mac(self, version: int) -> str | None:
-        return self.vtep_mac if version == 4 else self.vtep_mac6
-
-    def backend_data(self) -> dict[str, Any] | None:
-        return self._data(self.wg_port, self.vtep_mac)
-
-    def backend_v6_data(self) -> dict[str, Any] | None:
-        return self._data(self.wg_port6, self.vtep_mac6)
-
-    def _data(self, port: int | None, mac: str | None) -> dict[str, Any] | None:
-        if self.public_key is not None:
-            return {"PublicKey": self.public_key, "Port": port}  # Flannel's wireguard backend data
-        if mac is None:
-            return None
-        return {"VNI": self.vni, "VtepMAC": mac}
+    def data(self, version: int) -> Any:
+        return self.backend_data if version == 4 else self.backend_v6_data
 
 
 # weftd parses every peer's lease at each change; at 5,000 peers netaddr's string parsers cost a
 # second. The plain spellings (all that Weft and Flannel write) take a fast path to the same
-# objects; anything else goes through netaddr, which accepts or refuses it as before.
-_CANONICAL_MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+# objects; anything else goes through netaddr, which accepts or refuses it.
 
 
 def _fast_ip(raw: str) -> netaddr.IPAddress | None:
@@ -89,14 +70,6 @@ def _ip(raw: Any) -> netaddr.IPAddress | None:
         return None
     ip = _fast_ip(raw) if isinstance(raw, str) else None
     return ip if ip is not None else netaddr.IPAddress(raw)
-
-
-def _mac(raw: Any) -> str | None:
-    if raw is None:
-        return None
-    if isinstance(raw, str) and _CANONICAL_MAC.fullmatch(raw):
-        return raw
-    return str(netaddr.EUI(raw, dialect=netaddr.mac_unix_expanded))
 
 
 @dataclass(frozen=True)
@@ -132,9 +105,9 @@ class Lease:
         # Flannel's LeaseAttrs: PublicIP always present, PublicIPv6 a pointer (null), the data omitempty.
         out["PublicIP"] = None if a.public_ip is None else str(a.public_ip)
         out["PublicIPv6"] = None if a.public_ipv6 is None else str(a.public_ipv6)
-        out["BackendData"] = a.backend_data()
-        if (v6 := a.backend_v6_data()) is not None:
-            out["BackendV6Data"] = v6
+        out["BackendData"] = a.backend_data
+        if a.backend_v6_data is not None:
+            out["BackendV6Data"] = a.backend_v6_data
         return out
 
     def dumps(self) -> str:
@@ -161,19 +134,13 @@ class Lease:
             if (ip is not None and ip.version != 4) or (ip6 is not None and ip6.version != 6):
                 raise ValueError("PublicIP must be IPv4 and PublicIPv6 IPv6")
             node = d.get("Node") or str(ip or ip6)
-            data, data6 = d.get("BackendData") or {}, d.get("BackendV6Data") or {}
-            mac, mac6 = _mac(data.get("VtepMAC")), _mac(data6.get("VtepMAC"))
-            vni = data.get("VNI", data6.get("VNI"))
             backend = d.get("BackendType") or "host-gw"
-            key = data.get("PublicKey") or data6.get("PublicKey")
-            if key is not None and len(base64.b64decode(key, validate=True)) != 32:
-                raise ValueError("PublicKey is not a WireGuard key")
-            port, port6 = data.get("Port"), data6.get("Port")
-        except (KeyError, TypeError, AttributeError, ValueError, binascii.Error, netaddr.AddrFormatError) as e:
+            data, data6 = d.get("BackendData") or None, d.get("BackendV6Data") or None
+        except (KeyError, TypeError, AttributeError, ValueError, netaddr.AddrFormatError) as e:
             raise LeaseError(f"unreadable lease {str(d)[:200]}: {e}") from None
-        if not isinstance(node, str) or not isinstance(backend, str) or (vni is not None and not isinstance(vni, int)):
+        if not isinstance(node, str) or not isinstance(backend, str):
             raise LeaseError(f"unreadable lease {str(d)[:200]}")
-        for p in (port, port6):
-            if p is not None and (not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= 65535):
-                raise LeaseError(f"unreadable lease {str(d)[:200]}: Port {p!r}")
-        return cls(node, net, Attrs(ip, backend, mac, vni, key, port or None, ip6, mac6, port6 or None), net6)
+        for raw in (data, data6):
+            if raw is not None and not isinstance(raw, dict):
+                raise LeaseError(f"unreadable lease {str(d)[:200]}: backend data must be a JSON object")
+        return cls(node, net, Attrs(ip, backend, data, ip6, data6), net6)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from weftd import backend, options, subnet
 from weftd.config import ConfigError, NetworkConfig, Paths
+from weftd.option import show_listen
 from weftlib.version import version
 
 if TYPE_CHECKING:
@@ -98,6 +99,7 @@ def _run(args: argparse.Namespace, origins: Origins, stop: threading.Event) -> i
     from pyroute2 import IPRoute
 
     from weftd import netfilter
+    from weftd.backend.underlay import find_underlay
     from weftd.daemon import Daemon
     from weftd.metrics import Health, Metrics, serve
     from weftd.retry import Retry
@@ -112,18 +114,18 @@ def _run(args: argparse.Namespace, origins: Origins, stop: threading.Event) -> i
     try:
         server = serve(args.listen, metrics, health)
     except OSError as e:
-        raise ConfigError(f"--listen {options.show_listen(args.listen)}: {e.strerror or e}") from None
+        raise ConfigError(f"--listen {show_listen(args.listen)}: {e.strerror or e}") from None
     store = _store(args, network, stop)
     net = store.network
     ipr = IPRoute()
-    underlay = backend.find_underlay(ipr, args.iface, args.public_ip, args.public_ipv6,
-                                     tuple(f.version for f in net.families))
+    underlay = find_underlay(ipr, args.iface, args.public_ip, args.public_ipv6, tuple(f.version for f in net.families))
     # Its VTEP MAC is kept across restarts: worth waiting for, since the lease needs the store too.
     published = Retry("reading this node's published lease", stop, log).call(lambda: store.lease(args.node_name),
                                                                               (subnet.StoreError,))
     log.info("weftd %s on %s: underlay %s %s (MTU %d), store %s", version(), args.node_name, underlay.ifname,
              " ".join(str(a) for a in (underlay.ip, underlay.ip6) if a is not None), underlay.mtu, args.store)
-    node_backend = backend.create(ipr, net, underlay, published.attrs if published is not None else None, args)
+    node_backend = backend.create(ipr, net.backend, net.networks, underlay,
+                                  published.attrs if published is not None else None, args)
     rules = netfilter.install(net.networks, net.ip_masq, None if args.iptables_mode == "auto" else args.iptables_mode)
     cni = None
     if paths.cni_socket is not None and not can_enter_netns():
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("pyroute2").setLevel(logging.WARNING)
     for var in options.unknown_variables(options.declared(), os.environ):
         log.warning("ignoring %s: weftd has no such option", var)
-    from weftd.backend import BackendError
+    from weftd.backend.errors import BackendError
     from weftd.netfilter import NetfilterError
 
     try:

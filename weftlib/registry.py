@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
-def import_modules(package: str, paths: Iterable[str]) -> None:
+class Registry(Generic[T]):
+    """The classes the modules of one package register, by name. `key` names a class."""
+
+    def __init__(self, package: str, paths: Iterable[str], key: Callable[[T], str]) -> None:
+        self.package = package
+        self.paths = list(paths)
+        self.key = key
+        self._known: dict[str, T] = {}
+
+    def register(self, cls: T) -> T:
+        """Class decorator: makes `cls` known by its name."""
+        self._known[self.key(cls)] = cls
+        return cls
+
+    def all(self) -> dict[str, T]:
+        """Every class of the package, by name: its modules register theirs when imported."""
+        _import_modules(self.package, self.paths)
+        return self._known
+
+
+def _import_modules(package: str, paths: Iterable[str]) -> None:
     """Imports every public module and subpackage of `package` (found in its `__path__`), so that each
     registers itself.
 

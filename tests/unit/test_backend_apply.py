@@ -9,7 +9,8 @@ from typing import Any
 import netaddr
 import pytest
 
-from weftd.backend import BackendError, RouteSpec, Stats, sync_fdb, sync_neighbours, sync_routes
+from weftd.backend.errors import BackendError
+from weftd.backend.sync import RouteSpec, Stats, sync_fdb, sync_neighbours, sync_routes
 from weftlib.kernel.rtnl import NDMSG, attribute
 
 MAC = "02:00:00:00:00:01"
@@ -41,11 +42,12 @@ def test_an_add_refused_with_a_delete_errno_is_an_error(code: int) -> None:
     """ENOENT and ESRCH mean "already gone" only for a delete; an add refused with them did not happen."""
     kernel: Any = Kernel(code)
     with pytest.raises(BackendError, match="FDB entry"):
-        sync_fdb(7, {MAC: "192.168.77.11"}, Stats(), kernel)
+        sync_fdb(7, {MAC: netaddr.IPAddress("192.168.77.11")}, Stats(), kernel)
     with pytest.raises(BackendError, match=r"neighbour 10\.244\.1\.0"):
-        sync_neighbours(7, {"10.244.1.0": MAC}, (socket.AF_INET,), Stats(), kernel)
+        sync_neighbours(7, {netaddr.IPAddress("10.244.1.0"): MAC}, (socket.AF_INET,), Stats(), kernel)
     with pytest.raises(BackendError, match=r"route 10\.244\.1\.0/24"):
-        sync_routes({netaddr.IPNetwork("10.244.1.0/24"): RouteSpec("10.244.1.0", 7, onlink=True)}, Stats(), kernel)
+        route = RouteSpec(netaddr.IPAddress("10.244.1.0"), 7, onlink=True)
+        sync_routes({netaddr.IPNetwork("10.244.1.0/24"): route}, Stats(), kernel)
 
 
 def test_a_delete_of_an_entry_already_gone_is_not_an_error() -> None:
@@ -58,5 +60,5 @@ def test_a_delete_of_an_entry_already_gone_is_not_an_error() -> None:
 def test_changes_made_are_counted() -> None:
     kernel: Any = Kernel(0)
     stats = Stats()
-    sync_fdb(7, {MAC: "192.168.77.11"}, stats, kernel)
+    sync_fdb(7, {MAC: netaddr.IPAddress("192.168.77.11")}, stats, kernel)
     assert stats.changes == 1 and stats.fdb == 1

@@ -66,8 +66,8 @@ def test_bad_config_is_a_clear_error(conf: dict[str, Any], error: str) -> None:
         NetworkConfig.parse(conf)
 
 
-ATTRS = Attrs(netaddr.IPAddress("192.0.2.1"), "vxlan", "0a:58:0a:f4:01:01", 1,
-              public_ipv6=netaddr.IPAddress("2001:db8::1"), vtep_mac6="0a:58:0a:f4:01:02")
+ATTRS = Attrs(netaddr.IPAddress("192.0.2.1"), "vxlan", {"VNI": 1, "VtepMAC": "0a:58:0a:f4:01:01"},
+              netaddr.IPAddress("2001:db8::1"), {"VNI": 1, "VtepMAC": "0a:58:0a:f4:01:02"})
 
 
 def test_one_lease_carries_both_families_in_flannels_fields() -> None:

@@ -14,6 +14,7 @@ import netaddr
 import pytest
 from kubernetes import client
 
+from weftd.backend.vxlan import VtepData
 from weftd.config import NetworkConfig
 from weftd.lease import Attrs
 from weftd.subnet import StoreError
@@ -21,6 +22,10 @@ from weftd.subnet.kube import ANN_DATA, ANN_IP, ANN_MANAGED, KubeStore, lease_fr
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "kind-nodes.json").read_text())
 NET = NetworkConfig.parse({"Network": "10.244.0.0/16"})
+
+
+def vxlan_attrs(ip: str, mac: str) -> Attrs:
+    return Attrs(netaddr.IPAddress(ip), "vxlan", VtepData(1, mac).to_json())
 
 
 def model(obj: dict[str, Any], kind: str = "V1Node") -> Any:
@@ -49,11 +54,12 @@ def test_leases_from_recorded_nodes() -> None:
     by_name = {n["metadata"]["name"]: lease_from_node(n, NET) for n in RECORDED["items"]}
     cp = by_name["weft-control-plane"]
     assert cp is not None and str(cp.subnet) == "10.244.0.0/24" and str(cp.public_ip) == "172.18.0.3"
-    assert cp.attrs.vtep_mac == "0a:58:0a:f4:00:01" and cp.attrs.vni == 1
+    assert VtepData.from_json(cp.attrs.backend_data) == VtepData(1, "0a:58:0a:f4:00:01")
     worker = by_name["weft-worker"]
     # Dual-stack podCIDRs: the IPv4 one; an operator's public-ip-overwrite wins; MACs are normalised.
     assert worker is not None and str(worker.subnet) == "10.244.1.0/24"
-    assert str(worker.public_ip) == "203.0.113.7" and worker.attrs.vtep_mac == "0a:58:0a:f4:01:01"
+    worker_vtep = VtepData.from_json(worker.attrs.backend_data)
+    assert str(worker.public_ip) == "203.0.113.7" and worker_vtep is not None and worker_vtep.mac == "0a:58:0a:f4:01:01"
     assert by_name["weft-worker2"] is None  # not (yet) running weftd
     assert by_name["weft-worker3"] is None  # no podCIDR allocated yet
 
@@ -61,7 +67,7 @@ def test_leases_from_recorded_nodes() -> None:
 def test_acquire_patches_status_annotations() -> None:
     api = StubAPI()
     mgr = KubeStore(NET, api=api, watch=False)  # no watch thread against the stub
-    attrs = Attrs(netaddr.IPAddress("172.18.0.4"), "vxlan", "0a:58:0a:f4:02:01", 1)
+    attrs = vxlan_attrs("172.18.0.4", "0a:58:0a:f4:02:01")
     lease = mgr.acquire("weft-worker2", attrs)
     assert str(lease.subnet) == "10.244.2.0/24"
     (name, body), = api.patches
@@ -73,10 +79,10 @@ def test_acquire_patches_status_annotations() -> None:
 def test_acquire_without_pod_cidr_or_outside_the_network() -> None:
     mgr = KubeStore(NET, api=StubAPI())
     with pytest.raises(StoreError, match="pod cidr not assigned"):
-        mgr.acquire("weft-worker3", Attrs(netaddr.IPAddress("172.18.0.5"), "vxlan", "0a:58:0a:f4:03:01", 1))
+        mgr.acquire("weft-worker3", vxlan_attrs("172.18.0.5", "0a:58:0a:f4:03:01"))
     other = KubeStore(NetworkConfig.parse({"Network": "10.0.0.0/16"}), api=StubAPI())
     with pytest.raises(StoreError, match="outside the cluster network"):
-        other.acquire("weft-worker", Attrs(netaddr.IPAddress("172.18.0.2"), "vxlan", "0a:58:0a:f4:01:01", 1))
+        other.acquire("weft-worker", vxlan_attrs("172.18.0.2", "0a:58:0a:f4:01:01"))
 
 
 def test_watch_cache_follows_events() -> None:

@@ -1,12 +1,14 @@
-"""Lease parsing: the fast paths for plain spellings give exactly what netaddr gives, and the rest still
-goes through netaddr (accepted or refused as before)."""
+"""Lease parsing: the fast paths for plain spellings give exactly what netaddr gives, and the rest
+goes through netaddr (accepted or refused by it); the backend data is carried as it came, and only
+its backend reads it."""
 
 from __future__ import annotations
 
 import netaddr
 import pytest
 
-from weftd.lease import Lease, LeaseError, _ip, _mac, _net
+from weftd.backend.vxlan import VtepData, canonical_mac
+from weftd.lease import Lease, LeaseError, _ip, _net
 
 
 @pytest.mark.parametrize("raw", ["10.3.4.5/24", "10.3.4.0/24", "0.0.0.0/0", "10.1.2.3/32", "fd00:1::5/64", "::/0",
@@ -31,12 +33,23 @@ def test_addresses_as_netaddr_makes_them(raw: str) -> None:
 
 @pytest.mark.parametrize("raw", ["02:aa:00:00:00:01", "02:AA:00:00:00:01", "02-aa-00-00-00-01", "02aa.0000.0001"])
 def test_macs_canonical(raw: str) -> None:
-    assert _mac(raw) == "02:aa:00:00:00:01"
+    assert canonical_mac(raw) == "02:aa:00:00:00:01"
 
 
-def test_unreadable_lease_still_refused() -> None:
+def test_unreadable_lease_refused() -> None:
     with pytest.raises(LeaseError):
         Lease.from_json({"Subnet": "10.0.0.0/24", "PublicIP": "300.1.1.1", "BackendType": "vxlan"})
-    with pytest.raises(LeaseError):
+    with pytest.raises(LeaseError, match="backend data must be a JSON object"):
         Lease.from_json({"Subnet": "10.0.0.0/24", "PublicIP": "10.1.1.1", "BackendType": "vxlan",
-                         "BackendData": {"VtepMAC": "02:aa:00:00:00"}})
+                         "BackendData": ["02:aa:00:00:00:01"]})
+
+
+def test_backend_data_is_carried_as_it_came_and_read_by_its_backend() -> None:
+    raw = {"Node": "n1", "Subnet": "10.0.0.0/24", "PublicIP": "10.1.1.1", "BackendType": "vxlan",
+           "BackendData": {"VNI": 1, "VtepMAC": "02:AA:00:00:00:01", "Future": [1, 2]}}
+    lease = Lease.from_json(raw)
+    assert lease.attrs.backend_data == raw["BackendData"] and lease.to_json()["BackendData"] == raw["BackendData"]
+    assert VtepData.from_json(lease.attrs.backend_data) == VtepData(1, "02:aa:00:00:00:01")
+    bad = Lease.from_json({**raw, "BackendData": {"VtepMAC": "02:aa:00:00:00"}})
+    with pytest.raises(ValueError):
+        VtepData.from_json(bad.attrs.backend_data)

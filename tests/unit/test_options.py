@@ -1,4 +1,4 @@
-"""weftd's options as data (weftd.options): the parsers, flag over variable over default, one-line errors,
+"""weftd's options as data (weftd.option, weftd.options): the parsers, flag over variable over default, one-line errors,
 the operator reference in README.md, and the version. Pure logic; tests/test_cli.py runs weftd itself."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import pytest
 import yaml
 from prometheus_client import generate_latest
 
-from weftd import options
+from weftd import option, options
 from weftd.config import ConfigError, NetworkConfig
 from weftd.metrics import Metrics
-from weftd.options import Option, OptionError
+from weftd.option import Option
+from weftd.options import OptionError
 from weftlib.version import version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,35 +24,35 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.mark.parametrize("raw", ["true", "TRUE", "yes", "Yes", "1", "on"])
 def test_boolean_true(raw: str) -> None:
-    assert options.boolean(raw) is True
+    assert option.boolean(raw) is True
 
 
 @pytest.mark.parametrize("raw", ["false", "False", "NO", "0", "off"])
 def test_boolean_false(raw: str) -> None:
-    assert options.boolean(raw) is False
+    assert option.boolean(raw) is False
 
 
 @pytest.mark.parametrize("raw", ["", "maybe", "2", "t", "disabled", "nope"])
 def test_boolean_refuses_anything_else(raw: str) -> None:
     with pytest.raises(ValueError, match="true or false"):
-        options.boolean(raw)
+        option.boolean(raw)
 
 
 @pytest.mark.parametrize(("parse", "good", "bad"), [
-    (options.positive_float, {"10": 10.0, "0.5": 0.5, "1e3": 1000.0}, ["ten", "", "0", "-1", "nan", "inf"]),
-    (options.integer(0, 65535), {"0": 0, "65535": 65535}, ["x", "1.5", "-1", "65536", ""]),
-    (options.address(4), {"10.0.0.1": "10.0.0.1"}, ["notanip", "fd00::1", "10.0.0.0/24", "10.0.1", ""]),
-    (options.address(6), {"fd00::1": "fd00::1", "FD00::1": "fd00::1"}, ["10.0.0.1", "notanip", "fd00::/64"]),
-    (options.listen_address, {"127.0.0.1:9808": ("127.0.0.1", 9808), ":80": ("", 80), "[::1]:9808": ("::1", 9808)},
+    (option.positive_float, {"10": 10.0, "0.5": 0.5, "1e3": 1000.0}, ["ten", "", "0", "-1", "nan", "inf"]),
+    (option.integer(0, 65535), {"0": 0, "65535": 65535}, ["x", "1.5", "-1", "65536", ""]),
+    (option.address(4), {"10.0.0.1": "10.0.0.1"}, ["notanip", "fd00::1", "10.0.0.0/24", "10.0.1", ""]),
+    (option.address(6), {"fd00::1": "fd00::1", "FD00::1": "fd00::1"}, ["10.0.0.1", "notanip", "fd00::/64"]),
+    (option.listen_address, {"127.0.0.1:9808": ("127.0.0.1", 9808), ":80": ("", 80), "[::1]:9808": ("::1", 9808)},
      ["127.0.0.1:abc", "127.0.0.1", "127.0.0.1:0", "127.0.0.1:70000", "localhost:80", "[10.0.0.1]:80", ""]),
-    (options.ifname, {"eth0": "eth0", "a" * 15: "a" * 15}, ["", "a" * 16, "a/b", "a b", "x:1", "."]),
-    (options.url, {"http://127.0.0.1:2379": "http://127.0.0.1:2379", "10.0.0.1:2379": "10.0.0.1:2379",
+    (option.ifname, {"eth0": "eth0", "a" * 15: "a" * 15}, ["", "a" * 16, "a/b", "a b", "x:1", "."]),
+    (option.url, {"http://127.0.0.1:2379": "http://127.0.0.1:2379", "10.0.0.1:2379": "10.0.0.1:2379",
                    "https://etcd": "https://etcd"}, ["", "ftp://etcd", "http://", "http://etcd:port", "http://e:99999"]),
-    (options.key_prefix, {"/weft/network": "/weft/network"}, ["", "weft", "/weft/"]),
-    (options.socket_path, {"": "", "/run/weft/cni.sock": "/run/weft/cni.sock"}, ["cni.sock", "/" + "a" * 107]),
-    (options.file_name, {"10-weft.conflist": "10-weft.conflist"}, ["", "weft.conf", "a/b.conflist", ".conflist"]),
-    (options.name, {"node-1": "node-1", "Node.Example": "Node.Example"}, ["", "a b", "a/b", "x" * 254, "a\tb"]),
-    (options.path, {"/x": "/x", "rel": "rel"}, [""]),
+    (option.key_prefix, {"/weft/network": "/weft/network"}, ["", "weft", "/weft/"]),
+    (option.socket_path, {"": "", "/run/weft/cni.sock": "/run/weft/cni.sock"}, ["cni.sock", "/" + "a" * 107]),
+    (option.file_name, {"10-weft.conflist": "10-weft.conflist"}, ["", "weft.conf", "a/b.conflist", ".conflist"]),
+    (option.name, {"node-1": "node-1", "Node.Example": "Node.Example"}, ["", "a b", "a/b", "x" * 254, "a\tb"]),
+    (option.path, {"/x": "/x", "rel": "rel"}, [""]),
 ])
 def test_parsers(parse: Any, good: dict[str, Any], bad: list[str]) -> None:
     for raw, value in good.items():
@@ -64,14 +65,14 @@ def test_parsers(parse: Any, good: dict[str, Any], bad: list[str]) -> None:
 def test_existence_parsers(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_text("x")
-    assert options.existing_file(str(f)) == str(f)
-    assert options.existing_dir(str(tmp_path)) == str(tmp_path)
+    assert option.existing_file(str(f)) == str(f)
+    assert option.existing_dir(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
-        options.existing_dir(str(tmp_path / "none"))
+        option.existing_dir(str(tmp_path / "none"))
     with pytest.raises(ValueError, match="is not a directory"):
-        options.existing_dir(str(f))
+        option.existing_dir(str(f))
     with pytest.raises(ValueError, match="is not a file"):
-        options.existing_file(str(tmp_path))
+        option.existing_file(str(tmp_path))
 
 
 def _resolve(argv: list[str], env: dict[str, str]) -> argparse.Namespace:
@@ -197,7 +198,7 @@ def test_declarations() -> None:
 def test_no_flag_is_declared_twice(monkeypatch: pytest.MonkeyPatch) -> None:
     from weftd.subnet.file import FileStore
 
-    monkeypatch.setattr(FileStore, "options", (*FileStore.options, Option("--listen", "x", options.ALL)))
+    monkeypatch.setattr(FileStore, "options", (*FileStore.options, Option("--listen", "x", option.ALL)))
     with pytest.raises(RuntimeError, match="--listen is declared twice"):
         options.declared()
 

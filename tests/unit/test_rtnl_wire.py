@@ -106,3 +106,37 @@ def test_message_types_and_flags_are_the_kernels() -> None:
     for name in ("RTM_NEWLINK", "RTM_DELLINK", "RTM_GETLINK", "RTM_NEWADDR", "RTM_DELADDR", "RTM_GETADDR",
                  "RTM_NEWROUTE", "RTM_DELROUTE", "RTM_GETROUTE", "RTM_NEWNEIGH", "RTM_DELNEIGH", "RTM_GETNEIGH"):
         assert getattr(rtnl, name) == getattr(rt, name), name
+
+
+def test_neighbour_address_and_route_flags_are_the_kernels() -> None:
+    import pyroute2.netlink.rtnl as rt
+    from pyroute2.netlink.rtnl import ifaddrmsg, ndmsg, rtmsg
+
+    for name in ("NUD_NOARP", "NUD_PERMANENT", "NTF_SELF"):
+        assert getattr(rtnl, name) == getattr(ndmsg, name), name
+    for name in ("IFA_F_NODAD", "IFA_F_DADFAILED", "IFA_F_DEPRECATED", "IFA_F_TENTATIVE"):
+        assert getattr(rtnl, name) == getattr(ifaddrmsg, name), name
+    assert rtnl.RTNH_F_ONLINK == rtmsg.RTNH_F_ONLINK
+    assert (rtnl.RT_SCOPE_UNIVERSE, rtnl.RT_SCOPE_LINK, rtnl.RT_SCOPE_NOWHERE) == (
+        rt.rt_scope["universe"], rt.rt_scope["link"], rt.rt_scope["nowhere"])
+    assert (rtnl.RTN_UNICAST, rtnl.RTPROT_STATIC) == (rt.rt_type["unicast"], rt.rt_proto["static"])
+
+
+def test_vxlan_settings_are_the_kernels() -> None:
+    from pyroute2.netlink.rtnl.ifinfmsg.plugins.vxlan import vxlan
+
+    numbers = {name: i for i, (name, _) in enumerate(vxlan.nla_map)}
+    for name in ("IFLA_VXLAN_ID", "IFLA_VXLAN_LINK", "IFLA_VXLAN_LOCAL", "IFLA_VXLAN_LEARNING", "IFLA_VXLAN_PORT",
+                 "IFLA_VXLAN_LOCAL6"):
+        assert getattr(rtnl, name) == numbers[name], name
+
+
+def test_link_facts_carry_mtu_and_kind_settings() -> None:
+    body = ifinfo([("IFLA_IFNAME", "weft.1"), ("IFLA_MTU", 1450), ("IFLA_LINKINFO", {"attrs": [
+        ("IFLA_INFO_KIND", "vxlan"), ("IFLA_INFO_DATA", {"attrs": [("IFLA_VXLAN_ID", 1), ("IFLA_VXLAN_PORT", 8472),
+                                                                   ("IFLA_VXLAN_LOCAL", "192.0.2.1")]})]})])
+    facts = rtnl.link_facts(body)
+    data = rtnl.attributes(facts.info_data, 0)
+    assert (facts.kind, facts.mtu) == ("vxlan", 1450)
+    assert rtnl.get_u32(data[rtnl.IFLA_VXLAN_ID]) == 1 and rtnl.BE16.unpack(data[rtnl.IFLA_VXLAN_PORT])[0] == 8472
+    assert data[rtnl.IFLA_VXLAN_LOCAL] == socket.inet_aton("192.0.2.1")

@@ -22,6 +22,7 @@ from weftd.backend.wireguard.kernel import PEERS_PER_MESSAGE, get_message, parse
 from weftd.backend.wireguard.keys import KeyFileError, KeyPair, load_or_create, public_key
 from weftd.backend.wireguard.peers import (
     ZERO_KEY,
+    LeaseData,
     PeerConfig,
     PeerState,
     RemovePeer,
@@ -33,7 +34,7 @@ from weftd.backend.wireguard.peers import (
 )
 from weftd.backend.wireguard.uapi import Uapi, UapiError, parse_get, set_lines
 from weftd.config import ConfigError, NetworkConfig
-from weftd.lease import Attrs, Lease, LeaseError
+from weftd.lease import Attrs, Lease
 
 # RFC 7748 section 6.1: Alice's X25519 key pair.
 ALICE_PRIV = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
@@ -132,40 +133,52 @@ def test_unusable_key_file_is_refused_without_echoing_it(tmp_path: Path) -> None
 
 # --- leases -------------------------------------------------------------------------------------
 
+def wg_attrs(ip: netaddr.IPAddress | None, pub: str, port: int | None = None, ip6: netaddr.IPAddress | None = None,
+             port6: int | None = None) -> Attrs:
+    """What the wireguard backend publishes (WireGuard.attrs)."""
+    data = LeaseData(pub, port, port6)
+    return Attrs(ip, "wireguard", data.to_json(4), ip6, data.to_json(6))
+
+
 def test_lease_carries_public_key_and_port() -> None:
-    attrs = Attrs(netaddr.IPAddress("192.0.2.1"), "wireguard", public_key=key(1), wg_port=51820)
+    attrs = wg_attrs(netaddr.IPAddress("192.0.2.1"), key(1), 51820)
     lease = Lease("n1", netaddr.IPNetwork("10.244.1.0/24"), attrs)
     assert lease.to_json()["BackendData"] == {"PublicKey": key(1), "Port": 51820}
     assert Lease.from_json(lease.to_json()) == lease
+    assert LeaseData.of(lease.attrs) == LeaseData(key(1), 51820, None)
     flannel = {"PublicIP": "192.0.2.1", "Subnet": "10.244.1.0/24", "BackendType": "wireguard",
                "BackendData": {"PublicKey": key(1), "Port": 0}}  # Port 0: "my own listen port"
-    assert Lease.from_json(flannel).attrs.wg_port is None
+    data = LeaseData.of(Lease.from_json(flannel).attrs)
+    assert data is not None and data.port is None
 
 
-@pytest.mark.parametrize("data", [{"PublicKey": "bm90IGEga2V5"}, {"PublicKey": "%%%"},
+@pytest.mark.parametrize("data", [{"PublicKey": "bm90IGEga2V5"}, {"PublicKey": "%%%"}, {"PublicKey": 7},
                                   {"PublicKey": key(1), "Port": 70000}, {"PublicKey": key(1), "Port": "x"}])
-def test_lease_with_bad_wireguard_data_is_unreadable(data: dict[str, object]) -> None:
-    with pytest.raises(LeaseError):
-        Lease.from_json({"PublicIP": "192.0.2.1", "Subnet": "10.244.1.0/24", "BackendType": "wireguard",
-                         "BackendData": data})
+def test_a_peer_with_bad_wireguard_data_is_refused(data: dict[str, object]) -> None:
+    peer = Lease.from_json({"Node": "n2", "PublicIP": "192.0.2.2", "Subnet": "10.244.2.0/24",
+                            "BackendType": "wireguard", "BackendData": data})
+    with pytest.raises(ValueError):
+        LeaseData.of(peer.attrs)
+    d = desired_peers(lease("n1", 1, key(1)), key(1), [peer], 51820, 0, None)
+    assert d.peers == {} and "publishes unreadable WireGuard data" in d.refused["n2"]
 
 
 def test_kube_store_publishes_the_key_in_the_node_annotation() -> None:
     from weftd.subnet.kube import ANN_DATA, lease_from_node, node_annotations
 
-    attrs = Attrs(netaddr.IPAddress("192.0.2.1"), "wireguard", public_key=key(1), wg_port=51820)
-    ann = node_annotations(attrs)
+    ann = node_annotations(wg_attrs(netaddr.IPAddress("192.0.2.1"), key(1), 51820))
     assert json.loads(ann[ANN_DATA]) == {"PublicKey": key(1), "Port": 51820}
     node = {"metadata": {"name": "n1", "annotations": ann}, "spec": {"podCIDR": "10.244.1.0/24"}}
     got = lease_from_node(node, net())
-    assert got is not None and (got.attrs.public_key, got.attrs.wg_port) == (key(1), 51820)
+    assert got is not None and LeaseData.of(got.attrs) == LeaseData(key(1), 51820, None)
 
 
 # --- peers --------------------------------------------------------------------------------------
 
 def lease(node: str, n: int, pub: str | None, backend: str = "wireguard", port: int | None = None) -> Lease:
+    ip = netaddr.IPAddress(f"192.0.2.{n}")
     return Lease(node, netaddr.IPNetwork(f"10.244.{n}.0/24"),
-                 Attrs(netaddr.IPAddress(f"192.0.2.{n}"), backend, public_key=pub, wg_port=port))
+                 wg_attrs(ip, pub, port) if pub is not None else Attrs(ip, backend))
 
 
 def test_desired_peers_one_per_node() -> None:
@@ -179,7 +192,7 @@ def test_desired_peers_one_per_node() -> None:
 def test_nodes_behind_one_nat_share_an_endpoint_and_both_stay() -> None:
     own = lease("n1", 1, key(1))
     a, b = lease("a", 2, key(2)), lease("b", 3, key(3))
-    b = Lease(b.node, b.subnet, Attrs(a.public_ip, "wireguard", public_key=key(3), wg_port=51821))
+    b = Lease(b.node, b.subnet, wg_attrs(a.public_ip, key(3), 51821))
     d = desired_peers(own, key(1), [a, b], 51820, 0, None)
     assert set(d.peers) == {key(2), key(3)}
 
@@ -205,9 +218,8 @@ def test_a_node_of_another_backend_is_refused() -> None:
 def dual(node: str, n: int, pub: str, v4: str | None = None, v6: str | None = None, ports: tuple[int, int] = (0, 0),
          families: tuple[int, ...] = (4, 6)) -> Lease:
     return Lease(node, netaddr.IPNetwork(f"10.244.{n}.0/24") if 4 in families else None,
-                 Attrs(netaddr.IPAddress(v4 or f"192.0.2.{n}") if v4 != "" else None, "wireguard", public_key=pub,
-                       wg_port=ports[0] or None, public_ipv6=netaddr.IPAddress(v6 or f"fd00:77::{n}") if v6 != ""
-                       else None, wg_port6=ports[1] or None),
+                 wg_attrs(netaddr.IPAddress(v4 or f"192.0.2.{n}") if v4 != "" else None, pub, ports[0] or None,
+                          netaddr.IPAddress(v6 or f"fd00:77::{n}") if v6 != "" else None, ports[1] or None),
                  netaddr.IPNetwork(f"fd00:10:0:{n}::/64") if 6 in families else None)
 
 

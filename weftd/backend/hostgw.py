@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from weftd.backend import Backend, BackendConfig, Stats, log, register, sync_routes
+from weftd.backend import Backend, BackendConfig, log, register
+from weftd.backend.sync import Stats, sync_routes
 from weftd.lease import Attrs, Lease
 
 

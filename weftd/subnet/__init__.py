@@ -18,8 +18,8 @@ import netaddr
 
 from weftd.config import FamilyConfig, NetworkConfig
 from weftd.lease import Attrs, Lease
-from weftd.options import Option
-from weftlib.registry import import_modules
+from weftd.option import Option
+from weftlib.registry import Registry
 
 log = logging.getLogger("weftd.subnet")
 
@@ -115,19 +115,13 @@ class LeaseCache:
         return out
 
 
-_registry: dict[str, type[SubnetStore]] = {}
-
-
-def register(cls: type[SubnetStore]) -> type[SubnetStore]:
-    """Class decorator: makes a store known by its `name`."""
-    _registry[cls.name] = cls
-    return cls
+_registry: Registry[type[SubnetStore]] = Registry(__name__, __path__, lambda cls: cls.name)
+register = _registry.register  # class decorator: makes a store known by its `name`
 
 
 def types() -> dict[str, type[SubnetStore]]:
     """Every store, by name: the modules of this package register theirs when imported."""
-    import_modules(__name__, __path__)
-    return _registry
+    return _registry.all()
 
 
 def pick_subnet(family: FamilyConfig, taken: set[netaddr.IPNetwork]) -> netaddr.IPNetwork:

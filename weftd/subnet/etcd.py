@@ -20,7 +20,7 @@ import netaddr
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.options import ALL, Option, integer, key_prefix, url
+from weftd.option import ALL, Option, integer, key_prefix, url
 from weftd.retry import Retry, Stopped, network_cause, wait_either
 from weftd.subnet import LeaseCache, NoNetworkConfig, StoreError, SubnetStore, allocate, log, register
 

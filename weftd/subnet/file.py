@@ -16,7 +16,7 @@ from typing import Any
 
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.options import ALL, Option, path
+from weftd.option import ALL, Option, path
 from weftd.subnet import LeaseCache, NoNetworkConfig, StoreError, SubnetStore, allocate, log, register
 from weftlib.kernel import files
 

@@ -24,7 +24,7 @@ import netaddr
 from weftd import kubeclient
 from weftd.config import ConfigError, NetworkConfig
 from weftd.lease import Attrs, Lease, LeaseError
-from weftd.options import ALL, Option, existing_file
+from weftd.option import ALL, Option, existing_file
 from weftd.retry import wait_either
 from weftd.subnet import LeaseCache, StoreError, Subnets, SubnetStore, log, register
 
@@ -48,9 +48,9 @@ def node_annotations(attrs: Attrs) -> dict[str, str | None]:
     """Flannel's annotations. A family the node does not publish is removed (None in a merge patch)."""
     ann: dict[str, str | None] = {ANN_MANAGED: "true", ANN_TYPE: attrs.backend_type}
     ann[ANN_IP] = None if attrs.public_ip is None else str(attrs.public_ip)
-    ann[ANN_DATA] = json.dumps(attrs.backend_data()) if attrs.public_ip is not None else None
+    ann[ANN_DATA] = json.dumps(attrs.backend_data) if attrs.public_ip is not None else None
     ann[ANN_IP6] = None if attrs.public_ipv6 is None else str(attrs.public_ipv6)
-    ann[ANN_DATA6] = json.dumps(attrs.backend_v6_data()) if attrs.public_ipv6 is not None else None
+    ann[ANN_DATA6] = json.dumps(attrs.backend_v6_data) if attrs.public_ipv6 is not None else None
     return ann
 
 

@@ -40,6 +40,7 @@ IFINFOMSG = struct.Struct("=BxHiII")  # family, type, index, flags, change
 IFADDRMSG = struct.Struct("=BBBBI")  # family, prefixlen, flags, scope, index
 U32 = struct.Struct("=I")
 U8 = struct.Struct("=B")
+BE16 = struct.Struct("!H")
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_PRIORITY, RTA_TABLE = 1, 4, 5, 6, 15
 NDA_DST, NDA_LLADDR, NDA_IFINDEX = 1, 2, 8
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_LINK, IFLA_MASTER = 1, 3, 4, 5, 10
@@ -55,8 +56,16 @@ SO_RCVBUFFORCE = 33
 NETLINK_CAP_ACK = 10  # error answers without a copy of the request
 _BATCH_MAX = 256
 IFF_UP, IFF_PROMISC = 0x1, 0x100
-IFA_F_NODAD = 0x02  # linux/if_addr.h: an address without duplicate address detection
+# linux/if_addr.h: IFA_F_NODAD, an address without duplicate address detection
+IFA_F_NODAD, IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE = 0x02, 0x08, 0x20, 0x40
 RTPROT_STATIC, RTN_UNICAST, RT_TABLE_MAIN = 4, 1, 254
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255  # RT_SCOPE_NOWHERE in a delete: any scope
+RTNH_F_ONLINK = 4
+NUD_NOARP, NUD_PERMANENT = 0x40, 0x80  # linux/neighbour.h
+NTF_SELF = 0x02
+# linux/if_link.h: a VXLAN device's IFLA_INFO_DATA
+IFLA_VXLAN_ID, IFLA_VXLAN_LINK, IFLA_VXLAN_LOCAL, IFLA_VXLAN_LEARNING, IFLA_VXLAN_PORT, IFLA_VXLAN_LOCAL6 = \
+    1, 3, 4, 7, 15, 17
 
 
 def error(code: int) -> Exception:
@@ -193,15 +202,17 @@ class Rtnl:
         """Every link of the socket's namespace, one dump."""
         return [link_facts(b) for b in self.dump_raw(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0))]
 
-    def addresses(self, index: int = 0) -> list[tuple[int, str, int]]:
-        """The addresses of the namespace (of link `index` only, if given), one dump:
-        (link index, address, prefix length). The kernel dumps them all; the filter is here."""
+    def addresses(self, index: int = 0, family: int = socket.AF_UNSPEC,
+                  scope: int | None = None) -> list[tuple[int, str, int]]:
+        """The addresses of the namespace (of link `index` only, if given; of `family`, of `scope`), one dump:
+        (link index, address, prefix length). The kernel dumps a family's addresses of every link; the
+        other filters are here."""
         out = []
-        for body in self.dump_raw(RTM_GETADDR, IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            family, prefixlen, _flags, _scope, link = IFADDRMSG.unpack_from(body)
+        for body in self.dump_raw(RTM_GETADDR, IFADDRMSG.pack(family, 0, 0, 0, 0)):
+            fam, prefixlen, _flags, got_scope, link = IFADDRMSG.unpack_from(body)
             a = attributes(body, IFADDRMSG.size)
-            if IFA_ADDRESS in a and (not index or link == index):
-                out.append((link, socket.inet_ntop(family, a[IFA_ADDRESS]), prefixlen))
+            if IFA_ADDRESS in a and (not index or link == index) and (scope is None or got_scope == scope):
+                out.append((link, socket.inet_ntop(fam, a[IFA_ADDRESS]), prefixlen))
         return out
 
     def del_link(self, index: int) -> bool:
@@ -320,6 +331,8 @@ class LinkFacts:
     group: int
     flags: int
     alias: str | None
+    mtu: int | None = None
+    info_data: bytes = b""  # IFLA_INFO_DATA: the kind's settings, encoded (rtnl.attributes(info_data, 0) reads them)
 
 
 def link_facts(body: bytes) -> LinkFacts:
@@ -330,11 +343,12 @@ def link_facts(body: bytes) -> LinkFacts:
     mac = a.get(IFLA_ADDRESS)
     alias = a.get(IFLA_IFALIAS)
     return LinkFacts(index, _str(a.get(IFLA_IFNAME)) or "", _str(kind), mac.hex(":") if mac else None,
-                     _u32(a.get(IFLA_LINK)), _u32(a.get(IFLA_MASTER)), _u32(a.get(IFLA_GROUP)) or 0, flags,
-                     _str(alias))
+                     get_u32(a.get(IFLA_LINK)), get_u32(a.get(IFLA_MASTER)), get_u32(a.get(IFLA_GROUP)) or 0, flags,
+                     _str(alias), get_u32(a.get(IFLA_MTU)), info.get(IFLA_INFO_DATA, b""))
 
 
-def _u32(value: bytes | None) -> int | None:
+def get_u32(value: bytes | None) -> int | None:
+    """A u32 attribute's value; None if it is absent."""
     return None if value is None or len(value) != 4 else U32.unpack(value)[0]
 
 

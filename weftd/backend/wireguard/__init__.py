@@ -30,22 +30,24 @@ from typing import Any
 import netaddr
 from pyroute2 import IPRoute
 
-from weftd.backend import Backend, BackendError, RouteSpec, Stats, Underlay, register, sync_routes
+from weftd.backend import Backend, BackendConfig, register
+from weftd.backend.errors import BackendError
+from weftd.backend.sync import RouteSpec, Stats, sync_routes
+from weftd.backend.underlay import Underlay
 from weftd.backend.wireguard.config import WireGuardConfig
 from weftd.backend.wireguard.device import Device, NotSupported, valid_ifname
 from weftd.backend.wireguard.keys import KEY_FILE, KeyPair, load_or_create
-from weftd.backend.wireguard.peers import Desired, PeerConfig, RemovePeer, SetPeer, desired_peers, plan
-from weftd.config import ConfigError, NetworkConfig
+from weftd.backend.wireguard.peers import Desired, LeaseData, PeerConfig, RemovePeer, SetPeer, desired_peers, plan
 from weftd.lease import Attrs, Lease
-from weftd.options import NODE, Option, ifname, path
+from weftd.option import NODE, Option, ifname, path
 from weftlib.kernel.netlink import ignore_errno, kind
+from weftlib.kernel.rtnl import IFA_F_NODAD
 
 log = logging.getLogger("weftd.wireguard")
 # Outer IP header + UDP 8 + WireGuard data header 16 + authentication tag 16.
 OVERHEAD = {4: 20 + 8 + 16 + 16, 6: 40 + 8 + 16 + 16}
 DEFAULT_DEVICE = "weft-wg"
 IMPLEMENTATIONS = ("auto", "kernel", "userspace")
-IFA_F_NODAD = 0x02
 
 
 def open_device(ipr: IPRoute, ifname: str, implementation: str = "auto") -> Device:
@@ -126,6 +128,7 @@ def plan_tunnels(cfg: WireGuardConfig, versions: tuple[int, ...]) -> list[tuple[
 class WireGuard(Backend[WireGuardConfig]):
     type = "wireguard"
     config_type = WireGuardConfig
+
     options = (
         Option("--state-dir", "weftd's persistent state (the WireGuard key); not a tmpfs, so it survives reboots",
                NODE, path, default="/var/lib/weft", metavar="DIR"),
@@ -139,23 +142,22 @@ class WireGuard(Backend[WireGuardConfig]):
     )
 
     @classmethod
-    def create(cls, ipr: IPRoute, network: NetworkConfig, underlay: Underlay, published: Attrs | None,
-               args: argparse.Namespace) -> WireGuard:
-        cfg = network.backend
+    def create(cls, ipr: IPRoute, cfg: BackendConfig, networks: list[netaddr.IPNetwork], underlay: Underlay,
+               published: Attrs | None, args: argparse.Namespace) -> WireGuard:
         assert isinstance(cfg, WireGuardConfig)
-        versions = tuple(f.version for f in network.families)
+        versions = tuple(int(n.version) for n in networks)
         plan = plan_tunnels(cfg, versions)
         for _, _, mode in plan:
             for v in (4, 6):
                 if mode == f"ipv{v}" and underlay.address(v) is None:
-                    raise ConfigError(f"Backend.Mode {cfg.mode} reaches peers over IPv{v}, but the underlay "
+                    raise BackendError(f"Backend.Mode {cfg.mode} reaches peers over IPv{v}, but the underlay "
                                       f"{underlay.ifname} has no IPv{v} address in use")
         v6_name = args.wireguard_device_v6 or f"{args.wireguard_device}-v6"
         names = [v6_name if cfg.mode == "separate" and fams == (6,) else args.wireguard_device for _, fams, _ in plan]
         for name in names:  # all of them before the first device is made
             if not valid_ifname(name):
-                raise ConfigError(f"WireGuard device name {name!r} is not a valid interface name (1-15 bytes): "
-                                  "set --wireguard-device-v6")
+                raise BackendError(f"WireGuard device name {name!r} is not a valid interface name (1-15 bytes): "
+                                   "set --wireguard-device-v6")
         keys = load_keys(Path(args.state_dir))
         tunnels = []
         for name, (port, fams, mode) in zip(names, plan, strict=True):
@@ -163,7 +165,7 @@ class WireGuard(Backend[WireGuardConfig]):
             log.info("WireGuard device %s: %s, port %d, IPv%s pods over IPv%s", name, device.implementation, port,
                      "+IPv".join(map(str, fams)), {"ipv4": "4", "ipv6": "6"}.get(mode, "4 or IPv6 (auto)"))
             tunnels.append(Tunnel(device, port, fams, mode))
-        return cls(ipr, cfg, underlay, tunnels=tunnels, keys=keys, networks=network.networks)
+        return cls(ipr, cfg, underlay, tunnels=tunnels, keys=keys, networks=networks)
 
     @classmethod
     def teardown(cls, ipr: IPRoute, args: argparse.Namespace) -> None:
@@ -194,10 +196,9 @@ class WireGuard(Backend[WireGuardConfig]):
     def attrs(self) -> Attrs:
         """One key for every device; per family the port a peer reaches this node's device at."""
         ports = {v: t.port for t in self.tunnels for v in (t.versions if self.wg.mode == "separate" else (4, 6))}
-        return Attrs(self.underlay.ip, self.type, public_key=self.keys.public_b64,
-                     wg_port=ports.get(4) if self.underlay.ip is not None else None,
-                     public_ipv6=self.underlay.ip6,
-                     wg_port6=ports.get(6) if self.underlay.ip6 is not None else None)
+        data = LeaseData(self.keys.public_b64, ports.get(4) if self.underlay.ip is not None else None,
+                         ports.get(6) if self.underlay.ip6 is not None else None)
+        return Attrs(self.underlay.ip, self.type, data.to_json(4), self.underlay.ip6, data.to_json(6))
 
     def _overhead(self, t: Tunnel) -> int:
         """Per device, by the family of the underlay its packets travel over (auto: the larger, when this

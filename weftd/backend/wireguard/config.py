@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from weftd.backend import BackendConfig
-from weftd.config import ConfigError
+from weftd.backend.errors import BackendConfigError
 from weftlib.gojson import lookup_ci
 
 WG_MODES = ("separate", "auto", "ipv4", "ipv6")
@@ -22,7 +22,7 @@ def wg_key(value: Any, what: str) -> bytes:
     except (binascii.Error, ValueError):
         raw = b""
     if len(raw) != 32:
-        raise ConfigError(f"{what} must be a WireGuard key: 32 bytes in base64, as `wg genpsk` prints")
+        raise BackendConfigError(f"{what} must be a WireGuard key: 32 bytes in base64, as `wg genpsk` prints")
     return raw
 
 
@@ -31,7 +31,7 @@ def _port(d: Mapping[str, Any], key: str, default: int) -> int:
     if port == 0:
         port = default
     if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-        raise ConfigError(f"Backend.{key} {port!r} must be a UDP port from 1 to 65535")
+        raise BackendConfigError(f"Backend.{key} {port!r} must be a UDP port from 1 to 65535")
     return port
 
 
@@ -56,13 +56,15 @@ class WireGuardConfig(BackendConfig):
         port, port6 = _port(d, "ListenPort", 51820), _port(d, "ListenPortV6", 51821)
         keepalive = lookup_ci(d, "PersistentKeepaliveInterval", 0)
         if not isinstance(keepalive, int) or isinstance(keepalive, bool) or not 0 <= keepalive <= 65535:
-            raise ConfigError(f"Backend.PersistentKeepaliveInterval {keepalive!r} must be seconds from 0 to 65535")
+            raise BackendConfigError(f"Backend.PersistentKeepaliveInterval {keepalive!r} must be seconds "
+                                     "from 0 to 65535")
         mode = lookup_ci(d, "Mode", "separate")
         if not isinstance(mode, str) or mode.lower() not in WG_MODES:
-            raise ConfigError(f"Backend.Mode {mode!r} must be one of {', '.join(WG_MODES)}")
+            raise BackendConfigError(f"Backend.Mode {mode!r} must be one of {', '.join(WG_MODES)}")
         mode = mode.lower()
         if mode == "separate" and port == port6:
-            raise ConfigError(f"Backend.ListenPort and ListenPortV6 are both {port}; Mode separate needs two ports")
+            raise BackendConfigError(f"Backend.ListenPort and ListenPortV6 are both {port}; Mode separate needs "
+                                     "two ports")
         return {**super().fields(d), "psk": psk, "listen_port": port, "listen_port_v6": port6,
                 "keepalive": keepalive, "mode": mode}
 

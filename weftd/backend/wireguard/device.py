@@ -9,7 +9,7 @@ from typing import Any
 
 from pyroute2 import IPRoute
 
-from weftd.backend import BackendError
+from weftd.backend.errors import BackendError
 from weftd.backend.wireguard.peers import DeviceState, PeerOp
 from weftlib.kernel.netlink import get_link, owned
 

@@ -22,7 +22,7 @@ from pyroute2.netlink.generic.wireguard import (
     wgmsg,
 )
 
-from weftd.backend import BackendError
+from weftd.backend.errors import BackendError
 from weftd.backend.wireguard.device import Device, NotSupported
 from weftd.backend.wireguard.peers import ZERO_KEY, DeviceState, PeerConfig, PeerOp, PeerState, RemovePeer, SetPeer
 from weftlib.kernel.netlink import GROUP, kind, owned

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weftd.backend import BackendError
+from weftd.backend.errors import BackendError
 from weftlib.kernel.files import write_atomic
 
 KEY_FILE = "wireguard.key"

@@ -9,18 +9,53 @@ is programmed for neither, as Calico does: which of them holds the private key c
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import netaddr
 
-from weftd.lease import Lease
+from weftd.lease import Attrs, Lease
 
 ZERO_KEY = "A" * 43 + "="  # base64 of 32 zero bytes: "no key" in both the kernel's and wireguard-go's answers
 
 
 def endpoint(ip: netaddr.IPAddress, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class LeaseData:
+    """What a node publishes with its lease for the wireguard backend (Flannel's wireguard lease data): its
+    public key, one for both families, and per family the port its device listens on."""
+
+    public_key: str  # base64
+    port: int | None  # for IPv4; None: the same as this node's
+    port6: int | None
+
+    def to_json(self, version: int) -> dict[str, Any]:
+        return {"PublicKey": self.public_key, "Port": self.port if version == 4 else self.port6}
+
+    @classmethod
+    def of(cls, attrs: Attrs) -> LeaseData | None:
+        """A wireguard node's data; None if it publishes no key. Raises ValueError if the data is unreadable."""
+        data = [d if isinstance(d, Mapping) else {} for d in (attrs.backend_data, attrs.backend_v6_data)]
+        key = data[0].get("PublicKey") or data[1].get("PublicKey")
+        if key is None:
+            return None
+        try:
+            if not isinstance(key, str) or len(base64.b64decode(key, validate=True)) != 32:
+                raise ValueError
+        except (binascii.Error, ValueError):
+            raise ValueError("PublicKey is not a WireGuard key") from None
+        ports = [d.get("Port") for d in data]
+        for p in ports:
+            if p is not None and (not isinstance(p, int) or isinstance(p, bool) or not 0 <= p <= 65535):
+                raise ValueError(f"Port {p!r}")
+        return cls(key, ports[0] or None, ports[1] or None)
 
 
 @dataclass(frozen=True)
@@ -87,17 +122,25 @@ def desired_peers(own: Lease, own_key: str, leases: list[Lease], listen_port: in
     at its address of the family `mode` picks and the port it publishes for that family."""
     claims: dict[str, list[str]] = {own_key: [own.node]}
     refused: dict[str, str] = {}
+    published: dict[str, LeaseData] = {}
     for p in leases:
-        if p.attrs.backend_type != "wireguard" or not p.attrs.public_key:
+        try:
+            data = LeaseData.of(p.attrs) if p.attrs.backend_type == "wireguard" else None
+        except ValueError as e:
+            refused[p.node] = f"publishes unreadable WireGuard data: {e}"
+            continue
+        if data is None:
             refused[p.node] = f"publishes no WireGuard public key (backend {p.attrs.backend_type})"
             continue
-        claims.setdefault(p.attrs.public_key, []).append(p.node)
+        published[p.node] = data
+        claims.setdefault(data.public_key, []).append(p.node)
     peers: dict[str, PeerConfig] = {}
     nodes: dict[str, str] = {}
     for p in leases:
-        key = p.attrs.public_key
-        if p.node in refused or key is None:
+        if p.node in refused:
             continue
+        data = published[p.node]
+        key = data.public_key
         owners = claims[key]
         if len(owners) > 1:
             others = [n for n in owners if n != p.node]
@@ -113,7 +156,7 @@ def desired_peers(own: Lease, own_key: str, leases: list[Lease], listen_port: in
             continue
         ip = p.public_ip if version == 4 else p.attrs.public_ipv6
         assert ip is not None
-        port = (p.attrs.wg_port if version == 4 else p.attrs.wg_port6) or listen_port
+        port = (data.port if version == 4 else data.port6) or listen_port
         peers[key] = PeerConfig(key, endpoint(ip, port), tuple(sorted(str(s) for s in subnets)), keepalive, psk)
         nodes[key] = p.node
     return Desired(peers, nodes, refused)

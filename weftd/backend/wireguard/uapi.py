@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from weftd.backend import BackendError
+from weftd.backend.errors import BackendError
 from weftd.backend.wireguard.peers import ZERO_KEY, DeviceState, PeerConfig, PeerOp, PeerState, RemovePeer, SetPeer
 
 SOCKET_DIR = Path("/var/run/wireguard")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from weftd.backend import BackendError
+from weftd.backend.errors import BackendError
 from weftd.backend.wireguard.device import Device, NotSupported
 from weftd.backend.wireguard.peers import DeviceState, PeerOp
 from weftd.backend.wireguard.uapi import SOCKET_DIR, Uapi
