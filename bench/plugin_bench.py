@@ -158,7 +158,7 @@ def rounds(lab: Lab, variants: list[Variant]) -> None:
             # The pods' namespaces go only after every DEL, and the DELs wait POD_AGE: the kernel tears a
             # deleted namespace down in the background, and a veth deleted within ~30 ms of that costs it
             # 10-15 ms more (`python -m bench.veth_delete`). Deleting each pod's namespace right after its
-            # DEL charged that to the next variant's DEL, the more the faster its ADD and CHECK were.
+            # DEL would charge that to the next variant's DEL, the more the faster its ADD and CHECK are.
             time.sleep(POD_AGE)
             for v, pod in zip(order, pods, strict=True):
                 took, _ = drive(v, "del", conflists[(v.name, network)], f"r{r}{network}", pod.path)

@@ -7,6 +7,7 @@ Run with `make bench`. Everything runs in namespaces of its own; nothing here ha
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import random
@@ -22,12 +23,16 @@ import netaddr
 import yaml
 
 from bench.dataplane_bench import iperf
+from ipam.reservations import Reservations
 from tests.cluster import Cluster
 from tests.lab import Lab
+from weftd.nodeconf import NETWORK_NAME
 from weftd.policy import model
 from weftd.policy.compile import PortBinding, State, compile_ruleset, transaction
 from weftd.policy.engine import PolicyEngine
 from weftd.policy.source import DirSource
+from weftlib.cni import skel
+from weftlib.cni.result import IPConfig, Result
 from weftlib.kernel import nft
 from weftlib.kernel.netns import NetNS
 
@@ -133,45 +138,49 @@ def hook_time(sizes: tuple[int, ...] = HOOK_SIZES, rounds: int = 7) -> dict[str,
     """What the policy hook adds to a pod's ADD and DEL through weftd: PolicyEngine.pod_added and pod_deleted,
     with the engine started on `size` pods (half on this node) and POLICIES policies from a policy
     directory. Each ADD is of a pod whose object is already known with its labels but no address yet, as
-    when a scheduled pod's sandbox starts; its IPAM lease is written first, as the plugin does."""
+    when a scheduled pod's sandbox starts; its reservation is made first, as the plugin does."""
     out: dict[str, Any] = {}
     for size in sizes:
         base = Path(tempfile.mkdtemp(prefix="weft-bench-"))
         lab = Lab(base / "lab")
         lab.base.mkdir()
-        pdir, leases = base / "policies", base / "leases"
+        pdir = base / "policies"
         pdir.mkdir()
-        leases.mkdir()
+        reservations = Reservations(str(base / "ipam"), NETWORK_NAME)
         new = [{"kind": "Pod", "metadata": {"name": f"new{r}", "namespace": f"ns{r % NAMESPACES}",
                                             "labels": {"app": f"app{r % 10}", "tier": f"tier{r % 3}"}},
                 "spec": {"nodeName": "n1", "containers": [{"ports": [{"name": "http", "containerPort": 8080}]}]}}
                for r in range(rounds)]
         raw = objects(pods=size, extra=new)
         (pdir / "cluster.json").write_text(json.dumps({"kind": "List", "items": raw}))
-        for i, o in enumerate(raw):
-            if o["kind"] == "Pod" and o["spec"]["nodeName"] == "n1" and "status" in o:
-                (leases / o["status"]["podIP"]).write_text(f"{i:064x}\r\neth0")
+        with reservations as held:
+            for i, o in enumerate(raw):
+                if o["kind"] == "Pod" and o["spec"]["nodeName"] == "n1" and "status" in o:
+                    held.reserve(ipaddress.ip_address(o["status"]["podIP"]), f"{i:064x}", "eth0")
         try:
             netns = NetNS(lab.netns("policy").path)
             with netns.entered():
-                engine = PolicyEngine("n1", DirSource(pdir), base / "bindings.json", leases, resync=3600)
+                engine = PolicyEngine("n1", DirSource(pdir), base / "bindings.json", Path(reservations.dir),
+                                      resync=3600)
                 t = time.perf_counter()
                 engine.start([netaddr.IPNetwork(NEW_SUBNET)])
                 start = time.perf_counter() - t
                 first = engine.last
                 add, delete = [], []
                 for r in range(rounds):
-                    cid, ip = f"{r:x}".rjust(64, "f"), f"10.250.0.{r + 2}"
+                    cid, ip = f"{r:x}".rjust(64, "f"), ipaddress.ip_address(f"10.250.0.{r + 2}")
                     environ = {"CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
                                "CNI_ARGS": f"K8S_POD_NAMESPACE=ns{r % NAMESPACES};K8S_POD_NAME=new{r}"}
-                    result = json.dumps({"cniVersion": "1.0.0", "ips": [{"address": f"{ip}/16"}]})
-                    (leases / ip).write_text(f"{cid}\r\neth0")
+                    added = Result(ips=[IPConfig(ipaddress.ip_interface(f"{ip}/16"))])
+                    result = skel.json_line(added.to_json("1.0.0"))
+                    with reservations as held:
+                        held.reserve(ip, cid, "eth0")
                     t = time.perf_counter()
                     engine.pod_added(environ, result)
                     add.append(time.perf_counter() - t)
                 for r in range(rounds):
-                    cid, ip = f"{r:x}".rjust(64, "f"), f"10.250.0.{r + 2}"
-                    (leases / ip).unlink()
+                    with reservations as held:
+                        held.release(ipaddress.ip_address(f"10.250.0.{r + 2}"))
                     t = time.perf_counter()
                     engine.pod_deleted({"CNI_CONTAINERID": f"{r:x}".rjust(64, "f")})
                     delete.append(time.perf_counter() - t)

@@ -23,12 +23,13 @@ import netaddr
 
 from tests.cluster import ETCD_IP, Cluster
 from tests.lab import Lab, proc_kib
+from weftd.lease import Lease
+from weftd.subnet.etcd import DEFAULT_PREFIX, subnet_key
 
 SIZES = tuple(int(n) for n in os.environ.get("WEFT_BENCH_SIZES", "100,1000,5000").split(","))
 BACKENDS = tuple(os.environ.get("WEFT_BENCH_BACKENDS", "vxlan,host-gw,wireguard").split(","))
 CHURN = 500
 STORE = os.environ.get("WEFT_BENCH_STORE", "file")
-ETCD_PREFIX = "/weft/network"
 # Runs in etcd's namespace: connects, says so, then applies one line of {"put": {key: value}, "delete": [key]}.
 ETCD_WRITER = """
 import base64, json, sys
@@ -79,7 +80,7 @@ def publisher(c: Cluster, put: dict[str, Any], gone: dict[str, Any]) -> Callable
     assert c.etcd_ns is not None
 
     def key(lease: dict[str, Any]) -> str:
-        return f"{ETCD_PREFIX}/subnets/" + lease["Subnet"].replace("/", "-")
+        return subnet_key(DEFAULT_PREFIX, Lease.from_json(lease))
     ops = {"put": {key(le): json.dumps(le) for le in put.values()}, "delete": [key(le) for le in gone.values()]}
     writer = subprocess.Popen(["ip", "netns", "exec", c.etcd_ns.name, sys.executable, "-c", ETCD_WRITER, ETCD_IP],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from weftlib.cni import errors
 from weftlib.cni.errors import CniError
 from weftlib.cni.result import Interface, Route
+from weftlib.ipnet import IPInterface
 from weftlib.kernel import rtnl, sysctl
 from weftlib.kernel.netlink import GROUP, random_mac
 from weftlib.kernel.netns import NetNS
@@ -40,8 +41,6 @@ from weftlib.kernel.rtnl import (
     nla_u32,
     veth_peer,
 )
-
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 
 def host_veth_name(container_id: str, ifname: str) -> str:
@@ -127,7 +126,7 @@ def ensure_bridge(rt: Rtnl, br: Bridge, mtu: int | None, promisc: bool) -> bool:
     sysctl.write(f"/proc/sys/net/ipv6/conf/{br.name}/accept_ra", "0")
     # No duplicate address detection for the bridge's link-local address either: the kernel solicits
     # neighbours for forwarded IPv6 packets from it, and sends no solicitation while it is tentative
-    # (pods on a new node were unreachable from other nodes for 2 s).
+    # (with DAD, pods on a new node are unreachable from other nodes for 2 s).
     sysctl.write(f"/proc/sys/net/ipv6/conf/{br.name}/accept_dad", "0")
     assert br.link is not None
     flags = br.link.flags

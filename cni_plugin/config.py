@@ -9,11 +9,11 @@ from weftlib.cni import errors
 from weftlib.cni.errors import CniError
 from weftlib.cni.result import DNS, Result
 from weftlib.cni.skel import validate_ifname
+from weftlib.kernel.netlink import DEFAULT_BRIDGE
 
 # Options of the reference bridge that Weft does not implement: refuse them rather than ignore them.
 _UNSUPPORTED = ("vlan", "vlanTrunk", "macspoofchk", "disableContainerInterface", "portIsolation")
 MASQ_BACKENDS = ("nftables",)
-DEFAULT_BRIDGE = "cni0"
 
 
 def _invalid(msg: str) -> CniError:

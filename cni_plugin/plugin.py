@@ -43,8 +43,7 @@ def open_netns(args: skel.Args) -> Iterator[NetNS]:
         yield ns
 
 
-def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
-                                                        list[Route], list[Route]]:
+def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipnet.IPInterface], list[Route], list[Route]]:
     """Bridge gateways, routes to program in the pod (gw filled in), and routes to report."""
     gateways = []
     family_gw: dict[int, Any] = {}
@@ -56,7 +55,7 @@ def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interfa
         if gw is not None:
             family_gw.setdefault(gw.version, gw)
             if conf.is_gateway:
-                gateways.append(ipaddress.ip_interface(f"{gw}/{ip.address.network.prefixlen}"))
+                gateways.append(ipnet.gateway_interface(ip.address.network, gw))
     reported = list(ipam.routes)
     if conf.is_default_gateway:
         for version, gw in family_gw.items():
@@ -68,11 +67,11 @@ def plan_routes(conf: NetConf, ipam: Result) -> tuple[list[ipaddress.IPv4Interfa
     return gateways, programmed, reported
 
 
-def planned_gateways(conf: NetConf, ipam_conf: IPAMConfig | None) -> list[Any]:
+def planned_gateways(conf: NetConf, ipam_conf: IPAMConfig | None) -> list[ipnet.IPInterface]:
     """The bridge addresses an in-process weft-ipam allocation will need, known before allocating."""
     if not conf.is_gateway or ipam_conf is None:
         return []
-    return [ipaddress.ip_interface(f"{rs[0].gateway}/{rs[0].subnet.prefixlen}") for rs in ipam_conf.range_sets
+    return [ipnet.gateway_interface(rs[0].subnet, rs[0].gateway) for rs in ipam_conf.range_sets
             if rs[0].gateway is not None]
 
 

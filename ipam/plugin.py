@@ -132,7 +132,7 @@ def _handler(command: str) -> skel.Handler:
     return handle
 
 
-HANDLERS = {command: _handler(command) for command in ("ADD", "DEL", "CHECK", "GC", "STATUS")}
+HANDLERS = {command: _handler(command) for command in skel.VERBS}
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ from weftlib.cni import errors, handoff, skel
 log = logging.getLogger("weftd.cni")
 # Invocations served at once. Most of an ADD's or DEL's wall time is the kernel waiting (RCU grace
 # periods as veths are created, moved into the pod and deleted) with the GIL released, so a burst
-# needs many in flight: 8 left those waits queued one behind another. IPAM's flock still orders the
-# address choices.
+# needs many in flight: with a handful, those waits queue one behind another. IPAM's flock still
+# orders the address choices.
 CONCURRENCY = 64
 
 
@@ -116,7 +116,7 @@ class CniServer:
             finally:
                 for fd in fds:
                     os.close(fd)
-            label = command if command in handoff.SERVED else "other"
+            label = command if command in skel.COMMANDS else "other"
             self.metrics.cni_requests.labels(label, "ok" if outcome.status == 0 else "error").inc()
             self.metrics.cni_seconds.labels(label).observe(time.perf_counter() - t)
             if outcome.stderr:

@@ -10,6 +10,7 @@ from typing import Any
 
 import netaddr
 
+from ipam.config import DEFAULT_DATA_DIR
 from weftd.backend import BackendConfig, parse_config
 from weftd.backend.errors import BackendConfigError
 from weftlib.gojson import lookup_ci
@@ -184,7 +185,7 @@ class Paths:
     subnet_file: Path = Path("/run/weft/subnet.env")
     cni_conf_dir: Path = Path("/etc/cni/net.d")
     cni_conf_name: str = "10-weft.conflist"
-    ipam_data_dir: Path = Path("/var/lib/cni/networks")
+    ipam_data_dir: Path = Path(DEFAULT_DATA_DIR)
     # Where weftd serves the weft plugin's invocations; None: the plugin always runs them itself.
     cni_socket: Path | None = Path("/run/weft/cni.sock")
 

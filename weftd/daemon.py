@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 
 from pyroute2 import IPRoute
 
-from cni_plugin.config import DEFAULT_BRIDGE
 from weftd import nodeconf
 from weftd.backend import Backend
 from weftd.config import Paths
@@ -22,6 +21,7 @@ from weftd.netfilter import Rules
 from weftd.retry import Retry, Stopped
 from weftd.subnet import StoreError, SubnetStore
 from weftlib.kernel import sysctl
+from weftlib.kernel.netlink import DEFAULT_BRIDGE
 
 if TYPE_CHECKING:
     from weftd.policy.engine import PolicyEngine

@@ -311,9 +311,10 @@ def rules_for(mode: str, networks: list[netaddr.IPNetwork], masquerade: bool) ->
     return (NftRules if mode == "nft" else LegacyRules)(networks, masquerade)
 
 
-# The nftables tables of Weft's earlier layout, replaced by `inet weft` (weftlib.kernel.nat): weftd's NAT and
-# forward chains (`ip weft`), and the plugin's ipMasq rules, one per pod address, each with its owner's tag
-# in its comment (`inet weft_masq`). By table: its chains as Weft made them, name -> (type, hook).
+# The nftables tables that a node upgraded from Weft's earlier layout still holds, whose rules `inet weft`
+# (weftlib.kernel.nat) makes: weftd's NAT and forward chains (`ip weft`), and the plugin's ipMasq rules, one per
+# pod address, each with its owner's tag in its comment (`inet weft_masq`). Left in place, they would apply a
+# second time. By table: its chains as Weft made them, name -> (type, hook).
 OLD_TABLES: dict[tuple[str, str], dict[str, tuple[str, str]]] = {
     ("ip", "weft"): {"postrouting": ("nat", "postrouting"), "forward": ("filter", "forward")},
     ("inet", "weft_masq"): {"postrouting": ("nat", "postrouting")},

@@ -3,6 +3,8 @@
 Both are written atomically (temporary file, then rename) and only once the
 backend is ready, so no pod ever sees half a config. Both are weftd's: at every
 resync, one that anything else changed, replaced or removed is written again.
+The bridge's gateway follows the plugin's rule (weftlib.ipnet), so its addresses
+are ipaddress objects here, converted once from the lease's netaddr subnets.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ log = logging.getLogger("weftd.nodeconf")
 NETWORK_NAME = "weft"
 
 
-def gateway(subnet: netaddr.IPNetwork) -> netaddr.IPNetwork:
-    """The node's gateway on the bridge, with the subnet's prefix (weftlib.ipnet's rule)."""
-    return netaddr.IPNetwork(str(ipnet.gateway_interface(ipaddress.ip_network(str(subnet)))))
+def gateway(subnet: netaddr.IPNetwork) -> ipnet.IPInterface:
+    """The node's gateway on the bridge of a netaddr subnet, with the subnet's prefix (weftlib.ipnet's rule)."""
+    return ipnet.gateway_interface(ipaddress.ip_network(str(subnet)))
 
 
 def subnet_env(network: NetworkConfig, own: Lease, mtu: int) -> str:
@@ -85,14 +87,14 @@ def fix_bridge(ipr: IPRoute, bridge: str, network: NetworkConfig, own: Lease) ->
     for fam in network.families:
         subnet = own.family_subnet(fam.version)
         if subnet is not None:
-            _fix_gateway(ipr, bridge, br, fam.network, gateway(subnet))
+            _fix_gateway(ipr, bridge, br, ipaddress.ip_network(str(fam.network)), gateway(subnet))
 
 
-def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork, gw: netaddr.IPNetwork) -> None:
+def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: ipnet.IPNetwork, gw: ipnet.IPInterface) -> None:
     family = socket.AF_INET if gw.version == 4 else socket.AF_INET6
     stale = [a for a in ipr.get_addr(family=family, index=br["index"])
-             if netaddr.IPAddress(a.get("IFA_ADDRESS")) in network
-             and netaddr.IPNetwork(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") != gw]
+             if ipaddress.ip_address(a.get("IFA_ADDRESS")) in network
+             and ipaddress.ip_interface(f"{a.get('IFA_ADDRESS')}/{a['prefixlen']}") != gw]
     if not stale:
         return
     if not owned(br):
@@ -104,8 +106,8 @@ def _fix_gateway(ipr: IPRoute, bridge: str, br: Any, network: netaddr.IPNetwork,
         ignore_errno(ipr.addr, "del", index=br["index"], address=a.get("IFA_ADDRESS"), prefixlen=a["prefixlen"],
                      codes=(errno.EADDRNOTAVAIL,))
     extra = {} if gw.version == 4 else {"flags": IFA_F_NODAD}  # usable at once, as the plugin adds it
-    ignore_errno(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.prefixlen, codes=(errno.EEXIST,),
-                 **extra)
+    ignore_errno(ipr.addr, "add", index=br["index"], address=str(gw.ip), prefixlen=gw.network.prefixlen,
+                 codes=(errno.EEXIST,), **extra)
 
 
 def remove(paths: Paths) -> None:

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from cni_plugin.config import DEFAULT_BRIDGE
 from weftd.config import Paths
 from weftd.option import (
     ALL,
@@ -38,6 +37,7 @@ from weftd.option import (
     positive_float,
     socket_path,
 )
+from weftlib.kernel.netlink import DEFAULT_BRIDGE
 
 BEGIN, END = "<!-- weftd-options:begin -->", "<!-- weftd-options:end -->"
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")

@@ -22,6 +22,7 @@ def gateway(subnet: IPNetwork) -> IPAddress:
     return subnet.network_address + 1
 
 
-def gateway_interface(subnet: IPNetwork) -> IPInterface:
-    """The gateway with the subnet's prefix, as it sits on the bridge."""
-    return ipaddress.ip_interface(f"{gateway(subnet)}/{subnet.prefixlen}")
+def gateway_interface(subnet: IPNetwork, address: IPAddress | None = None) -> IPInterface:
+    """The gateway (`address`, or else the subnet's first host) with the subnet's prefix, as it sits on the
+    bridge."""
+    return ipaddress.ip_interface(f"{address if address is not None else gateway(subnet)}/{subnet.prefixlen}")

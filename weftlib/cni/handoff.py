@@ -26,7 +26,6 @@ MAX_ENV = 1 << 20
 MAX_CONFIG = MAX_STDIN
 TIMEOUT = 300.0
 SOCKET_KEY = "daemonSocket"
-SERVED = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
 
 
 def _recv_exact(sock: _socket.socket, n: int) -> bytes:

@@ -21,7 +21,8 @@ from weftlib.cni.errors import CniError
 from weftlib.cni.stdin import MAX_STDIN, read_stdin
 from weftlib.cni.version import LATEST, SUPPORTED_VERSIONS, check_version
 
-COMMANDS = ("ADD", "DEL", "CHECK", "GC", "STATUS", "VERSION")
+VERBS = ("ADD", "DEL", "CHECK", "GC", "STATUS")  # what a plugin's handlers do; VERSION is answered here
+COMMANDS = (*VERBS, "VERSION")
 
 # libcni's rule for container IDs and network names (pkg/utils/utils.go).
 _ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$")

@@ -17,8 +17,9 @@ No forward chain: in nftables an `accept` ends only its own base chain, and anot
 on the same hook still sees the packet and can drop it, so a chain of accepts (Flannel's nftables
 mode has one) lets nothing through that would not pass anyway; it only cost every forwarded pod
 packet a set lookup, about 3% of the CPU of a host-gw pod-to-pod stream (bench/dataplane_bench.py).
-A table made by an older Weft loses it when the table is declared again. Legacy iptables nodes keep
-weftd's WEFT-FWD chain (weftd/netfilter.py), where an ACCEPT in FORWARD does count.
+Declaring the table deletes the forward chain that a node upgraded from an earlier Weft still has in it.
+Legacy iptables nodes keep weftd's WEFT-FWD chain (weftd/netfilter.py), where an ACCEPT in FORWARD
+does count.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def declare() -> str:
     chain = f"add chain {FAMILY} {TABLE}"
     out = [f"add table {FAMILY} {TABLE}\n", *_sets(),
            f"{chain} {POSTROUTING} {{ type nat hook postrouting priority srcnat; policy accept; }}\n",
-           # An older Weft's forward chain (see above), gone in the same transaction; no-op without one.
+           # An upgraded node's forward chain (see above) goes in the same transaction; a no-op without one.
            f"{chain} {FORWARD}\n", f"flush chain {FAMILY} {TABLE} {FORWARD}\n",
            f"delete chain {FAMILY} {TABLE} {FORWARD}\n"]
     for chain, rules in _rules().items():

@@ -1,4 +1,5 @@
-"""Netlink helpers shared by the plugin and weftd, and the mark that says a link is Weft's.
+"""Netlink helpers shared by the plugin and weftd, the mark that says a link is Weft's, and the node
+bridge's default name.
 
 pyroute2 is imported only inside the helpers weftd uses: the plugin's path never loads it.
 
@@ -16,6 +17,7 @@ if TYPE_CHECKING:
     from pyroute2 import IPRoute  # importing the pyroute2 package itself loads all of it (150 ms)
 
 GROUP = 0x77656674  # "weft"
+DEFAULT_BRIDGE = "cni0"  # the bridge plugin's default, which weftd's conflist names unless told otherwise
 
 
 def get_link(ipr: IPRoute, name: str) -> Any:

@@ -1,8 +1,8 @@
 """Synchronous rtnetlink over a plain socket, on the wire format.
 
 pyroute2 0.9's synchronous IPRoute runs an asyncio event loop for every call, and its message
-classes cost about 1 ms to decode a link: on the per-pod paths (ADD, CHECK, DEL, GC) that was
-more than the kernel's work, and under a burst it held the GIL. Here a request is one send() and
+classes cost about 1 ms to decode a link: on the per-pod paths (ADD, CHECK, DEL, GC) that is
+more than the kernel's work, and under a burst it holds the GIL. Here a request is one send() and
 the recv()s that answer it, with struct headers and attributes as bytes, and the plugin does not
 import pyroute2 at all. For weftd's thousands of peers, `batch` sends many requests per send()
 without waiting for each answer.
