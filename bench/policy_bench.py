@@ -27,13 +27,15 @@ from ipam.reservations import Reservations
 from tests.cluster import Cluster
 from tests.lab import Lab
 from weftd.nodeconf import NETWORK_NAME
+from weftd.pod import Attachment
 from weftd.policy import model
 from weftd.policy.compile import PortBinding, State, compile_ruleset, transaction
 from weftd.policy.engine import PolicyEngine
 from weftd.policy.source import DirSource
 from weftlib.cni import skel
-from weftlib.cni.result import IPConfig, Result
+from weftlib.cni.result import Interface, IPConfig, Result
 from weftlib.kernel import nft
+from weftlib.kernel.netlink import host_veth_name
 from weftlib.kernel.netns import NetNS
 
 PODS, POLICIES, NAMESPACES = 1000, 200, 20
@@ -135,7 +137,7 @@ NEW_SUBNET = "10.250.0.0/16"  # the node's pod subnet for the pods ADDed during 
 
 
 def hook_time(sizes: tuple[int, ...] = HOOK_SIZES, rounds: int = 7) -> dict[str, Any]:
-    """What the policy hook adds to a pod's ADD and DEL through weftd: PolicyEngine.pod_added and pod_deleted,
+    """What the policy hook adds to a pod's ADD and DEL through weftd: PolicyEngine.attached and detached,
     with the engine started on `size` pods (half on this node) and POLICIES policies from a policy
     directory. Each ADD is of a pod whose object is already known with its labels but no address yet, as
     when a scheduled pod's sandbox starts; its reservation is made first, as the plugin does."""
@@ -169,20 +171,22 @@ def hook_time(sizes: tuple[int, ...] = HOOK_SIZES, rounds: int = 7) -> dict[str,
                 add, delete = [], []
                 for r in range(rounds):
                     cid, ip = f"{r:x}".rjust(64, "f"), ipaddress.ip_address(f"10.250.0.{r + 2}")
-                    environ = {"CNI_CONTAINERID": cid, "CNI_IFNAME": "eth0",
-                               "CNI_ARGS": f"K8S_POD_NAMESPACE=ns{r % NAMESPACES};K8S_POD_NAME=new{r}"}
-                    added = Result(ips=[IPConfig(ipaddress.ip_interface(f"{ip}/16"))])
-                    result = skel.json_line(added.to_json("1.0.0"))
+                    args = skel.Args("ADD", cid, "/proc/self/ns/net", "eth0",
+                                     args={"K8S_POD_NAMESPACE": f"ns{r % NAMESPACES}", "K8S_POD_NAME": f"new{r}"})
+                    # As the plugin answers: the bridge, the veth's host end, its pod end with the address.
+                    added = Result([Interface("cni0"), Interface(host_veth_name(cid, "eth0")),
+                                    Interface("eth0", sandbox="/proc/self/ns/net")],
+                                   [IPConfig(ipaddress.ip_interface(f"{ip}/16"), interface=2)])
                     with reservations as held:
                         held.reserve(ip, cid, "eth0")
                     t = time.perf_counter()
-                    engine.pod_added(environ, result)
+                    engine.attached(Attachment.of(args, added))
                     add.append(time.perf_counter() - t)
                 for r in range(rounds):
                     with reservations as held:
                         held.release(ipaddress.ip_address(f"10.250.0.{r + 2}"))
                     t = time.perf_counter()
-                    engine.pod_deleted({"CNI_CONTAINERID": f"{r:x}".rjust(64, "f")})
+                    engine.detached(f"{r:x}".rjust(64, "f"))
                     delete.append(time.perf_counter() - t)
                 engine.stop()
             netns.close()
@@ -255,8 +259,8 @@ def main() -> int:
         return 0
     print("NetworkPolicy: parse + compile + one nftables transaction, as weftd does on every change")
     out: dict[str, Any] = {"apply": apply_time()}
-    print("NetworkPolicy: the policy hook's cost in a pod's ADD and DEL through weftd (PolicyEngine.pod_added, "
-          "pod_deleted)")
+    print("NetworkPolicy: the policy hook's cost in a pod's ADD and DEL through weftd (PolicyEngine.attached, "
+          "detached)")
     out["hook"] = hook_time()
     if os.environ.get("WEFT_BENCH_IPERF", "1") != "0":
         print("NetworkPolicy: iperf3 TCP, 5 s, pod on n1 to pod on n2, with and without policies")

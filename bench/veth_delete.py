@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from cni_plugin import attachment
 from cni_plugin.plugin import HANDLERS, PLUGIN
 from tests.lab import Lab
 from weftlib.cni import skel
+from weftlib.kernel.netlink import host_veth_name
 from weftlib.kernel.netns import NetNS
 from weftlib.kernel.rtnl import Rtnl
 
@@ -58,7 +58,7 @@ def main() -> None:
                     if gap is not None:
                         drop(other.name)
                         time.sleep(gap)
-                    link = rt.link(attachment.host_veth_name(cid, "eth0"))
+                    link = rt.link(host_veth_name(cid, "eth0"))
                     assert link is not None
                     t = time.perf_counter()
                     rt.del_link(link.index)

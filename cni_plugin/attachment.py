@@ -8,7 +8,6 @@ deletes links that carry both marks.
 from __future__ import annotations
 
 import errno
-import hashlib
 import ipaddress
 from dataclasses import dataclass
 
@@ -41,10 +40,6 @@ from weftlib.kernel.rtnl import (
     nla_u32,
     veth_peer,
 )
-
-
-def host_veth_name(container_id: str, ifname: str) -> str:
-    return "weft" + hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()[:8]
 
 
 def alias(network: str, container_id: str, ifname: str) -> str:

@@ -20,6 +20,7 @@ from weftlib.cni import errors, skel
 from weftlib.cni.attachments import valid_attachments
 from weftlib.cni.errors import CniError
 from weftlib.cni.result import Interface, IPConfig, Result, Route
+from weftlib.kernel.netlink import host_veth_name
 from weftlib.kernel.netns import NetNS, NotNetNS
 
 if TYPE_CHECKING:
@@ -117,7 +118,7 @@ def _attach(conf: NetConf, args: skel.Args, raw: dict[str, Any], ipam_conf: IPAM
             undo.append(lambda: attachment.delete_bridge_if_unused(rt, br.index))
         if conf.is_gateway:  # checks the addresses again: an exec'd IPAM's gateways are known only now
             attachment.ensure_bridge_addresses(rt, br, gateways, conf.force_address)
-        host_name = attachment.host_veth_name(args.container_id, args.ifname)
+        host_name = host_veth_name(args.container_id, args.ifname)
         undo.append(lambda: attachment.delete_host_veth(rt, host_name))
         veth = attachment.create_veth(rt, pod, ns, args.ifname, host_name, conf.mtu, br.index, conf.hairpin,
                                       attachment.alias(conf.name, args.container_id, args.ifname))
@@ -153,11 +154,11 @@ def _delete_host_veth(host_name: str) -> None:
 
 def cmd_del(args: skel.Args, raw: dict[str, Any]) -> None:
     conf = NetConf.parse(raw)
-    from cni_plugin import attachment, masq
+    from cni_plugin import masq
 
     # The host end is named after its owner, so DEL needs neither the netns nor prevResult;
     # deleting it takes the pod's end with it.
-    _delete_host_veth(attachment.host_veth_name(args.container_id, args.ifname))
+    _delete_host_veth(host_veth_name(args.container_id, args.ifname))
     delegate.ipam("DEL", args, raw, conf.ipam_type, parse_ipam(conf, args, raw))
     if conf.ip_masq:
         masq.remove(conf.name, args.container_id, args.ifname)
@@ -178,7 +179,7 @@ def cmd_check(args: skel.Args, raw: dict[str, Any]) -> None:
     from weftlib.kernel.rtnl import Rtnl
 
     with open_netns(args) as ns, Rtnl() as rt:
-        attachment.check(rt, ns, conf.bridge, attachment.host_veth_name(args.container_id, args.ifname),
+        attachment.check(rt, ns, conf.bridge, host_veth_name(args.container_id, args.ifname),
                          container, addresses, prev.routes)
     if conf.ip_masq and not masq.present(conf.name, args.container_id, args.ifname, addresses):
         raise CniError(errors.INVALID_CONFIG, f"masquerade rules for {args.container_id}/{args.ifname} are missing",
@@ -200,7 +201,7 @@ def cmd_gc(args: skel.Args, raw: dict[str, Any]) -> None:
         labelled, unlabelled = attachment.weft_veths(rt, conf.name)
         for cid, ifname in labelled:
             if (cid, ifname) not in valid:
-                attachment.delete_host_veth(rt, attachment.host_veth_name(cid, ifname))
+                attachment.delete_host_veth(rt, host_veth_name(cid, ifname))
         for name in unlabelled:
             attachment.delete_host_veth(rt, name)
     try:

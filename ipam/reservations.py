@@ -80,17 +80,12 @@ class Reservations:
         """Every reserved address and its owner; removes leftovers of killed writers."""
         out: dict[IPAddress, Owner | None] = {}
         for entry in os.scandir(self.dir):
-            name = entry.name
-            if name.startswith(TMP_PREFIX):
+            if entry.name.startswith(TMP_PREFIX):
                 files.unlink(entry.path)
                 continue
-            if name == LOCK or name.startswith(LAST_RESERVED) or not entry.is_file(follow_symlinks=False):
-                continue
-            try:
-                ip = ipaddress.ip_address(name)
-            except ValueError:
-                continue
-            out[ip] = parse_owner(_read(entry.path))
+            ip = _reserved(entry)
+            if ip is not None:
+                out[ip] = parse_owner(_read(entry.path))
         return out
 
     def owned_by(self, container_id: str, ifname: str) -> list[IPAddress]:
@@ -123,6 +118,64 @@ class Reservations:
             files.unlink(self._path(name))
         os.rmdir(self.dir)
         return True
+
+
+class Reader:
+    """One network's reservations as a process that only reads them sees them (weftd, at every pod it serves):
+    without the lock, and removing nothing. Each file is read once: a reservation is created whole (linked or
+    renamed into place) and only ever deleted, so a file whose inode and times are unchanged holds what it held."""
+
+    def __init__(self, directory: str) -> None:
+        self.dir = directory
+        self._kept: dict[str, tuple[tuple[int, int, int], Owner | None]] = {}
+
+    def stamp(self) -> tuple[int, int] | None:
+        """Changes whenever a reservation is made or released (the directory's mtime and inode); None: no
+        directory."""
+        try:
+            st = os.stat(self.dir)
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_ino
+
+    def read(self) -> dict[IPAddress, Owner | None]:
+        """Every reserved address and its owner."""
+        try:
+            entries = list(os.scandir(self.dir))
+        except FileNotFoundError:
+            return {}
+        known, self._kept = self._kept, {}
+        out: dict[IPAddress, Owner | None] = {}
+        for entry in entries:
+            ip = _reserved(entry)
+            if ip is None:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue  # released meanwhile
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            kept = known.get(entry.name)
+            owner = kept[1] if kept is not None and kept[0] == stamp else parse_owner(_read(entry.path))
+            self._kept[entry.name] = (stamp, owner)
+            out[ip] = owner
+        return out
+
+    def forget(self) -> None:
+        """The next read reads every file again."""
+        self._kept.clear()
+
+
+def _reserved(entry: os.DirEntry[str]) -> IPAddress | None:
+    """The address a directory entry reserves; None for the lock, round-robin's state, temporary files and
+    anything else."""
+    name = entry.name
+    if name == LOCK or name.startswith((LAST_RESERVED, TMP_PREFIX)) or not entry.is_file(follow_symlinks=False):
+        return None
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
 
 
 def _read(path: str) -> bytes:

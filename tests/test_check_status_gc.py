@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from cni_plugin.attachment import host_veth_name
 from tests.lab import Netns, Node, weft_conf
+from weftlib.kernel.netlink import host_veth_name
 
 
 def _added(node: Node, pod: Netns, cid: str = "c1", **opts: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -10,7 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.cluster import ClusterNode, MakeCluster
-from tests.lab import cnidrive_path, host_veths, ping
+from tests.lab import Node, cnidrive_path, host_veths, ping, weft_conf
+from weftd.cniserver import CniServer
+from weftd.metrics import Metrics
+from weftd.pod import Attachment, Refused
+from weftlib.kernel.netlink import host_veth_name
+from weftlib.kernel.netns import NetNS
 
 
 def handed_over(cn: ClusterNode, command: str, result: str = "ok") -> int:
@@ -146,3 +151,46 @@ def test_socket_is_private_to_root(make_cluster: MakeCluster) -> None:
     p = n1.ns.run("setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", "python3", "-c", probe,
                   str(n1.node.socket), check=False)
     assert p.returncode != 0 and "Permission denied" in p.stderr
+
+
+def test_the_hook_is_told_of_each_pod_and_an_add_it_refuses_is_undone(node: Node, tmp_path: Path) -> None:
+    """weftd's CNI server runs the invocation, then tells its hook of the pod as one typed value, before the
+    reply; an ADD the hook refuses is undone (nothing of the pod stays) and fails with TRY_AGAIN and the
+    hook's words. Run in-process, in the node's namespace."""
+    told: list[Attachment] = []
+    gone: list[str] = []
+
+    class Hook:
+        def attached(self, pod: Attachment) -> None:
+            told.append(pod)
+            if pod.name == "refused":
+                raise Refused("NetworkPolicy could not be applied for this pod: no verdicts for it")
+
+        def detached(self, container_id: str) -> None:
+            gone.append(container_id)
+
+    server = CniServer(tmp_path / "cni.sock", Metrics(), Hook())
+    raw = json.dumps(weft_conf(data_dir=node.data_dir)).encode()
+    pods = {name: node.pod(name) for name in ("kept", "refused")}
+
+    def invoke(command: str, name: str) -> tuple[int, dict[str, object]]:
+        env = node.env(CNI_COMMAND=command, CNI_CONTAINERID=name, CNI_NETNS=pods[name].path, CNI_IFNAME="eth0",
+                       CNI_ARGS=f"K8S_POD_NAMESPACE=ns1;K8S_POD_NAME={name}")
+        with NetNS(node.ns.path) as handle, handle.entered():
+            outcome = server.invoke(raw, env, None)
+        return outcome.status, json.loads(outcome.stdout) if outcome.stdout else {}
+
+    status, kept = invoke("ADD", "kept")
+    assert status == 0 and told[0].host_veth == host_veth_name("kept", "eth0") == kept["interfaces"][1]["name"]
+    assert (told[0].namespace, told[0].name, told[0].container_id, told[0].ifname) == ("ns1", "kept", "kept", "eth0")
+    assert [str(a) for a in told[0].addresses] == [ip["address"] for ip in kept["ips"]]
+
+    status, err = invoke("ADD", "refused")
+    assert status == 1 and err["code"] == 11
+    assert err["details"] == "NetworkPolicy could not be applied for this pod: no verdicts for it"
+    assert told[1].name == "refused" and "eth0" not in pods["refused"].links()
+    assert host_veths(node) == [host_veth_name("kept", "eth0")]
+    assert list(node.reservations("weftnet").values()) == ["kept\r\neth0"]
+
+    assert invoke("DEL", "kept")[0] == 0 and gone == ["kept"]
+    assert host_veths(node) == [] and node.reservations("weftnet") == {}

@@ -10,7 +10,7 @@ import pytest
 from tests.lab import Lab
 from tests.unit.test_policy import compile_raw, random_steps
 from weftd.policy.compile import Cache, delta, transaction
-from weftd.policy.engine import listing
+from weftd.policy.tables import listing
 from weftlib.kernel import nft
 from weftlib.kernel.netns import NetNS
 

@@ -2,7 +2,10 @@
 
 Each connection is one invocation, served on its own thread through the same
 `skel.invoke` the executable uses, so both paths decide alike. Only root (or
-weftd's own user) may connect; the socket is created mode 0600.
+weftd's own user) may connect; the socket is created mode 0600. The connection
+only carries the invocation's bytes (weftlib.cni.handoff); what weftd adds to
+an ADD is `invoke`'s: the hook is told of the pod as one typed value (weftd.pod),
+and an ADD the hook refuses is undone and fails.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol
 
 from cni_plugin.plugin import HANDLERS, PLUGIN
 from weftd.metrics import Metrics
+from weftd.pod import Attachment, PodHook, Refused
 from weftlib.cni import errors, handoff, skel
+from weftlib.cni.result import Result
 
 log = logging.getLogger("weftd.cni")
 # Invocations served at once. Most of an ADD's or DEL's wall time is the kernel waiting (RCU grace
@@ -30,19 +34,11 @@ log = logging.getLogger("weftd.cni")
 CONCURRENCY = 64
 
 
-class PodHooks(Protocol):
-    """Told of each pod this node attaches or detaches, before the runtime gets the answer."""
-
-    def pod_added(self, environ: Mapping[str, str], stdout: str) -> None: ...
-
-    def pod_deleted(self, environ: Mapping[str, str]) -> None: ...
-
-
 class CniServer:
-    def __init__(self, path: Path, metrics: Metrics, hooks: PodHooks | None = None) -> None:
+    def __init__(self, path: Path, metrics: Metrics, hook: PodHook | None = None) -> None:
         self.path = path
         self.metrics = metrics
-        self.hooks = hooks
+        self.hook = hook
         self._slots = threading.BoundedSemaphore(CONCURRENCY)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
@@ -109,10 +105,7 @@ class CniServer:
             command = environ.get("CNI_COMMAND", "?")
             t = time.perf_counter()
             try:
-                with self._slots:
-                    outcome = skel.invoke(PLUGIN, HANDLERS, raw, environ, fds[0] if fds else None)
-                if self.hooks is not None and outcome.status == 0:
-                    outcome = self._hook(command, raw, environ, fds, outcome)
+                outcome = self.invoke(raw, environ, fds[0] if fds else None)
             finally:
                 for fd in fds:
                     os.close(fd)
@@ -127,28 +120,34 @@ class CniServer:
                 log.warning("%s %s: the plugin went away before the reply: %s", command,
                             environ.get("CNI_CONTAINERID", ""), e)
 
-    def _hook(self, command: str, raw: bytes, environ: dict[str, str], fds: list[int],
-              outcome: skel.Outcome) -> skel.Outcome:
-        """A pod's NetworkPolicy verdicts are in the kernel before its ADD returns; if they cannot be,
-        the ADD is rolled back and fails, so no pod ever runs unprotected by weftd's choice."""
-        assert self.hooks is not None
-        if command == "DEL":
-            try:
-                self.hooks.pod_deleted(environ)
-            except Exception as e:  # noqa: BLE001 - the pod is gone either way; the next apply catches up
-                log.error("DEL %s: policy: %s", environ.get("CNI_CONTAINERID", ""), e)
+    def invoke(self, raw: bytes, environ: Mapping[str, str], netns_fd: int | None) -> skel.Outcome:
+        """One invocation, as the plugin would run it, then the hook. The hook is told of a pod before its ADD
+        returns; if it cannot take the pod, the ADD is undone (a DEL) and fails with TRY_AGAIN, so no pod runs
+        without what the hook must put in place (its NetworkPolicy verdicts)."""
+        with self._slots:
+            outcome = skel.invoke(PLUGIN, HANDLERS, raw, environ, netns_fd)
+        if self.hook is None or outcome.status != 0 or outcome.args is None:
             return outcome
-        if command != "ADD":
+        args = outcome.args
+        if args.command == "DEL":
+            try:
+                self.hook.detached(args.container_id)
+            except Exception as e:  # noqa: BLE001 - the pod is gone either way; the next apply catches up
+                log.error("DEL %s: %s", args.container_id, e)
+            return outcome
+        if args.command != "ADD":
             return outcome
         try:
-            self.hooks.pod_added(environ, outcome.stdout)
+            if not isinstance(outcome.result, Result):
+                raise TypeError(f"the ADD answered {type(outcome.result).__name__}, not a result")
+            self.hook.attached(Attachment.of(args, outcome.result))
             return outcome
-        except Exception as e:  # noqa: BLE001 - any failure to protect the pod fails its ADD
-            cid = environ.get("CNI_CONTAINERID", "")
-            log.error("ADD %s: policy could not be applied, rolling back: %s", cid, e)
-            undo = skel.invoke(PLUGIN, HANDLERS, raw, {**environ, "CNI_COMMAND": "DEL"}, fds[0] if fds else None)
+        except Exception as e:  # noqa: BLE001 - whatever keeps the hook from taking the pod fails its ADD
+            why = str(e) if isinstance(e, Refused) else f"weftd could not finish attaching this pod: {e}"
+            log.error("ADD %s: %s; rolling back", args.container_id, why)
+            undo = skel.invoke(PLUGIN, HANDLERS, raw, {**environ, "CNI_COMMAND": "DEL"}, netns_fd)
             if undo.status != 0:
-                log.error("ADD %s: rollback failed: %s", cid, undo.stdout.strip())
+                log.error("ADD %s: rollback failed: %s", args.container_id, undo.stdout.strip())
             version = skel.parse_config(raw).get("cniVersion", "1.0.0")
-            err = errors.CniError(errors.TRY_AGAIN, f"NetworkPolicy could not be applied for this pod: {e}")
+            err = errors.CniError(errors.TRY_AGAIN, why)
             return skel.Outcome(1, skel.json_line(err.to_json(str(version))), f"{PLUGIN}: {err}\n")

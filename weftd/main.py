@@ -155,7 +155,7 @@ def cmd_uninstall(args: argparse.Namespace, origins: Origins) -> int:
 
     from ipam.reservations import Reservations
     from weftd import netfilter, nodeconf
-    from weftd.policy.engine import remove_tables
+    from weftd.policy.tables import remove_tables
 
     paths = _paths(args)
     nodeconf.remove(paths)  # first: a runtime that reads the conflist now finds no network to attach pods to

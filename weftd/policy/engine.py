@@ -3,51 +3,39 @@
 Sources are read in full before the first apply, and every apply replaces both tables in one nftables
 transaction, so a restarted weftd moves from the old ruleset to the new one with no moment in
 between; when weftd stops, the tables stay. Pods this node attaches are bound to their Pod objects
-through the CNI ADD (K8S_POD_NAMESPACE, K8S_POD_NAME) and their verdicts are in the kernel before
-the ADD returns. Bindings are kept in a file, so a restarted weftd still knows its pods.
+when weftd's CNI server tells of them (`attached`, a PodHook), and their verdicts are in the kernel
+before the ADD returns.
 
 An ADD or DEL pays for what the pod changes, not for the cluster's size: each compile reuses what the
-last one computed and the change leaves untouched (compile.Cache), lease files are read once, and the
-kernel's tables are listed (to notice changes made behind weftd's back) only by the periodic resync,
-which replaces them in full again when anything was applied since its last look.
+last one computed and the change leaves untouched (compile.Cache), reservations are read once
+(bindings.Ports), and the kernel's tables are listed (to notice changes made behind weftd's back) only
+by the periodic resync, which replaces them in full again when anything was applied since its last look.
+
+The rooms beside it: `bindings` (which pod is which), `tables` (every nftables call), `metrics`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import netaddr
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry
 
-from cni_plugin.attachment import host_veth_name
-from weftd.policy import model
-from weftd.policy.compile import (
-    SPOOFED,
-    TABLE,
-    Cache,
-    Compiled,
-    PortBinding,
-    State,
-    compile_ruleset,
-    delta,
-    transaction,
-)
-from weftlib.cni.skel import parse_cni_args
-from weftlib.kernel import nft, sysctl
-from weftlib.kernel.files import write_atomic
+from weftd.pod import Attachment, Refused
+from weftd.policy import model, tables
+from weftd.policy.bindings import Binding, Bindings, Ports
+from weftd.policy.compile import Cache, Compiled, State, compile_ruleset, delta
+from weftd.policy.metrics import DropCollector, Drops, PolicyMetrics
+from weftlib.kernel import nft
 
 log = logging.getLogger("weftd.policy")
 POLL = 0.5
-BRIDGE_SYSCTLS = ("/proc/sys/net/bridge/bridge-nf-call-iptables", "/proc/sys/net/bridge/bridge-nf-call-ip6tables")
 
 
 class Source(Protocol):
@@ -64,129 +52,40 @@ class PolicyError(RuntimeError):
     pass
 
 
-@dataclass(frozen=True)
-class Binding:
-    """A pod this node attached: the CNI ADD tells its name and addresses."""
-
-    namespace: str
-    name: str
-    ips: tuple[netaddr.IPAddress, ...]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "name": self.name, "ips": [str(ip) for ip in self.ips]}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> Binding:
-        return cls(str(d["namespace"]), str(d["name"]), tuple(netaddr.IPAddress(ip) for ip in d["ips"]))
-
-
-def enable_br_netfilter() -> None:
-    """Bridged pod-to-pod frames reach the inet forward hook only with br_netfilter on (in this netns)."""
-    for path in BRIDGE_SYSCTLS:
-        try:
-            if sysctl.write(path, "1", missing_ok=False):
-                log.info("enabled %s for NetworkPolicy on same-node traffic", path.rsplit("/", 1)[1])
-        except FileNotFoundError:
-            log.error("br_netfilter is not loaded (%s missing): policy between pods on the same node is NOT "
-                      "enforced; load it with `modprobe br_netfilter`", path)
-            return
-    log.info("br_netfilter: bridge-nf-call-iptables and bridge-nf-call-ip6tables are on")
-
-
-class PolicyMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.apply = Histogram("weft_policy_apply_seconds", "Time to compile and apply the policy ruleset",
-                               registry=r, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
-        self.last_apply = Gauge("weft_policy_last_apply_timestamp_seconds", "When the ruleset was last applied",
-                                registry=r)
-        self.errors = Counter("weft_policy_apply_errors_total", "Failed applies of the policy ruleset", registry=r)
-        self.rules = Gauge("weft_policy_rules", "Rules in the policy tables", registry=r)
-        self.chains = Gauge("weft_policy_chains", "Pod chains in the policy table", registry=r)
-        self.selected = Gauge("weft_policy_selected_pods", "Local pods a policy selects", ["policy"], registry=r)
-        self.isolated = Gauge("weft_policy_isolated_pods", "Local pods selected by at least one policy", registry=r)
-        self.invalid = Gauge("weft_policy_invalid_objects", "Problems found in the policy sources", registry=r)
-        self.policies = Gauge("weft_policies", "NetworkPolicies known", registry=r)
-
-
-def read_counters(names: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
-    """Packets and bytes of every named counter in the policy tables (one per pod chain, and `spoofed`), or
-    of the pod chains `names` (none: no call; one listing costs about as much as one counter)."""
-    out: dict[str, tuple[int, int]] = {}
-    wanted = None if names is None else set(names)
-    for family in ("inet", "bridge") if wanted is None else ("inet",) if wanted else ():
-        status, text, _ = nft.run(f"list counters table {family} {TABLE}", json_output=True)
-        if status != 0:
-            continue
-        for item in json.loads(text).get("nftables", []):
-            c = item.get("counter")
-            if c is not None and (wanted is None or c["name"] in wanted):
-                out[c["name"]] = (int(c.get("packets", 0)), int(c.get("bytes", 0)))
-    return out
-
-
-class DropCollector:
-    """weft_policy_dropped_{packets,bytes}_total per policy and direction, from the pod chains' counters.
-
-    A packet dropped at a pod chain's end was allowed by none of the policies selecting that pod, so it
-    counts for each of them. Counters live in the kernel and restart when a chain is replaced; what they
-    held is added to the totals just before, so the exported counters only grow."""
-
-    def __init__(self, engine: PolicyEngine) -> None:
-        self.engine = engine
-
-    def collect(self) -> Any:
-        totals = self.engine.drop_totals(read_counters())
-        pk = CounterMetricFamily("weft_policy_dropped_packets", "Packets dropped because no policy allowed them",
-                                 labels=["policy", "direction"])
-        by = CounterMetricFamily("weft_policy_dropped_bytes", "Bytes dropped because no policy allowed them",
-                                 labels=["policy", "direction"])
-        for (pid, direction), (packets, octets) in sorted(totals.items()):
-            if pid == SPOOFED:
-                continue
-            pk.add_metric([pid, direction], packets)
-            by.add_metric([pid, direction], octets)
-        spoofed = CounterMetricFamily("weft_policy_spoofed_packets", "Packets dropped for a source address "
-                                      "that is not the sending pod's")
-        spoofed.add_metric([], totals.get((SPOOFED, ""), (0, 0))[0])
-        return [pk, by, spoofed]
-
-
 class PolicyEngine:
-    def __init__(self, node: str, source: Source, state_file: Path, lease_dir: Path,
+    def __init__(self, node: str, source: Source, state_file: Path, reservation_dir: Path,
                  registry: CollectorRegistry | None = None, resync: float = 10.0,
                  nflog_group: int | None = None) -> None:
+        """`state_file`: where the bindings are kept; `reservation_dir`: weft-ipam's reservations of the
+        node's network."""
         self.node = node
         self.source = source
-        self.state_file = state_file
-        self.lease_dir = lease_dir
         self.resync = resync
         self.nflog_group = nflog_group
         self._pods: list[model.Pod] = []  # the last apply's, to name the ends of denied packets
         self._names: tuple[list[model.Pod], dict[str, str]] = ([], {})  # for which _pods: address -> "ns/name"
         registry = registry or CollectorRegistry()
         self.metrics = PolicyMetrics(registry)
-        registry.register(DropCollector(self))
-        self._dropped: dict[tuple[str, str], tuple[int, int]] = {}
+        self.drops = Drops()
+        registry.register(DropCollector(self.drops, lambda: self.last.chain_policies if self.last else {}))
         self.subnets: tuple[netaddr.IPNetwork, ...] = ()  # the node's pod subnets, one per family
-        self.bindings: dict[str, Binding] = self._load_bindings()
+        self.bindings = Bindings(state_file)
+        self.ports = Ports(reservation_dir)
         self.ready = threading.Event()
         self.stopped = threading.Event()
-        self._lock = threading.Lock()  # bindings, generation
+        self._lock = threading.Lock()  # the generation counter
         self._apply_lock = threading.Lock()
-        self._source_lock = threading.Lock()
+        self._source_lock = threading.Lock()  # the sources, and the reservations' stamp
         self._generation = 0
         self._applied_generation = -1
         self._applied_text: str | None = None
         self._described: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
-        self._lease_stamp: tuple[int, int] | None = None
+        self._ports_stamp: tuple[int, int] | None = None
         self._thread: threading.Thread | None = None
         self.last: Compiled | None = None
-        self._retry = False
         self._snapshot: str | None = None  # the tables as last applied, to notice changes behind weftd's back
         self._unchecked = False  # applied since the snapshot: the next resync applies in full and lists again
         self._cache = Cache()
-        self._leases: dict[str, tuple[tuple[int, int, int], netaddr.IPAddress, str]] = {}  # file -> stat, address, veth
 
     # ---- lifecycle ----
 
@@ -194,7 +93,7 @@ class PolicyEngine:
         """Reads every source, applies the full ruleset once, then follows changes. `subnets`: the node's pod
         subnets (IPv4, IPv6 or both); a pod with an address in one of them is local."""
         self.subnets = tuple(subnets)
-        enable_br_netfilter()
+        tables.enable_br_netfilter()
         if self.nflog_group is not None:
             from weftd.policy.nflog import NflogReader
 
@@ -206,10 +105,11 @@ class PolicyEngine:
         self.refresh()
         try:
             self.request()
+            owed = False
         except PolicyError:
-            self._retry = True  # logged; the previous ruleset stays and the loop tries again
+            owed = True  # logged; the previous ruleset stays and the loop applies again
         self.ready.set()
-        self._thread = threading.Thread(target=self._loop, name="policy", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(owed,), name="policy", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -221,132 +121,70 @@ class PolicyEngine:
         """Re-reads the sources; True if anything changed."""
         with self._source_lock:
             changed = self.source.poll()
-            stamp = self._leases_stamp()
-            if stamp != self._lease_stamp:
-                self._lease_stamp, changed = stamp, True
+            stamp = self.ports.stamp()
+            if stamp != self._ports_stamp:
+                self._ports_stamp, changed = stamp, True
         return changed
 
-    def _loop(self) -> None:
+    def _loop(self, owed: bool) -> None:
+        """Applies after every change of the sources and, every `resync` seconds, checks the kernel's tables.
+        `owed`: an apply failed, and none has succeeded since: the next round applies even without a change."""
         last_check = time.monotonic()
         while not self.stopped.wait(POLL):
             try:
                 changed = self.refresh()
+            except Exception as e:  # noqa: BLE001 - a source that cannot be read keeps what it last gave
+                log.error("policy: %s", e)
+                continue
+            try:
                 if time.monotonic() - last_check > self.resync:
                     last_check = time.monotonic()
-                    retry, self._retry = self._retry, True  # until the check and its apply succeed
-                    applied = self._resync()
-                    self._retry = retry and not applied
-                    changed = changed and not applied
-                if changed or self._retry:
-                    self._retry = True
+                    if self._resync():  # applied in full: it covers every change and what was owed
+                        changed = owed = False
+                if changed or owed:
                     self.request()
-                    self._retry = False
-            except Exception as e:  # noqa: BLE001 - keep enforcing the last good ruleset; retry next round
+                    owed = False
+            except Exception as e:  # noqa: BLE001 - keep enforcing the last good ruleset; apply again next round
+                owed = True
                 log.error("policy: %s", e)
 
-    # ---- CNI hooks (called by the CNI server, before the reply) ----
+    # ---- the CNI server's hook (before the reply) ----
 
-    def pod_added(self, environ: Mapping[str, str], stdout: str) -> None:
-        """Binds the pod from CNI_ARGS to the ADD result's addresses and applies; raises PolicyError."""
-        args = parse_cni_args(environ.get("CNI_ARGS", ""))
-        ns, name = args.get("K8S_POD_NAMESPACE"), args.get("K8S_POD_NAME")
-        if not ns or not name:
+    def attached(self, pod: Attachment) -> None:
+        """Binds the pod to its addresses and applies; raises Refused if its verdicts cannot be put in."""
+        if not pod.namespace or not pod.name:
             return  # not a Kubernetes pod: no Pod object can select it
-        if not self.ready.wait(60):
-            raise PolicyError("the policy engine is not ready yet")
         try:
-            result = json.loads(stdout)
-            ips = tuple(netaddr.IPAddress(ip["address"].split("/")[0]) for ip in result.get("ips", []))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise PolicyError(f"unreadable ADD result: {e}") from None
-        cid = environ.get("CNI_CONTAINERID", "")
-        with self._lock:
-            before = self.bindings.get(cid)
-            self.bindings[cid] = Binding(ns, name, ips)
-            self._save_bindings()
-        try:
-            self.refresh()  # the pod's verdicts follow the sources as they are now, not as last polled
-            self.request()
-        except Exception:
-            with self._lock:  # the ADD is rolled back: forget the pod again
-                if before is None:
-                    self.bindings.pop(cid, None)
-                else:
-                    self.bindings[cid] = before
-                self._save_bindings()
-            raise
-        log.info("pod %s/%s (%s) bound to %s", ns, name, cid[:12], ", ".join(map(str, ips)))
+            if not self.ready.wait(60):
+                raise PolicyError("the policy engine is not ready yet")
+            ips = tuple(netaddr.IPAddress(int(a.ip), a.version) for a in pod.addresses)
+            before = self.bindings.put(pod.container_id, Binding(pod.namespace, pod.name, ips))
+            try:
+                self.refresh()  # the pod's verdicts follow the sources as they are now, not as last polled
+                self.request()
+            except Exception:
+                self.bindings.put(pod.container_id, before)  # the ADD is rolled back: forget the pod again
+                raise
+        except Exception as e:  # noqa: BLE001 - whatever it was, the pod would run without its verdicts
+            raise Refused(f"NetworkPolicy could not be applied for this pod: {e}") from None
+        log.info("pod %s/%s (%s) bound to %s on %s", pod.namespace, pod.name, pod.container_id[:12],
+                 ", ".join(map(str, ips)), pod.host_veth)
 
-    def pod_deleted(self, environ: Mapping[str, str]) -> None:
-        cid = environ.get("CNI_CONTAINERID", "")
-        with self._lock:
-            gone = self.bindings.pop(cid, None)
-            if gone is not None:
-                self._save_bindings()
+    def detached(self, container_id: str) -> None:
+        gone = self.bindings.put(container_id, None)
         if gone is not None:
-            self.refresh()  # takes in the released lease too, so the loop does not start an apply of its own
+            self.refresh()  # takes in the released reservation too, so the loop does not start an apply of its own
             self.request()
-            log.info("pod %s/%s (%s) unbound", gone.namespace, gone.name, cid[:12])
+            log.info("pod %s/%s (%s) unbound", gone.namespace, gone.name, container_id[:12])
 
     # ---- state ----
-
-    def _load_bindings(self) -> dict[str, Binding]:
-        try:
-            data = json.loads(self.state_file.read_text())
-            return {cid: Binding.from_json(b) for cid, b in data.items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, KeyError, TypeError, AttributeError, netaddr.AddrFormatError) as e:
-            log.error("%s is unreadable (%s); pods attached before are known again from their Pod objects",
-                      self.state_file, e)
-            return {}
-
-    def _save_bindings(self) -> None:
-        write_atomic(self.state_file, json.dumps({c: b.to_json() for c, b in sorted(self.bindings.items())}))
-
-    def _leases_stamp(self) -> tuple[int, int] | None:
-        try:
-            st = self.lease_dir.stat()
-            return st.st_mtime_ns, st.st_ino
-        except FileNotFoundError:
-            return None
-
-    def _port_bindings(self) -> list[PortBinding]:
-        """Every pod veth on this node and its addresses, from the IPAM leases (also of pods attached
-        while weftd was away)."""
-        ports: dict[str, list[netaddr.IPAddress]] = {}
-        try:
-            entries = list(os.scandir(self.lease_dir))
-        except FileNotFoundError:
-            return []
-        known, self._leases = self._leases, {}
-        for e in entries:
-            try:
-                st = e.stat(follow_symlinks=False)
-                stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
-                kept = known.get(e.name)
-                if kept is not None and kept[0] == stamp:  # leases are written once, by a rename or O_EXCL
-                    _, ip, veth = kept
-                else:
-                    ip = netaddr.IPAddress(e.name)
-                    with open(e.path, "rb") as f:
-                        cid, _, ifname = f.read().decode().partition("\r\n")
-                    cid, ifname = cid.strip(), ifname.strip()
-                    veth = host_veth_name(cid, ifname) if cid and ifname else ""
-            except (ValueError, netaddr.AddrFormatError, OSError, UnicodeDecodeError):
-                continue
-            self._leases[e.name] = (stamp, ip, veth)
-            if veth:
-                ports.setdefault(veth, []).append(ip)
-        return [PortBinding(name, tuple(sorted(ips))) for name, ips in sorted(ports.items())]
 
     def state(self) -> tuple[State, list[model.Pod]]:
         with self._source_lock:
             objects = self.source.objects()
         state = State.of(objects.values())
         pods = {p.key: p for p in state.pods}
-        with self._lock:
-            bindings = list(self.bindings.values())
+        bindings = self.bindings.all()
         bound: dict[model.Key, model.Pod] = {}
         for b in bindings:
             key = ("Pod", b.namespace, b.name)
@@ -385,15 +223,14 @@ class PolicyEngine:
         try:
             state, local = self.state()
             full = self._applied_text is None
-            compiled = compile_ruleset(state, local, self._port_bindings(), self.nflog_group, self._cache)
+            compiled = compile_ruleset(state, local, self.ports.bindings(), self.nflog_group, self._cache)
             self._pods = state.pods
             if compiled.text != self._applied_text:
                 before = self._send(compiled, full)
-                with self._lock:
-                    self._dropped = self._accumulate(self._dropped, before)
+                self.drops.keep(before, self.last.chain_policies if self.last is not None else {})
                 self._applied_text = compiled.text
                 if full:  # at the start and at a resync: what the kernel holds now is what the next one expects
-                    self._snapshot, self._unchecked = listing(), False
+                    self._snapshot, self._unchecked = tables.listing(), False
                 else:
                     self._unchecked = True
                 self.last = compiled
@@ -424,33 +261,33 @@ class PolicyEngine:
         transaction deleted or reset, as they were just before."""
         change = None if full or self.last is None else delta(self.last, compiled)
         if change is not None:
-            before = read_counters(change.removed | change.reset)
-            status, _, err = nft.run(change.commands) if change.commands else (0, "", "")
-            if status == 0:
+            before = tables.read_counters(change.removed | change.reset)
+            refused = tables.change(change.commands)
+            if refused is None:
                 return before
-            log.warning("policy: applying the change alone failed (%s); replacing the tables in full", err.strip())
+            log.warning("policy: applying the change alone failed (%s); replacing the tables in full", refused)
         # what the drop counters held goes into the totals before the replace zeroes them (also at a resync,
         # which forgets _applied_text); only tables weftd did not apply yet are not read
-        before = read_counters() if self.last is not None else {}
-        status, _, err = nft.run(transaction(compiled.text))
-        if status != 0:
-            raise PolicyError(f"nft: {err.strip()}")
+        before = tables.read_counters() if self.last is not None else {}
+        refused = tables.replace(compiled.text)
+        if refused is not None:
+            raise PolicyError(f"nft: {refused}")
         return before
 
     def _resync(self) -> bool:
         """The periodic full check. If anything was applied since the last look at the kernel, or the tables
-        differ from that look, both tables are replaced in full (the leases read anew) and listed again.
+        differ from that look, both tables are replaced in full (the reservations read anew) and listed again.
         True if it applied."""
         with self._apply_lock:
             if self._snapshot is None:
-                return False  # nothing applied yet: the loop's retry applies in full
-            seen = listing()
+                return False  # nothing applied yet: the loop applies in full, as it owes an apply
+            seen = tables.listing()
             unchecked = self._unchecked
             if not unchecked and seen == self._snapshot:
                 return False
             applied = self._applied_text
             self._applied_text = None
-            self._leases.clear()
+            self.ports.forget()
             with self._lock:
                 generation = self._generation
             self._apply()
@@ -477,23 +314,6 @@ class PolicyEngine:
         return (f"{name(src)} -> {name(dst)}; {direction} of {pod} allowed by none of "
                 f"{', '.join(policies) or 'its policies'}")
 
-    def _accumulate(self, base: dict[tuple[str, str], tuple[int, int]],
-                    counters: Mapping[str, tuple[int, int]]) -> dict[tuple[str, str], tuple[int, int]]:
-        """`base` plus the kernel's counters, attributed through the last applied ruleset's chains."""
-        out = dict(base)
-        chains = self.last.chain_policies if self.last is not None else {}
-        for name, (packets, octets) in counters.items():
-            owners = [(SPOOFED, "")] if name == SPOOFED else \
-                [(pid, "ingress" if name.startswith("i_") else "egress") for pid in chains.get(name, ())]
-            for key in owners:
-                p0, b0 = out.get(key, (0, 0))
-                out[key] = (p0 + packets, b0 + octets)
-        return out
-
-    def drop_totals(self, counters: Mapping[str, tuple[int, int]]) -> dict[tuple[str, str], tuple[int, int]]:
-        with self._lock:
-            return self._accumulate(self._dropped, counters)
-
     def _describe(self, state: State, compiled: Compiled) -> None:
         """A log line per policy whose definition or selection changed, and per policy removed."""
         now: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
@@ -508,40 +328,3 @@ class PolicyEngine:
         for pid in set(self._described) - set(now):
             log.info("policy %s removed", pid)
         self._described = now
-
-
-
-def listing() -> str:
-    """Both policy tables as the kernel has them, without handles and counter values (which change), in an
-    order that does not depend on how they were built (in full, or change by change): objects by kind and
-    name, rules in their chain's order, set elements sorted."""
-    out = []
-    for family in ("inet", "bridge"):
-        status, text, _ = nft.run(f"list table {family} {TABLE}", json_output=True)
-        if status != 0:
-            out.append(f"{family}: missing")
-            continue
-        items: list[tuple[tuple[str, str, int], str]] = []
-        position: dict[str, int] = {}
-        for item in json.loads(text).get("nftables", []):
-            kind, body = next(iter(item.items()))
-            if kind in ("metainfo", "counter"):
-                continue
-            body = {k: v for k, v in body.items() if k != "handle"}
-            if isinstance(body.get("elem"), list):
-                body["elem"] = sorted(body["elem"], key=lambda e: json.dumps(e, sort_keys=True))
-            if kind == "rule":
-                chain = str(body.get("chain", ""))
-                position[chain] = position.get(chain, 0) + 1
-                key = ("rule", chain, position[chain])
-            else:
-                key = (kind, str(body.get("name", "")), 0)
-            items.append((key, json.dumps({kind: body}, sort_keys=True)))
-        out += [f"{family} {line}" for _, line in sorted(items)]
-    return "\n".join(out)
-
-
-def remove_tables() -> None:
-    """`weftd uninstall`: the policy tables go with everything else weftd made."""
-    nft.run(f"delete table inet {TABLE}")
-    nft.run(f"delete table bridge {TABLE}")

@@ -163,11 +163,15 @@ def log_failure(plugin: str, exc: BaseException, log_file: str | None) -> str:
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one invocation prints and returns: the same whether run here or by weftd."""
+    """What one invocation prints and returns: the same whether run here or by weftd. A successful one also
+    carries its validated environment and its handler's result, for weftd to act on without parsing them
+    again."""
 
     status: int
     stdout: str
     stderr: str = ""
+    args: Args | None = field(default=None, compare=False, repr=False)
+    result: Emittable | None = field(default=None, compare=False, repr=False)
 
     def deliver(self) -> int:
         sys.stdout.write(self.stdout)
@@ -194,7 +198,7 @@ def invoke(plugin: str, handlers: Mapping[str, Handler], raw: bytes, environ: Ma
         check_version(conf, args.command)
         check_name(conf)
         result = handlers[args.command](args, conf)
-        return Outcome(0, json_line(result.to_json(version)) if result is not None else "")
+        return Outcome(0, json_line(result.to_json(version)) if result is not None else "", args=args, result=result)
     except CniError as e:
         return Outcome(1, json_line(e.to_json(version)), log_failure(plugin, e, log_file))
     except Exception as e:  # noqa: BLE001 - the runtime must get JSON, never a traceback
