@@ -27,6 +27,37 @@ def _machine_cni_files() -> list[str]:
 
 UNIT_DIR = Path(__file__).resolve().parent / "unit"
 
+# Settings of the whole machine (or of its own network namespace, read from here) that no test may change: the
+# ones kubelet writes at start, conntrack's table size, and forwarding in the root namespace.
+HOST_SETTINGS = tuple(Path("/proc/sys") / p for p in (
+    "vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops", "kernel/keys/root_maxkeys",
+    "kernel/keys/root_maxbytes", "net/netfilter/nf_conntrack_max", "net/ipv4/ip_forward",
+    "net/ipv6/conf/all/forwarding", "net/bridge/bridge-nf-call-iptables", "net/bridge/bridge-nf-call-ip6tables"))
+
+
+def _host_settings() -> dict[Path, str]:
+    values = {}
+    for path in HOST_SETTINGS:
+        try:
+            values[path] = path.read_text()
+        except OSError:
+            pass  # not on this kernel (bridge-nf-* without br_netfilter)
+    return values
+
+
+@pytest.fixture(autouse=True)
+def host_settings_untouched() -> Iterator[None]:
+    """Each test leaves the machine's own settings as it found them; one that does not fails, and its change is
+    undone so that the next tests and the machine keep the values it came with."""
+    before = _host_settings()
+    yield
+    after = _host_settings()
+    changed = {p: (v, after.get(p)) for p, v in before.items() if after.get(p) != v}
+    for path, (value, _) in changed.items():
+        path.write_text(value)
+    assert not changed, "host-wide settings changed: " + ", ".join(
+        f"{p.relative_to('/proc/sys')} {old.strip()} -> {(new or '').strip()}" for p, (old, new) in changed.items())
+
 
 def _needs_root(item: pytest.Item) -> bool:
     return not item.path.is_relative_to(UNIT_DIR)
