@@ -214,7 +214,8 @@ def usage(prog: str, about: str) -> str:
     from weftlib.version import version
 
     return (f"usage: {prog} (Weft {version()}): {about}\n"
-            "A CNI plugin, which the container runtime runs: CNI_COMMAND (ADD, DEL, CHECK, GC, STATUS or VERSION), "
+            "A CNI plugin, which the container runtime runs: "
+            f"CNI_COMMAND ({', '.join(COMMANDS[:-1])} or {COMMANDS[-1]}), "
             "CNI_CONTAINERID, CNI_NETNS, CNI_IFNAME and CNI_PATH in the environment, the network config on stdin, "
             "the result or a CNI error as JSON on stdout.\n"
             f"Try: CNI_COMMAND=VERSION {prog} </dev/null\n")
