@@ -81,9 +81,11 @@ NEEDS := \
 	openssl:openssl \
 	wireguard-go:wireguard-go \
 	wg:wireguard-tools
-# The kube-apiserver the tests run: built once per machine from Debian's kubernetes source package
-# (tests/kubeapi/build.sh), or the one WEFT_KUBE_APISERVER names (another checkout's, say).
-KUBE_APISERVER_LINK := $(BUILD)/kube-apiserver/current/kube-apiserver
+# Kubernetes binaries, built once per machine from Debian's kubernetes source package
+# (tools/kube/build.sh) and cached under $(BUILD)/kube/<source version>/. The kube tests run
+# kube-apiserver, or the one WEFT_KUBE_APISERVER names (another checkout's, say).
+KUBE_BIN := $(BUILD)/kube/current
+KUBE_APISERVER_LINK := $(KUBE_BIN)/kube-apiserver
 
 .PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint docs demo bench clean fresh-check
 
@@ -123,7 +125,7 @@ $(CNIDRIVE): tools/cnidrive/main.go | $(BUILD)/.debs
 kube-apiserver: | $(BUILD)/.debs
 	@if [ -n "$$WEFT_KUBE_APISERVER" ]; then \
 	  test -x "$$WEFT_KUBE_APISERVER" || { echo "WEFT_KUBE_APISERVER=$$WEFT_KUBE_APISERVER is not executable" >&2; exit 1; }; \
-	else bash tests/kubeapi/build.sh $(BUILD) >/dev/null; fi
+	else bash tools/kube/build.sh $(BUILD) kube-apiserver >/dev/null; fi
 
 # The `weft` executable containerd runs: a static C shim that hands each invocation to weftd and
 # execs `weft-py` beside it when weftd is not there (docs/architecture.md, "How a pod is attached").

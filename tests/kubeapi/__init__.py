@@ -37,7 +37,7 @@ KUBE_IP = "192.168.77.3"
 PORT = 6443
 ETCD_URL = "http://127.0.0.1:2379"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
-BINARY_LINK = ROOT / ".build" / "kube-apiserver" / "current" / "kube-apiserver"
+BINARY_LINK = ROOT / ".build" / "kube" / "current" / "kube-apiserver"
 CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
