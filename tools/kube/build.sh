@@ -58,6 +58,7 @@ if [ ! -f "$src/.weft-prepared" ]; then
   rm -rf "$work" "$src"; mkdir -p "$work"
   (cd "$work" && apt-get "${apt_opts[@]}" source --download-only kubernetes >&2)
   dpkg-source --no-check -x "$(ls "$work"/kubernetes_*.dsc)" "$src" >/dev/null
+  rm -f "$out"/kubernetes_*  # dpkg-source leaves a copy of the tarballs beside the tree
   rm -rf "$work"
   # reflect2 v1.0.1 breaks with Go >= 1.18 (it relies on runtime internals); Debian ships v1.0.2.
   rdeb=/usr/share/gocode/src/github.com/modern-go/reflect2
