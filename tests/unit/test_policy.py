@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -120,17 +121,34 @@ def test_a_bad_version_keeps_the_last_good_one_and_a_broken_file_keeps_its_objec
     good = tmp_path / "p.json"
     good.write_text('{"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "x"}, '
                     '"spec": {"podSelector": {}}}')
-    assert src.poll()
-    assert ("NetworkPolicy", "x", "p") in src.objects()
+    key = ("NetworkPolicy", "x", "p")
+    assert src.poll() == {key}
+    kept = src.objects()[key]
     good.write_text('{"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "x"}, "spec": {}}   ')
-    assert src.poll()
-    assert ("NetworkPolicy", "x", "p") in src.objects() and src.error_count() == 1
+    assert src.poll() == set()  # the bad version changes nothing
+    assert src.objects()[key] is kept and src.error_count() == 1
     good.write_text('{"kind": ')
-    assert src.poll()
-    assert ("NetworkPolicy", "x", "p") in src.objects()
-    assert not src.poll()
+    assert src.poll() == set()
+    assert src.objects()[key] is kept and src.error_count() == 1
+    assert src.poll() == set()
     good.unlink()
-    assert src.poll() and src.objects() == {}
+    assert src.poll() == {key} and src.objects() == {} and src.error_count() == 0
+
+
+def test_the_dir_source_reports_the_keys_that_changed_and_the_last_file_wins(tmp_path: Path) -> None:
+    src = DirSource(tmp_path)
+    ns = {"kind": "Namespace", "metadata": {"name": "x", "labels": {"a": "1"}}}
+    (tmp_path / "a.json").write_text(json.dumps({"kind": "List", "items": [
+        ns, {"kind": "Pod", "metadata": {"name": "p", "namespace": "x"}}]}))
+    assert src.poll() == {("Namespace", "", "x"), ("Pod", "x", "p")}
+    (tmp_path / "b.json").write_text(json.dumps({**ns, "metadata": {"name": "x", "labels": {"a": "2"}}}))
+    assert src.poll() == {("Namespace", "", "x")}
+    x = src.objects()[("Namespace", "", "x")]
+    assert isinstance(x, model.Namespace) and x.labels["a"] == "2"
+    (tmp_path / "a.json").write_text(json.dumps(ns))  # the pod leaves; the namespace in a.json is overridden
+    assert src.poll() == {("Pod", "x", "p")}
+    (tmp_path / "b.json").unlink()
+    assert src.poll() == {("Namespace", "", "x")} and set(src.objects()) == {("Namespace", "", "x")}
 
 
 def _state(*objs: dict[str, Any]) -> State:

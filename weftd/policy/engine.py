@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -35,15 +35,25 @@ from weftd.policy.metrics import DropCollector, Drops, PolicyMetrics
 from weftlib.kernel import nft
 
 log = logging.getLogger("weftd.policy")
-POLL = 0.5
+STOP_CHECK = 0.5  # the longest the loop waits for a change before it looks at its stop event
 
 
 class Source(Protocol):
-    """Where the objects come from: a directory (source.DirSource) or the API server (kube.KubeSource)."""
+    """Where the objects come from: a directory (source.DirSource) or the API server (kube.KubeSource).
 
-    def poll(self) -> bool: ...
+    The engine calls poll() and objects() under one lock; wait() outside it."""
 
-    def objects(self) -> dict[model.Key, model.Object]: ...
+    def poll(self) -> set[model.Key]:
+        """Takes in what changed since the last poll: the keys added, changed or removed (empty: nothing)."""
+        ...
+
+    def objects(self) -> Mapping[model.Key, model.Object]:
+        """The current objects: a live view that only poll() changes; callers must not change it."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Returns when a change may be there for poll(), or after `timeout` seconds."""
+        ...
 
     def error_count(self) -> int: ...
 
@@ -120,7 +130,8 @@ class PolicyEngine:
     def refresh(self) -> bool:
         """Re-reads the sources; True if anything changed."""
         with self._source_lock:
-            changed = self.source.poll()
+            changed = bool(self.source.poll())
+            self.metrics.invalid.set(self.source.error_count())  # a bad version changes no object, but counts
             stamp = self.ports.stamp()
             if stamp != self._ports_stamp:
                 self._ports_stamp, changed = stamp, True
@@ -130,11 +141,15 @@ class PolicyEngine:
         """Applies after every change of the sources and, every `resync` seconds, checks the kernel's tables.
         `owed`: an apply failed, and none has succeeded since: the next round applies even without a change."""
         last_check = time.monotonic()
-        while not self.stopped.wait(POLL):
+        while not self.stopped.is_set():
+            self.source.wait(min(STOP_CHECK, max(0.0, last_check + self.resync - time.monotonic())))
+            if self.stopped.is_set():
+                break
             try:
                 changed = self.refresh()
             except Exception as e:  # noqa: BLE001 - a source that cannot be read keeps what it last gave
                 log.error("policy: %s", e)
+                self.stopped.wait(STOP_CHECK)  # a source that fails at once would otherwise spin
                 continue
             try:
                 if time.monotonic() - last_check > self.resync:
@@ -181,8 +196,8 @@ class PolicyEngine:
 
     def state(self) -> tuple[State, list[model.Pod]]:
         with self._source_lock:
-            objects = self.source.objects()
-        state = State.of(objects.values())
+            objects = list(self.source.objects().values())  # poll() from another thread changes the live view
+        state = State.of(objects)
         pods = {p.key: p for p in state.pods}
         bindings = self.bindings.all()
         bound: dict[model.Key, model.Pod] = {}
@@ -246,8 +261,6 @@ class PolicyEngine:
         m.rules.set(compiled.rules)
         m.chains.set(compiled.chains)
         m.policies.set(len(state.policies))
-        with self._source_lock:
-            m.invalid.set(self.source.error_count())
         m.isolated.set(len(set().union(*compiled.selected.values())) if compiled.selected else 0)
         m.selected.clear()
         for pid, pods in compiled.selected.items():

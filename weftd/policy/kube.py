@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from weftd import kubeclient
@@ -40,11 +40,13 @@ class KubeSource:
             "Namespace": core.list_namespace,
             "NetworkPolicy": networking.list_network_policy_for_all_namespaces,
         }
-        self._objects: dict[str, dict[Key, Object]] = {k: {} for k in self.kinds}
+        self._objects: dict[str, dict[Key, Object]] = {k: {} for k in self.kinds}  # as the watches know them
+        self._live: dict[Key, Object] = {}  # what objects() shows: the watches' state as of the last poll()
+        self._dirty: set[Key] = set()  # keys the watches changed since the last poll()
+        self._wake = threading.Event()  # set with _dirty
         self._errors: dict[Key, str] = {}
         self._synced = {k: threading.Event() for k in self.kinds}
         self._lock = threading.Lock()
-        self._changed = False
         self._stop = stop or threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -77,10 +79,11 @@ class KubeSource:
             elif key is not None and key in self._objects[kind]:
                 fresh[key] = self._objects[kind][key]
         with self._lock:
-            self._objects[kind] = fresh
+            old, self._objects[kind] = self._objects[kind], fresh
+            self._dirty.update(k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k))
             listed = {model.object_key({**self._dict(r), "kind": kind}) for r in items}
             self._errors = {k: v for k, v in self._errors.items() if k[0] != kind or k in listed}
-            self._changed = True
+            self._wake.set()
         self._synced[kind].set()
 
     def _event(self, kind: str, event_type: str, raw: Any) -> None:
@@ -88,19 +91,23 @@ class KubeSource:
         with self._lock:
             if event_type == "DELETED":
                 if key is not None:
-                    self._objects[kind].pop(key, None)
+                    if self._objects[kind].pop(key, None) is not None:
+                        self._dirty.add(key)
                     self._errors.pop(key, None)
             elif obj is not None:
+                if self._objects[kind].get(obj.key) != obj:
+                    self._dirty.add(obj.key)
                 self._objects[kind][obj.key] = obj
-            self._changed = True
+            if self._dirty:
+                self._wake.set()
 
     def _watch(self, kind: str) -> None:
         kubeclient.reflect(f"{kind} list/watch", self.kinds[kind], functools.partial(self._replace, kind),
                            functools.partial(self._event, kind), self._stop)
 
-    def poll(self) -> bool:
-        """True if anything changed since the last poll; the first poll waits for every kind's list (raises Stopped
-        if weftd stops first)."""
+    def poll(self) -> set[Key]:
+        """Takes in what the watches saw since the last poll: returns the keys added, changed or removed. The first
+        poll waits for every kind's list (raises Stopped if weftd stops first)."""
         if not self._threads:
             for kind in self.kinds:
                 t = threading.Thread(target=self._watch, args=(kind,), name=f"kube-{kind}", daemon=True)
@@ -116,12 +123,21 @@ class KubeSource:
                                     "as they are", kind)
                         warned = True
         with self._lock:
-            changed, self._changed = self._changed, False
-        return changed
+            self._wake.clear()
+            dirty, self._dirty = self._dirty, set()
+            for key in dirty:
+                obj = self._objects[key[0]].get(key)
+                if obj is None:
+                    self._live.pop(key, None)
+                else:
+                    self._live[key] = obj
+        return dirty
 
-    def objects(self) -> dict[Key, Object]:
-        with self._lock:
-            return {k: o for objs in self._objects.values() for k, o in objs.items()}
+    def objects(self) -> Mapping[Key, Object]:
+        return self._live
+
+    def wait(self, timeout: float) -> None:
+        self._wake.wait(timeout)
 
     def error_count(self) -> int:
         with self._lock:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,7 @@ class DirSource:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.files: dict[Path, FileState] = {}
+        self._objects: dict[Key, Object] = {}  # every file's objects, a later file's (by name) over an earlier one's
 
     def _listing(self) -> dict[Path, tuple[int, int, int]]:
         out = {}
@@ -91,21 +94,20 @@ class DirSource:
                 out[Path(e.path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return out
 
-    def poll(self) -> bool:
-        """Re-reads what changed; True if any file was added, changed or removed."""
+    def poll(self) -> set[Key]:
+        """Re-reads the files that changed; returns the keys whose object was added, changed or removed."""
         listing = self._listing()
-        changed = False
+        touched: set[Key] = set()
         for path in list(self.files):
             if path not in listing:
-                del self.files[path]
+                touched.update(self.files.pop(path).objects)
                 log.info("%s removed", path)
-                changed = True
         for path, stamp in sorted(listing.items()):
             old = self.files.get(path)
             if old is not None and old.stamp == stamp:
                 continue
-            changed = True
             previous = old.objects if old is not None else {}
+            touched.update(previous)
             try:
                 text = path.read_text()
                 objects, errors = parse_file(path, text, previous)
@@ -117,16 +119,32 @@ class DirSource:
             for err in errors:
                 log.error("%s", err)
             self.files[path] = FileState(stamp, objects, errors)
+            touched.update(objects)
+        return self._merge(touched)
+
+    def _merge(self, keys: set[Key]) -> set[Key]:
+        """Brings the merged view up to date for `keys`; returns those whose object changed."""
+        changed = set()
+        order = [self.files[p].objects for p in sorted(self.files, reverse=True)]  # the last file wins
+        for key in keys:
+            obj = next((objs[key] for objs in order if key in objs), None)
+            old = self._objects.get(key)
+            if obj is None:
+                if old is not None:
+                    del self._objects[key]
+                    changed.add(key)
+            elif old is None or old != obj:
+                self._objects[key] = obj
+                changed.add(key)
+            if obj is not None and len(order) > 1 and sum(key in objs for objs in order) > 1:
+                log.debug("%s is in more than one file; the last by name is used", model.describe(key))
         return changed
 
-    def objects(self) -> dict[Key, Object]:
-        out: dict[Key, Object] = {}
-        for path in sorted(self.files):
-            for key, obj in self.files[path].objects.items():
-                if key in out:
-                    log.debug("%s in %s overrides an earlier file", model.describe(key), path)
-                out[key] = obj
-        return out
+    def objects(self) -> Mapping[Key, Object]:
+        return self._objects
+
+    def wait(self, timeout: float) -> None:
+        time.sleep(timeout)
 
     def error_count(self) -> int:
         return sum(len(f.errors) for f in self.files.values())
