@@ -109,7 +109,7 @@ def start_weftd(lab: Lab, v: Variant) -> None:
     exe = weftd_exe(BUNDLE if v.weft == "frozen" else None)
     v.weftd = subprocess.Popen(
         weftd_command(ns, exe, v.name, file_store(v.node.dir / "store.json"), v.node.dir / "net-conf.json",
-                      v.node.dir / "subnet.env", v.node.dir / "weftd-net.d", v.socket),
+                      v.node.dir / "subnet.env", v.node.dir / "weftd-net.d", v.socket, v.node.dir / "ipam"),
         stdout=subprocess.DEVNULL, stderr=open(v.node.dir / "weftd.log", "ab"))
     deadline = time.monotonic() + 60
     while not (v.node.dir / "weftd-net.d" / "10-weft.conflist").exists():

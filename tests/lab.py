@@ -76,14 +76,13 @@ def file_store(path: Path) -> list[str]:
 
 
 def weftd_command(ns: Netns, exe: list[str], node_name: str, store: list[str], net_conf: Path, subnet_file: Path,
-                  cni_conf_dir: Path, cni_socket: Path, ipam_data_dir: Path | None = None, iface: str = "eth0",
+                  cni_conf_dir: Path, cni_socket: Path, ipam_data_dir: Path, iface: str = "eth0",
                   listen: str = "127.0.0.1:9808", extra: tuple[str, ...] = ()) -> list[str]:
-    """`weftd run` for a simulated node, inside its namespace: the one place tests and benchmarks spell it."""
+    """`weftd run` for a simulated node, inside its namespace: the one place tests and benchmarks spell it.
+    `ipam_data_dir` is required: weftd's default is the machine's own /var/lib/cni/networks."""
     cmd = ["ip", "netns", "exec", ns.name, *exe, "run", "--node-name", node_name, *store, "--net-conf", str(net_conf),
            "--iface", iface, "--subnet-file", str(subnet_file), "--cni-conf-dir", str(cni_conf_dir),
-           "--listen", listen, "--cni-socket", str(cni_socket)]
-    if ipam_data_dir is not None:
-        cmd += ["--ipam-data-dir", str(ipam_data_dir)]
+           "--listen", listen, "--cni-socket", str(cni_socket), "--ipam-data-dir", str(ipam_data_dir)]
     return cmd + list(extra)
 
 
