@@ -176,8 +176,8 @@ fresh-check:
 	  bash $(FRESH_ROOT) $(CURDIR)
 
 lint: venv
-	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py
-	$(VENV)/bin/mypy weftlib cni_plugin ipam weftd
+	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py tools/clusterdns
+	$(VENV)/bin/mypy weftlib cni_plugin ipam weftd tools/clusterdns/server.py
 	$(VENV)/bin/lint-imports
 
 # README.md's table of weftd's flags and variables, from their declarations (weftd/options.py).
