@@ -22,11 +22,14 @@ import pytest
 import yaml
 from dnslib import QTYPE, RCODE, DNSRecord
 
+from tests.containerd import Containerd
 from tests.kubeapi import KubeAPI, in_netns
 from tests.lab import ROOT
 
 SERVER = ROOT / "tools" / "clusterdns" / "server.py"
 MANIFEST = ROOT / "tools" / "clusterdns" / "clusterdns.yml"
+IMAGE_SCRIPT = ROOT / "tools" / "clusterdns" / "image.sh"
+IMAGE_ARCHIVE = ROOT / ".build" / "images" / "clusterdns.tar"
 PORT = 53
 HEALTH = 8181
 STATIC_GOOGLE = "10.96.0.80"
@@ -121,23 +124,29 @@ class DNSProcess:
 
 
 @pytest.fixture
-def cluster_dns(kube_api: KubeAPI, tmp_path: Path) -> Iterator[DNSProcess]:
-    """clusterdns.yml created as written (the Deployment is stored; no kubelet runs it), server.py running with
-    its ServiceAccount's token, and a namespace for the test's Services."""
-    docs = manifest()
-    p = DNSProcess(kube_api, tmp_path)
+def manifest_applied(kube_api: KubeAPI) -> Iterator[str]:
+    """clusterdns.yml created as written; yields a token of its ServiceAccount."""
     created: list[dict[str, Any]] = []
     try:
-        for doc in docs:
+        for doc in manifest():
             create(kube_api, doc)
             created.append(doc)
-        p.start(kube_api.token("kube-system", "clusterdns"))
+        yield kube_api.token("kube-system", "clusterdns")
+    finally:
+        for doc in reversed(created):
+            delete(kube_api, doc)
+
+
+@pytest.fixture
+def cluster_dns(kube_api: KubeAPI, manifest_applied: str, tmp_path: Path) -> Iterator[DNSProcess]:
+    """server.py running with the manifest's ServiceAccount token (the Deployment is stored; no kubelet runs it)."""
+    p = DNSProcess(kube_api, tmp_path)
+    try:
+        p.start(manifest_applied)
         eventually(lambda: ready(kube_api), 200)
         yield p
     finally:
         p.stop()
-        for doc in reversed(created):
-            delete(kube_api, doc)
 
 
 @pytest.fixture
@@ -231,3 +240,45 @@ def test_not_ready_until_it_may_list(kube_api: KubeAPI, tmp_path: Path) -> None:
         p.stop()
         for doc in reversed(created):
             delete(kube_api, doc)
+
+
+def test_image_serves_as_the_manifest_runs_it(kube_api: KubeAPI, manifest_applied: str, tmp_path: Path) -> None:
+    """The archive from image.sh (built here when missing or stale, cached by its inputs) imports into containerd
+    under the manifest's image name, and runs with its own entrypoint on a read-only root, as the Deployment does."""
+    build = subprocess.run(["bash", str(IMAGE_SCRIPT), str(IMAGE_ARCHIVE)], capture_output=True, text=True,
+                           timeout=1800)
+    assert build.returncode == 0, build.stdout + build.stderr
+    image = next(c["image"] for d in manifest() if d["kind"] == "Deployment"
+                 for c in d["spec"]["template"]["spec"]["containers"])
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text(manifest_applied)
+    (sa / "ca.crt").write_bytes((kube_api.pki / "ca.crt").read_bytes())
+    (sa / "namespace").write_text("kube-system")
+    ctrd = Containerd(kube_api.ns, tmp_path / "containerd", f"weft-dns-{uuid.uuid4().hex[:8]}")
+    try:
+        ctrd.start()
+        ctrd.ctr("images", "import", str(IMAGE_ARCHIVE))
+        assert image in ctrd.ctr("images", "ls", "-q").stdout.split()
+        # the API server's namespace is the container's (--net-host: runc keeps containerd's)
+        ctrd.ctr("run", "-d", "--net-host", "--read-only", "--env", "KUBERNETES_SERVICE_HOST=127.0.0.1",
+                 "--env", "KUBERNETES_SERVICE_PORT=6443", "--mount",
+                 f"type=bind,src={sa},dst=/var/run/secrets/kubernetes.io/serviceaccount,options=rbind:ro",
+                 image, "clusterdns")
+        eventually(lambda: ready(kube_api), 200, seconds=60)
+        for tcp in (False, True):
+            assert answer(kube_api, "kube-dns.kube-system.svc.cluster.local", tcp=tcp) == ("NOERROR",
+                                                                                          ["A 10.96.0.10"])
+        # PID 1 of its container, it stops on SIGTERM (kubelet's way), not only on SIGKILL
+        ctrd.ctr("tasks", "kill", "-s", "TERM", "clusterdns")
+        eventually(lambda: " STOPPED" in ctrd.ctr("tasks", "ls").stdout, True)
+    finally:
+        # the task gone before containerd stops, so its cgroups are empty when they are removed
+        ctrd.ctr("tasks", "kill", "-s", "KILL", "clusterdns", check=False)
+
+        def task_gone() -> bool:  # deleting a task succeeds only once it has stopped
+            ctrd.ctr("tasks", "delete", "clusterdns", check=False)
+            return "clusterdns" not in ctrd.ctr("tasks", "ls", "-q").stdout.split()
+
+        eventually(task_gone, True)
+        ctrd.stop()
