@@ -100,7 +100,7 @@ class DNSProcess:
 
     def start(self, token: str) -> None:
         exe = ["env", "KUBERNETES_SERVICE_HOST=127.0.0.1", sys.executable, str(SERVER), "--port", str(PORT),
-               "--health-port", str(HEALTH), "--static", f"google.com={STATIC_GOOGLE}"]
+               "--health-port", str(HEALTH), "--log-queries", "--static", f"google.com={STATIC_GOOGLE}"]
         with open(self.dir / "clusterdns.log", "ab") as log:
             self.proc = subprocess.Popen(["ip", "netns", "exec", self.kube.ns.name,
                                           *self.kube.as_pod(exe, token, self.dir / "pod")],
@@ -183,6 +183,37 @@ def test_a_record_follows_the_service(kube_api: KubeAPI, cluster_dns: DNSProcess
     assert status == 200, body
     for tcp in (False, True):
         eventually(lambda tcp=tcp: answer(kube_api, name, tcp=tcp), ("NXDOMAIN", []))
+
+
+def getent(kube: KubeAPI, d: Path, namespace: str, name: str) -> tuple[int, str, float]:
+    """glibc's resolver in a process whose /etc/resolv.conf is the one kubelet writes for a pod of `namespace`
+    (ClusterFirst): `getent hosts NAME`'s exit code, output and time taken. (`getent ahosts` would ask
+    getaddrinfo with AI_ADDRCONFIG, which finds no address but loopback in this namespace and gives up.)"""
+    conf = d / f"resolv-{namespace}.conf"
+    conf.write_text(f"nameserver 127.0.0.1\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\n"
+                    "options ndots:5\n")
+    start = time.monotonic()
+    p = kube.ns.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    'mount --bind "$1" /etc/resolv.conf && exec getent hosts "$2"', "sh", str(conf), name,
+                    check=False, timeout=60)
+    return p.returncode, p.stdout, time.monotonic() - start
+
+
+def test_a_pod_s_resolver_finds_services_by_short_name(kube_api: KubeAPI, cluster_dns: DNSProcess, namespace: str,
+                                                       tmp_path: Path) -> None:
+    svc = kube_api.core.create_namespaced_service(namespace, {
+        "metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}], "selector": {"app": "web"}}})
+    eventually(lambda: answer(kube_api, f"web.{namespace}.svc.cluster.local")[0], "NOERROR")
+    for name in ("web", f"web.{namespace}", f"web.{namespace}.svc", f"web.{namespace}.svc.cluster.local"):
+        code, out, _ = getent(kube_api, tmp_path, namespace, name)
+        assert code == 0 and out.split()[0] == svc.spec.cluster_ip, (name, out, cluster_dns.log())
+    code, out, _ = getent(kube_api, tmp_path, "default", "kubernetes")
+    assert code == 0 and out.split()[0] == "10.96.0.1"
+    code, out, _ = getent(kube_api, tmp_path, namespace, "google.com")
+    assert code == 0 and out.split()[0] == STATIC_GOOGLE
+    # a name nobody has fails at once: glibc waits 5 s per try for a server that does not answer
+    code, out, took = getent(kube_api, tmp_path, namespace, "example.org")
+    assert code == 2 and out == "" and took < 4
 
 
 def test_external_name_is_a_cname(kube_api: KubeAPI, cluster_dns: DNSProcess, namespace: str) -> None:
