@@ -265,7 +265,7 @@ def test_not_ready_until_it_may_list(kube_api: KubeAPI, tmp_path: Path) -> None:
         assert "403" in p.log()
         create(kube_api, binding)
         created.append(binding)
-        eventually(lambda: ready(kube_api), 200, seconds=40)  # its retries back off up to 30 s
+        eventually(lambda: ready(kube_api), 200, seconds=30)  # its retries back off up to 10 s
         assert answer(kube_api, "kubernetes.default.svc.cluster.local") == ("NOERROR", ["A 10.96.0.1"])
     finally:
         p.stop()
@@ -313,3 +313,23 @@ def test_image_serves_as_the_manifest_runs_it(kube_api: KubeAPI, manifest_applie
 
         eventually(task_gone, True)
         ctrd.stop()
+
+
+def test_answers_while_the_api_server_is_down_and_catches_up_after(kube_api: KubeAPI, cluster_dns: DNSProcess,
+                                                                  namespace: str) -> None:
+    def create_service(name: str) -> str:
+        svc = kube_api.core.create_namespaced_service(namespace, {
+            "metadata": {"name": name}, "spec": {"ports": [{"port": 80}], "selector": {"app": name}}})
+        return str(svc.spec.cluster_ip)
+
+    before = create_service("before")
+    eventually(lambda: answer(kube_api, f"before.{namespace}.svc.cluster.local"), ("NOERROR", [f"A {before}"]))
+    kube_api.stop_server()
+    try:
+        assert answer(kube_api, f"before.{namespace}.svc.cluster.local") == ("NOERROR", [f"A {before}"])
+        assert ready(kube_api) == 200
+    finally:
+        kube_api.start()
+    after = create_service("after")
+    eventually(lambda: answer(kube_api, f"after.{namespace}.svc.cluster.local"), ("NOERROR", [f"A {after}"]),
+               seconds=30)

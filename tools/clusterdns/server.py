@@ -17,7 +17,8 @@ those of a static map (`--static NAME=ADDRESS|NAME`, or CLUSTERDNS_STATIC="NAME=
 runner uses to make `google.com` an address of the cluster's own.
 
 UDP and TCP on one port; /ready on the health port answers 200 only once the first list of both
-resources is in, and queries get SERVFAIL until then. Python 3 with the standard library and dnslib only.
+resources is in, and queries get SERVFAIL until then. While the API server is away it answers from what it
+last saw, and lists again once the server is back. Python 3 with the standard library and dnslib only.
 """
 
 from __future__ import annotations
@@ -485,7 +486,7 @@ class Watch(threading.Thread, Generic[V]):
             except (OSError, APIError, ValueError, http.client.HTTPException) as e:
                 log(f"{self.resource}: {e}; retrying in {delay:.0f} s")
                 time.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, 10.0)
 
     def _key(self, obj: Mapping[str, Any]) -> tuple[str, str]:
         meta = obj.get("metadata") or {}
