@@ -163,7 +163,7 @@ def test_manifest_serves_the_kubelets_cluster_dns_address(kube_api: KubeAPI, clu
     svc = kube_api.core.read_namespaced_service("kube-dns", "kube-system")
     assert svc.spec.cluster_ip == "10.96.0.10"
     assert sorted((p.port, p.protocol) for p in svc.spec.ports) == [(53, "TCP"), (53, "UDP")]
-    dep = kube_api.request("GET", "/apis/apps/v1/namespaces/kube-system/deployments/clusterdns")[1]
+    dep = kube_api.request("GET", "/apis/apps/v1/namespaces/kube-system/deployments/kube-dns")[1]
     assert dep["spec"]["template"]["metadata"]["labels"] == svc.spec.selector == {"k8s-app": "kube-dns"}
     for tcp in (False, True):
         assert answer(kube_api, "kube-dns.kube-system.svc.cluster.local", tcp=tcp) == ("NOERROR", ["A 10.96.0.10"])

@@ -18,8 +18,8 @@ server=/usr/local/lib/clusterdns/server.py
 for tool in mmdebstrap umoci; do
   command -v $tool >/dev/null || { echo "image.sh: needs the Debian package $tool (make deps installs it)" >&2; exit 1; }
 done
-mkdir -p "$(dirname "$out")"
-cache=$(cd "$(dirname "$out")" && pwd)
+# The rootfs is kept out of the archive's directory, whose *.tar files are all images (the cluster imports them).
+cache=$(mkdir -p "$(dirname "$out")/.cache" && cd "$(dirname "$out")/.cache" && pwd)
 rootfs_key=$(printf '%s\n' "$suite" "$packages" "$mirror" | sha256sum | cut -c1-16)
 rootfs=$cache/clusterdns-rootfs-$rootfs_key.tar
 key=$(cat "$0" "$here/server.py" <(printf '%s\n' "$name" "$rootfs_key") | sha256sum | cut -c1-16)
