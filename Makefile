@@ -39,6 +39,7 @@ DEBS := \
 	runc \
 	umoci \
 	mmdebstrap \
+	dnsutils \
 	busybox-static \
 	libpython3.11 \
 	python3-venv \
@@ -71,6 +72,7 @@ NEEDS := \
 	runc:runc \
 	umoci:umoci \
 	mmdebstrap:mmdebstrap \
+	dig:dnsutils \
 	/bin/busybox:busybox-static \
 	/usr/lib/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libpython3.11.so.1.0:libpython3.11 \
 	gcc:gcc \

@@ -185,18 +185,24 @@ def test_a_record_follows_the_service(kube_api: KubeAPI, cluster_dns: DNSProcess
         eventually(lambda tcp=tcp: answer(kube_api, name, tcp=tcp), ("NXDOMAIN", []))
 
 
-def getent(kube: KubeAPI, d: Path, namespace: str, name: str) -> tuple[int, str, float]:
-    """glibc's resolver in a process whose /etc/resolv.conf is the one kubelet writes for a pod of `namespace`
-    (ClusterFirst): `getent hosts NAME`'s exit code, output and time taken. (`getent ahosts` would ask
-    getaddrinfo with AI_ADDRCONFIG, which finds no address but loopback in this namespace and gives up.)"""
+def in_pod(kube: KubeAPI, d: Path, namespace: str, *cmd: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    """`cmd` with the /etc/resolv.conf kubelet writes for a pod of `namespace` (ClusterFirst), in the server's
+    network namespace: what it printed, and the time it took."""
     conf = d / f"resolv-{namespace}.conf"
     conf.write_text(f"nameserver 127.0.0.1\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\n"
                     "options ndots:5\n")
     start = time.monotonic()
     p = kube.ns.run("unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    'mount --bind "$1" /etc/resolv.conf && exec getent hosts "$2"', "sh", str(conf), name,
+                    'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', "sh", str(conf), *cmd,
                     check=False, timeout=60)
-    return p.returncode, p.stdout, time.monotonic() - start
+    return p, time.monotonic() - start
+
+
+def getent(kube: KubeAPI, d: Path, namespace: str, name: str) -> tuple[int, str, float]:
+    """glibc's resolver: `getent hosts NAME`'s exit code, output and time taken. (`getent ahosts` would ask
+    getaddrinfo with AI_ADDRCONFIG, which finds no address but loopback in this namespace and gives up.)"""
+    p, took = in_pod(kube, d, namespace, "getent", "hosts", name)
+    return p.returncode, p.stdout, took
 
 
 def test_a_pod_s_resolver_finds_services_by_short_name(kube_api: KubeAPI, cluster_dns: DNSProcess, namespace: str,
@@ -333,3 +339,40 @@ def test_answers_while_the_api_server_is_down_and_catches_up_after(kube_api: Kub
     after = create_service("after")
     eventually(lambda: answer(kube_api, f"after.{namespace}.svc.cluster.local"), ("NOERROR", [f"A {after}"]),
                seconds=30)
+
+
+def test_upstream_dns_probes(kube_api: KubeAPI, cluster_dns: DNSProcess, namespace: str, tmp_path: Path) -> None:
+    """The questions upstream's `[sig-network] DNS` Conformance tests ask from their probe pods, as they ask them
+    (test/e2e/network/dns_common.go, createProbeCommand): `dig +notcp|+tcp +noall +answer +search NAME TYPE` with
+    the pod's search path, each needing a non-empty answer; here, also the right one."""
+    ns = namespace
+    kube_api.core.create_namespaced_service(ns, {"metadata": {"name": "dns-test-service"}, "spec": {
+        "clusterIP": "None", "ports": [{"name": "http", "port": 80}], "selector": {"dns-test": "true"}}})
+    # the endpoints controller's work for a pod with hostname dns-querier-1 and subdomain dns-test-service
+    kube_api.core.create_namespaced_endpoints(ns, {"metadata": {"name": "dns-test-service"}, "subsets": [{
+        "addresses": [{"ip": "10.244.1.5", "hostname": "dns-querier-1"}], "ports": [{"name": "http", "port": 80}]}]})
+    regular = kube_api.core.create_namespaced_service(ns, {"metadata": {"name": "test-service-2"}, "spec": {
+        "ports": [{"name": "http", "port": 80}], "selector": {"dns-test": "true"}}}).spec.cluster_ip
+    eventually(lambda: answer(kube_api, f"test-service-2.{ns}.svc.cluster.local")[0], "NOERROR")
+    eventually(lambda: answer(kube_api, f"dns-test-service.{ns}.svc.cluster.local")[1], ["A 10.244.1.5"])
+    reverse = ".".join(reversed(regular.split("."))) + ".in-addr.arpa."
+    head, reg = f"dns-test-service.{ns}.svc", f"test-service-2.{ns}.svc"
+    want = {
+        ("kubernetes.default", "A"): "10.96.0.1",
+        ("kubernetes.default.svc", "A"): "10.96.0.1",
+        ("kubernetes.default.svc.cluster.local", "A"): "10.96.0.1",
+        ("dns-test-service", "A"): "10.244.1.5",
+        (f"dns-test-service.{ns}", "A"): "10.244.1.5",
+        (f"dns-test-service.{ns}.svc", "A"): "10.244.1.5",
+        (f"_http._tcp.{head}", "SRV"): f"0 100 80 dns-querier-1.{head}.cluster.local.",
+        (f"_http._tcp.{reg}", "SRV"): f"0 100 80 {reg}.cluster.local.",
+        (f"_http._tcp.{reg}.cluster.local", "SRV"): f"0 100 80 {reg}.cluster.local.",
+        (f"dns-querier-1.dns-test-service.{ns}.svc.cluster.local", "A"): "10.244.1.5",
+        (f"10-244-1-9.{ns}.pod.cluster.local", "A"): "10.244.1.9",
+        (reverse, "PTR"): f"test-service-2.{ns}.svc.cluster.local.",
+    }
+    for (name, qtype), rdata in want.items():
+        for transport in ("+notcp", "+tcp"):
+            p, _ = in_pod(kube_api, tmp_path, ns, "dig", transport, "+noall", "+answer", "+search", name, qtype)
+            got = [line.split(None, 4)[4] for line in p.stdout.splitlines() if line.strip()]
+            assert got == [rdata], (name, qtype, transport, p.stdout, p.stderr)
