@@ -224,6 +224,13 @@ def test_other_opcodes_are_not_implemented(r: Any) -> None:
     assert RCODE[r.resolve(request, None).header.rcode] == "NOTIMP"
 
 
+def test_other_classes_are_refused(r: Any) -> None:
+    request = DNSRecord.question("version.bind", "TXT", "CH")
+    assert RCODE[r.resolve(request, None).header.rcode] == "REFUSED"
+    request = DNSRecord.question("front.web.svc.cluster.local", "A", "CH")
+    assert RCODE[r.resolve(request, None).header.rcode] == "REFUSED"
+
+
 def test_udp_answers_too_large_for_the_client_are_cut_with_tc() -> None:
     r = make([service("ns", "big", None)], [endpoints("ns", "big", [f"10.1.{i // 250}.{i % 250 + 1}"
                                                                     for i in range(100)])])

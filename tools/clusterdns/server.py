@@ -48,6 +48,7 @@ EDNS_UDP_MAX = 1232  # the payload size DNS flag day 2020 settled on
 PLAIN_UDP_MAX = 512
 WATCH_SECONDS = 300
 MAX_CHAIN = 8  # CNAMEs followed within one answer
+QCLASSES = (1, 255)  # IN, ANY
 
 V = TypeVar("V")
 
@@ -374,6 +375,9 @@ class Resolver(BaseResolver):
             reply.header.rcode, reply.header.aa = RCODE.SERVFAIL, 0
             return reply
         q = request.q
+        if q.qclass not in QCLASSES:  # CHAOS version.bind and the like
+            reply.header.rcode, reply.header.aa = RCODE.REFUSED, 0
+            return reply
         found = self.zone.answer(str(q.qname), q.qtype)
         reply.header.rcode = found.rcode
         reply.header.aa = int(found.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN))
