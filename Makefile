@@ -38,6 +38,8 @@ DEBS := \
 	containerd \
 	runc \
 	umoci \
+	mmdebstrap \
+	dnsutils \
 	busybox-static \
 	libpython3.11 \
 	python3-venv \
@@ -69,6 +71,8 @@ NEEDS := \
 	ctr:containerd \
 	runc:runc \
 	umoci:umoci \
+	mmdebstrap:mmdebstrap \
+	dig:dnsutils \
 	/bin/busybox:busybox-static \
 	/usr/lib/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libpython3.11.so.1.0:libpython3.11 \
 	gcc:gcc \
@@ -87,7 +91,8 @@ NEEDS := \
 KUBE_BIN := $(BUILD)/kube/current
 KUBE_APISERVER_LINK := $(KUBE_BIN)/kube-apiserver
 
-.PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint docs demo bench clean fresh-check
+.PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint docs demo bench clean fresh-check \
+  clusterdns-image
 
 all: venv
 
@@ -126,6 +131,12 @@ kube-apiserver: | $(BUILD)/.debs
 	@if [ -n "$$WEFT_KUBE_APISERVER" ]; then \
 	  test -x "$$WEFT_KUBE_APISERVER" || { echo "WEFT_KUBE_APISERVER=$$WEFT_KUBE_APISERVER is not executable" >&2; exit 1; }; \
 	else bash tools/kube/build.sh $(BUILD) kube-apiserver >/dev/null; fi
+
+# The test cluster's DNS (tools/clusterdns: test-bed infrastructure, not part of Weft) as an OCI archive for
+# `ctr -n k8s.io images import`; image.sh rebuilds it only when its inputs change.
+CLUSTERDNS_IMAGE := $(BUILD)/images/clusterdns.tar
+clusterdns-image: | $(BUILD)/.debs
+	bash tools/clusterdns/image.sh $(CLUSTERDNS_IMAGE)
 
 # The `weft` executable containerd runs: a static C shim that hands each invocation to weftd and
 # execs `weft-py` beside it when weftd is not there (docs/architecture.md, "How a pod is attached").
@@ -176,8 +187,8 @@ fresh-check:
 	  bash $(FRESH_ROOT) $(CURDIR)
 
 lint: venv
-	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py
-	$(VENV)/bin/mypy weftlib cni_plugin ipam weftd
+	$(VENV)/bin/ruff check weftlib cni_plugin ipam weftd tests bench packaging/*.py tools/clusterdns
+	$(VENV)/bin/mypy weftlib cni_plugin ipam weftd tools/clusterdns/server.py
 	$(VENV)/bin/lint-imports
 
 # README.md's table of weftd's flags and variables, from their declarations (weftd/options.py).
