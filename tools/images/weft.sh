@@ -19,11 +19,13 @@ BUNDLE_DIR=/opt/weft/bundle
 INSTALL_SCRIPT=/opt/weft/install.sh
 ENTRYPOINT=$BUNDLE_DIR/weftd
 CMD=run
+INSTALL_SOURCE=packaging/install.sh
+# debian:bookworm-slim's
 ENV_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 bundle=$(realpath "${1:?usage: weft.sh BUNDLE OUT}")
 out=$(realpath -m "${2:?usage: weft.sh BUNDLE OUT}")
-install_sh=$(realpath "$(dirname "$0")/../../packaging/install.sh")
+install_sh=$(realpath "$(dirname "$0")/../../$INSTALL_SOURCE")
 [ -x "$bundle/weftd" ] || { echo "weft.sh: no weftd in $bundle: run make build" >&2; exit 1; }
 version=$("$bundle/weftd" --version | awk '$1 == "weftd" {print $2}')
 case $version in ''|unknown) echo "weft.sh: $bundle/weftd reports no version" >&2; exit 1 ;; esac
@@ -43,7 +45,7 @@ missing=$(find "$bundle" -type f ! -name '*.py*' -print0 | xargs -0 sh -c 'reade
 
 work=$(mktemp -d "$cache/.weft.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-say "layer: $bundle as $BUNDLE_DIR, packaging/install.sh as $INSTALL_SCRIPT"
+say "layer: $bundle as $BUNDLE_DIR, $INSTALL_SOURCE as $INSTALL_SCRIPT"
 mkdir -p "$work/layer$(dirname "$BUNDLE_DIR")" "$work/layer$(dirname "$INSTALL_SCRIPT")"
 chmod -R 0755 "$work/layer"
 cp -a "$bundle" "$work/layer$BUNDLE_DIR"
