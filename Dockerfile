@@ -2,6 +2,8 @@
 # iptables tools weftd's NAT rules and the reference plugins expect on a node, and wireguard-go for
 # the wireguard backend on kernels without the module (wireguard-tools: `wg show` for operators).
 #   make build && docker build -t weft:0.1.0 .
+# `make image` builds the same image without docker (tools/images/weft.sh, on Debian's minbase);
+# tests/unit/test_dockerfile.py fails when the two differ in base, packages, paths or command.
 FROM debian:bookworm-slim
 RUN apt-get update \
  && apt-get install -y --no-install-recommends nftables iptables wireguard-go wireguard-tools \

@@ -40,6 +40,7 @@ DEBS := \
 	umoci \
 	mmdebstrap \
 	dnsutils \
+	binutils \
 	busybox-static \
 	libpython3.11 \
 	python3-venv \
@@ -73,6 +74,9 @@ NEEDS := \
 	umoci:umoci \
 	mmdebstrap:mmdebstrap \
 	dig:dnsutils \
+	mmtarfilter:mmdebstrap \
+	readelf:binutils \
+	strip:binutils \
 	/bin/busybox:busybox-static \
 	/usr/lib/$(shell gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/libpython3.11.so.1.0:libpython3.11 \
 	gcc:gcc \
@@ -90,9 +94,16 @@ NEEDS := \
 # kube-apiserver, or the one WEFT_KUBE_APISERVER names (another checkout's, say).
 KUBE_BIN := $(BUILD)/kube/current
 KUBE_APISERVER_LINK := $(KUBE_BIN)/kube-apiserver
+# OCI image archives for `ctr -n k8s.io images import`, built without docker or a registry
+# (tools/images/): Weft's own, and the images a Kubernetes 1.20 cluster and its e2e tests ask for,
+# under their upstream names.
+IMAGES := $(BUILD)/images
+PAUSE_IMAGE := k8s.gcr.io/pause:3.2
+AGNHOST_IMAGE := k8s.gcr.io/e2e-test-images/agnhost:2.21
+BUSYBOX_IMAGE := docker.io/library/busybox:1.29
 
-.PHONY: all deps venv cnidrive kube-apiserver shim build install uninstall test unit lint docs demo bench clean fresh-check \
-  clusterdns-image
+.PHONY: all deps venv cnidrive kube-apiserver shim build image test-images agnhost-image install uninstall test unit lint docs \
+  demo bench clean fresh-check clusterdns-image
 
 all: venv
 
@@ -157,6 +168,32 @@ $(BUNDLE)/weft-py: $(SOURCES) | $(VENV)/.installed
 $(BUNDLE)/weft: $(SHIM) $(BUNDLE)/weft-py
 	cp $(SHIM) $@.tmp && mv -f $@.tmp $@
 
+# Weft's image, docker.io/library/weft:<version> (the manifest's weft:<version>): the frozen bundle on
+# Debian's minbase with the packages weftd runs on a node, as the Dockerfile describes it. The Debian
+# root filesystem is cached under $(IMAGES)/rootfs by package list; the bundle's layer is redone.
+image: $(IMAGES)/weft.tar
+$(IMAGES)/weft.tar: $(BUNDLE)/weft packaging/install.sh tools/images/weft.sh tools/images/lib.sh | $(BUILD)/.debs
+	bash tools/images/weft.sh $(BUNDLE) $@
+
+# The images the cluster's nodes and the e2e tests run: pause and busybox (small, seconds), and agnhost
+# (its own target: a Debian root filesystem of the tests' tools, and agnhost built from the Kubernetes
+# tree, minutes on a fresh machine).
+test-images: $(IMAGES)/pause.tar $(IMAGES)/busybox.tar agnhost-image
+agnhost-image: $(IMAGES)/agnhost.tar
+# pause.c comes from the Kubernetes source tree, which tools/kube/build.sh unpacks with the first
+# binary it builds: kube-apiserver, which `make test` needs anyway.
+$(IMAGES)/pause.tar: tools/images/pause.sh tools/images/lib.sh | $(KUBE_BIN)/src/.weft-prepared
+	bash tools/images/pause.sh $(KUBE_BIN)/src $(PAUSE_IMAGE) $@
+$(KUBE_BIN)/src/.weft-prepared: | $(BUILD)/.debs
+	bash tools/kube/build.sh $(BUILD) kube-apiserver >/dev/null
+$(IMAGES)/busybox.tar: tools/busybox-image.sh | $(BUILD)/.debs
+	@mkdir -p $(IMAGES)
+	bash tools/busybox-image.sh $@ $(BUSYBOX_IMAGE) sh
+$(IMAGES)/agnhost.tar: $(KUBE_BIN)/agnhost tools/images/agnhost.sh tools/images/lib.sh
+	bash tools/images/agnhost.sh $(KUBE_BIN)/agnhost $(KUBE_BIN)/src $(AGNHOST_IMAGE) $@
+$(KUBE_BIN)/agnhost: | $(BUILD)/.debs
+	bash tools/kube/build.sh $(BUILD) agnhost >/dev/null
+
 install: build
 	sh packaging/install.sh install $(BUNDLE) $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) \
 	  $(DESTDIR)$(PREFIX)/bin conf/10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
@@ -165,9 +202,9 @@ uninstall:
 	sh packaging/install.sh remove $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(PREFIX)/bin \
 	  conf/10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
 
-test: deps venv cnidrive build kube-apiserver lint
+test: deps venv cnidrive build image kube-apiserver lint
 	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; fi
-	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) \
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) WEFT_IMAGE=$(CURDIR)/$(IMAGES)/weft.tar \
 	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q tests
 
 # Pure logic only: needs neither root nor the namespace lab (as root, it runs them as nobody to prove it).

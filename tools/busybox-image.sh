@@ -1,12 +1,14 @@
 #!/bin/bash
 # Builds the OCI image archive the containerd tests run, for machines with no image registry: one layer
 # holding Debian's busybox-static with every applet linked into /bin (sh, ip, ping, nc, wget, httpd, ...),
-# default command `sleep 3600`, PATH=/bin. umoci (Debian's package) writes the OCI layout; the archive is
-# that layout as a tar, which `ctr images import` reads, naming the image after the layout's tag.
-# Usage: busybox-image.sh ARCHIVE [NAME]   (NAME defaults to local/busybox:1)
+# default command `sleep 3600` unless one is given, PATH=/bin. umoci (Debian's package) writes the OCI
+# layout; the archive is that layout as a tar, which `ctr images import` reads, naming the image after
+# the layout's tag. The cluster's docker.io/library/busybox:1.29 runs `sh`, as upstream's does.
+# Usage: busybox-image.sh ARCHIVE [NAME [COMMAND...]]   (NAME defaults to local/busybox:1)
 set -euo pipefail
 out=$1
 name=${2:-local/busybox:1}
+if [ $# -gt 2 ]; then cmdline=("${@:3}"); else cmdline=(/bin/sleep 3600); fi
 # busybox-static's /bin/busybox: the image has no libc, and Debian's plain busybox package (which also
 # ships /bin/busybox) links to it.
 busybox=/bin/busybox
@@ -29,8 +31,9 @@ echo 'root:x:0:' > "$root/etc/group"
 umoci init --layout "$layout"
 umoci new --image "$layout:$name"
 umoci insert --image "$layout:$name" "$root" /
-umoci config --image "$layout:$name" --os linux --config.env PATH=/bin \
-  --config.cmd /bin/sleep --config.cmd 3600
+cmd=()
+for arg in "${cmdline[@]}"; do cmd+=(--config.cmd "$arg"); done
+umoci config --image "$layout:$name" --os linux --config.env PATH=/bin "${cmd[@]}"
 umoci gc --layout "$layout"
 
 tar --numeric-owner -C "$layout" -cf "$out.tmp" .

@@ -14,7 +14,7 @@ interp=$("$py" -c 'import os, sys; print(os.path.realpath(sys._base_executable))
 tmp=$(mktemp -d /tmp/weft-unit.XXXXXX)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/src" "$tmp/site"
-cp -a weftlib cni_plugin ipam weftd tests tools conf Dockerfile pyproject.toml README.md "$tmp/src/"
+cp -a weftlib cni_plugin ipam weftd tests conf tools Dockerfile Makefile pyproject.toml README.md "$tmp/src/"
 cp -a "$purelib/." "$tmp/site/"
 chmod -R a+rX "$tmp"
 cd "$tmp/src"
