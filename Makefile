@@ -144,10 +144,10 @@ kube-apiserver: | $(BUILD)/.debs
 	else bash tools/kube/build.sh $(BUILD) kube-apiserver >/dev/null; fi
 
 # The test cluster's DNS (tools/clusterdns: test-bed infrastructure, not part of Weft) as an OCI archive for
-# `ctr -n k8s.io images import`; image.sh rebuilds it only when its inputs change.
-CLUSTERDNS_IMAGE := $(BUILD)/images/clusterdns.tar
-clusterdns-image: | $(BUILD)/.debs
-	bash tools/clusterdns/image.sh $(CLUSTERDNS_IMAGE)
+# `ctr -n k8s.io images import`.
+clusterdns-image: $(IMAGES)/clusterdns.tar
+$(IMAGES)/clusterdns.tar: tools/clusterdns/server.py tools/clusterdns/image.sh tools/images/lib.sh | $(BUILD)/.debs
+	bash tools/clusterdns/image.sh $@
 
 # The `weft` executable containerd runs: a static C shim that hands each invocation to weftd and
 # execs `weft-py` beside it when weftd is not there (docs/architecture.md, "How a pod is attached").

@@ -280,7 +280,7 @@ def test_not_ready_until_it_may_list(kube_api: KubeAPI, tmp_path: Path) -> None:
 
 
 def test_image_serves_as_the_manifest_runs_it(kube_api: KubeAPI, manifest_applied: str, tmp_path: Path) -> None:
-    """The archive from image.sh (built here when missing or stale, cached by its inputs) imports into containerd
+    """The archive from image.sh (its Debian root filesystem cached by tools/images/lib.sh) imports into containerd
     under the manifest's image name, and runs with its own entrypoint on a read-only root, as the Deployment does."""
     build = subprocess.run(["bash", str(IMAGE_SCRIPT), str(IMAGE_ARCHIVE)], capture_output=True, text=True,
                            timeout=1800)
