@@ -186,11 +186,14 @@ def reflect_raw(what: str, lister: Callable[..., Any], replace: Callable[[Iterat
                     resp.close()  # a watch left midway cannot go back to the pool as it is
                     resp.release_conn()
             except Expired as e:
-                log.info("%s: resourceVersion %s is gone (%s): listing again", what, version, e)
+                log.info("%s: resourceVersion %s is gone (410: %s): listing again", what, version, e)
                 version = None
             except ApiException as e:
                 if e.status == GONE:
-                    log.info("%s: resourceVersion %s is gone (410): listing again", what, version)
+                    if version is None:
+                        log.info("%s: the list's continue token expired (410): listing again from the start", what)
+                    else:
+                        log.info("%s: resourceVersion %s is gone (410): listing again", what, version)
                     version = None
                     continue
                 retry.pause(describe(address, e))
