@@ -230,6 +230,7 @@ def test_a_gone_version_lists_again_and_reports_what_changed(kube_api: KubeAPI, 
         kube.delete_namespace("gone")
 
 
+@pytest.mark.slow
 def test_ten_thousand_pods_are_listed_and_watched(cluster_objects: KubeAPI) -> None:
     kube = cluster_objects
     stop = threading.Event()
@@ -288,6 +289,7 @@ def test_ten_thousand_pods_are_listed_and_watched(cluster_objects: KubeAPI) -> N
         stop.set()
 
 
+@pytest.mark.slow
 def test_what_the_source_holds_of_ten_thousand_pods(cluster_objects: KubeAPI) -> None:
     stop = threading.Event()
     gc.collect()
@@ -353,6 +355,7 @@ def rss_kib(root: int) -> tuple[int, str]:
     return best
 
 
+@pytest.mark.slow
 def test_weftd_rss_with_ten_thousand_pods_and_a_thousand_policies(cluster_objects: KubeAPI,
                                                                   kube_cluster: Cluster) -> None:  # noqa: F811
     """weftd with --policy-kube, as the DaemonSet runs it, on the node of 100 of the 10,000 pods."""
