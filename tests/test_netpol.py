@@ -539,6 +539,7 @@ def test_frozen_weftd_enforces_policy(tmp_path: Path, bundle: Path) -> None:
         np.expect(np.reachability([T80, U80]).ingress("x/a", False).set(Y, "x/a", True))
         np.delete("from-y")
         np.expect(np.reachability([T80, U80]))
+        assert "policies is followed by inotify" in np.nodes[0].log.read_text()  # libc's inotify from the bundle
 
 
 def test_a_policy_file_written_in_place_is_applied_only_once_whole(np: NetpolModel) -> None:

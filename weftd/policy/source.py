@@ -134,6 +134,7 @@ class DirSource:
             self._inotify.close()
             self._inotify = None
             return
+        log.info("%s is followed by inotify", self.dir)
         self._rescan = True
 
     def _drain(self) -> None:
