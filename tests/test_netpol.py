@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.cluster import ClusterNode
 from tests.netpol import NetpolModel, policy_cluster, probe_once
@@ -537,6 +539,27 @@ def test_frozen_weftd_enforces_policy(tmp_path: Path, bundle: Path) -> None:
         np.expect(np.reachability([T80, U80]).ingress("x/a", False).set(Y, "x/a", True))
         np.delete("from-y")
         np.expect(np.reachability([T80, U80]))
+        assert "policies is followed by inotify" in np.nodes[0].log.read_text()  # libc's inotify from the bundle
+
+
+def test_a_policy_file_written_in_place_is_applied_only_once_whole(np: NetpolModel) -> None:
+    """--policy-dir reads a file once its writer closes it: the kernel never holds a half-written file's rules."""
+    deny_a, deny_b = (policy(f"deny-{p}", "x", {"podSelector": sel(pod=p)}) for p in "ab")
+    np.apply("inplace", deny_a)
+    denied_a = np.reachability().ingress("x/a", False)
+    np.expect(denied_a)
+    whole = yaml.safe_dump_all([deny_b, deny_a])
+    half = whole[:whole.index("---")]  # a whole document: applied, it would free x/a and isolate x/b
+    with open(np.dir / "inplace.yaml", "r+") as f:
+        f.truncate(0)
+        f.write(half)
+        f.flush()
+        until = time.monotonic() + 3
+        while time.monotonic() < until:
+            got = np.probe(denied_a)
+            assert got == denied_a.want, denied_a.render(got)
+        f.write(whole[len(half):])
+    np.expect(denied_a.ingress("x/b", False))
 
 
 def test_tables_changed_behind_weftds_back_are_restored(np: NetpolModel) -> None:

@@ -9,10 +9,11 @@ cache of one kind of object, as client-go's reflector does.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from weftd.config import ConfigError
@@ -101,6 +102,98 @@ def reflect(what: str, lister: Callable[..., Any], replace: Callable[[list[Any]]
             except ApiException as e:
                 if e.status == GONE:
                     log.info("%s: resourceVersion %s is gone (410): listing again", what, version)
+                    version = None
+                    continue
+                retry.pause(describe(address, e))
+            except Exception as e:  # noqa: BLE001 - the server is unreachable: resume from `version`
+                retry.pause(describe(address, e))
+    except Stopped:
+        pass
+
+
+PAGE = 500  # objects per list request: a large cluster's list comes in pages, each parsed before the next
+
+
+class Expired(Exception):
+    """The watch's resourceVersion is too old (an ERROR event with code 410): list again."""
+
+
+def _lines(resp: Any) -> Iterator[bytes]:
+    """The lines of a streamed response, each as soon as its end arrives."""
+    pending = b""
+    for chunk in resp.stream(None, decode_content=False):
+        pending += chunk
+        if b"\n" in pending:
+            *lines, pending = pending.split(b"\n")
+            yield from (line for line in lines if line.strip())
+    if pending.strip():
+        yield pending
+
+
+def reflect_raw(what: str, lister: Callable[..., Any], replace: Callable[[Iterator[dict[str, Any]]], None],
+                apply: Callable[[str, dict[str, Any]], None], stop: threading.Event) -> None:
+    """As `reflect`, but with the API's JSON as dicts, not the client's models (which take far longer to build
+    and hold every field): `replace` gets the list's items as they are read, page by page (PAGE objects per
+    request); an item read is not kept here, so a caller that keeps only what it needs holds one page of raw
+    objects at a time. If a page fails, the iterator raises in `replace`, and the list starts again later.
+    `apply` gets each watch event's type (ADDED, MODIFIED, DELETED) and object. A 410 Gone, for a list's
+    continue token or a watch's resourceVersion, lists again from the start."""
+    from kubernetes.client import ApiException
+
+    address = server(getattr(lister, "__self__", None))
+    retry = Retry(what, stop)
+    version: str | None = None  # None: list first
+
+    def listed() -> Iterator[dict[str, Any]]:
+        nonlocal version
+        token: str | None = None
+        while True:
+            resp = lister(limit=PAGE, _continue=token, _preload_content=False, _request_timeout=TIMEOUT)
+            body = json.loads(resp.data)
+            meta = body.get("metadata") or {}
+            items = body.get("items") or []
+            del body
+            yield from items
+            token = meta.get("continue")
+            if not token:
+                version = meta["resourceVersion"]
+                return
+
+    try:
+        while not stop.is_set():
+            try:
+                if version is None:
+                    replace(listed())
+                    retry.ok()
+                resp = lister(watch=True, resource_version=version, allow_watch_bookmarks=True,
+                              timeout_seconds=WATCH_TIMEOUT, _preload_content=False,
+                              _request_timeout=(CONNECT_TIMEOUT, WATCH_TIMEOUT + 30.0))
+                retry.ok()  # the server is back as soon as it answers the watch, events or not
+                try:
+                    for line in _lines(resp):
+                        ev = json.loads(line)
+                        kind, obj = ev.get("type"), ev.get("object") or {}
+                        if kind == "ERROR":
+                            if obj.get("code") == GONE:
+                                raise Expired(obj.get("message", ""))
+                            raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                        if kind != "BOOKMARK":
+                            apply(kind, obj)
+                        version = (obj.get("metadata") or {}).get("resourceVersion") or version
+                        if stop.is_set():
+                            break
+                finally:
+                    resp.close()  # a watch left midway cannot go back to the pool as it is
+                    resp.release_conn()
+            except Expired as e:
+                log.info("%s: resourceVersion %s is gone (410: %s): listing again", what, version, e)
+                version = None
+            except ApiException as e:
+                if e.status == GONE:
+                    if version is None:
+                        log.info("%s: the list's continue token expired (410): listing again from the start", what)
+                    else:
+                        log.info("%s: resourceVersion %s is gone (410): listing again", what, version)
                     version = None
                     continue
                 retry.pause(describe(address, e))

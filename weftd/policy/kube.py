@@ -1,10 +1,12 @@
 """The kube source: Pods, Namespaces and NetworkPolicies watched through the API server.
 
-Each kind is listed once, then watched from the list's resourceVersion; only a 410 (the version is
-gone) lists again, and any other failure resumes the watch after a backoff while the last known
-objects stay in force (weftd.kubeclient.reflect). The first poll() blocks until all three kinds have
-been listed, so weftd never replaces the node's policy tables with a partial view. API calls made
-here, and so the RBAC they need: pods, namespaces and networkpolicies list and watch (API_CALLS).
+Each kind is listed once, in pages, then watched from the list's resourceVersion; only a 410 (the
+version is gone) lists again, and any other failure resumes the watch after a backoff while the last
+known objects stay in force (weftd.kubeclient.reflect_raw). The API's JSON is parsed straight into
+the model's objects, which keep only what policy uses: a raw object lives until it is parsed. The
+first poll() blocks until all three kinds have been listed, so weftd never replaces the node's policy
+tables with a partial view. API calls made here, and so the RBAC they need: pods, namespaces and
+networkpolicies list and watch (API_CALLS).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from weftd import kubeclient
@@ -34,7 +36,6 @@ class KubeSource:
 
             api = kubeclient.load(kubeconfig)
             core, networking = client.CoreV1Api(api), client.NetworkingV1Api(api)
-        self.core = core
         self.kinds: dict[str, Callable[..., Any]] = {
             "Pod": core.list_pod_for_all_namespaces,
             "Namespace": core.list_namespace,
@@ -50,15 +51,12 @@ class KubeSource:
         self._stop = stop or threading.Event()
         self._threads: list[threading.Thread] = []
 
-    def _dict(self, obj: Any) -> dict[str, Any]:
-        return obj if isinstance(obj, dict) else self.core.api_client.sanitize_for_serialization(obj)
-
-    def _parse(self, kind: str, raw: Any) -> tuple[Key | None, Object | None]:
-        d = {**self._dict(raw), "kind": kind}  # list items and watch objects may lack it
-        d.pop("apiVersion", None)  # the client's model fills it per group: the kind decides here
-        key = model.object_key(d)
+    def _parse(self, kind: str, raw: dict[str, Any]) -> tuple[Key | None, Object | None]:
+        raw["kind"] = kind  # list items lack it
+        raw.pop("apiVersion", None)  # the kind decides
+        key = model.object_key(raw)
         try:
-            obj = model.parse(d)
+            obj = model.parse(raw)
         except model.ObjectError as e:
             with self._lock:
                 kept = key is not None and key in self._objects[kind]
@@ -70,23 +68,28 @@ class KubeSource:
             self._errors.pop(obj.key, None)
         return obj.key, obj
 
-    def _replace(self, kind: str, items: list[Any]) -> None:
+    def _replace(self, kind: str, items: Iterator[dict[str, Any]]) -> None:
+        """A list's items, read page by page; each raw object is dropped once parsed."""
         fresh: dict[Key, Object] = {}
+        listed: set[Key] = set()
+        old = self._objects[kind]  # only this kind's thread replaces it
         for raw in items:
             key, obj = self._parse(kind, raw)
+            if key is not None:
+                listed.add(key)
             if obj is not None:
                 fresh[obj.key] = obj
-            elif key is not None and key in self._objects[kind]:
-                fresh[key] = self._objects[kind][key]
+            elif key is not None and key in old:
+                fresh[key] = old[key]
         with self._lock:
-            old, self._objects[kind] = self._objects[kind], fresh
+            self._objects[kind] = fresh
             self._dirty.update(k for k in old.keys() | fresh.keys() if old.get(k) != fresh.get(k))
-            listed = {model.object_key({**self._dict(r), "kind": kind}) for r in items}
             self._errors = {k: v for k, v in self._errors.items() if k[0] != kind or k in listed}
-            self._wake.set()
+            if self._dirty:
+                self._wake.set()
         self._synced[kind].set()
 
-    def _event(self, kind: str, event_type: str, raw: Any) -> None:
+    def _event(self, kind: str, event_type: str, raw: dict[str, Any]) -> None:
         key, obj = self._parse(kind, raw)
         with self._lock:
             if event_type == "DELETED":
@@ -94,16 +97,15 @@ class KubeSource:
                     if self._objects[kind].pop(key, None) is not None:
                         self._dirty.add(key)
                     self._errors.pop(key, None)
-            elif obj is not None:
-                if self._objects[kind].get(obj.key) != obj:
-                    self._dirty.add(obj.key)
+            elif obj is not None and self._objects[kind].get(obj.key) != obj:
                 self._objects[kind][obj.key] = obj
+                self._dirty.add(obj.key)
             if self._dirty:
                 self._wake.set()
 
     def _watch(self, kind: str) -> None:
-        kubeclient.reflect(f"{kind} list/watch", self.kinds[kind], functools.partial(self._replace, kind),
-                           functools.partial(self._event, kind), self._stop)
+        kubeclient.reflect_raw(f"{kind} list/watch", self.kinds[kind], functools.partial(self._replace, kind),
+                               functools.partial(self._event, kind), self._stop)
 
     def poll(self) -> set[Key]:
         """Takes in what the watches saw since the last poll: returns the keys added, changed or removed. The first

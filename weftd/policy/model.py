@@ -9,6 +9,7 @@ is Ingress, plus Egress when egress rules exist; a port's protocol is TCP; Names
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -197,7 +198,7 @@ def _labels(v: Any, where: str) -> dict[str, str]:
     for k, val in _dict(v, where).items():
         if not isinstance(k, str) or not isinstance(val, str):
             raise ValueError(f"{where}: label {k!r}: {val!r} must be a string to a string (quote numbers and booleans)")
-        out[k] = val
+        out[sys.intern(k)] = sys.intern(val)  # the same labels recur on many pods: one string each
     return out
 
 
@@ -304,7 +305,7 @@ def _meta(obj: dict[str, Any], namespaced: bool) -> tuple[str, str, dict[str, st
     ns = ""
     if namespaced:
         ns = meta.get("namespace", "default")
-        ns = _str(ns, "metadata.namespace")
+        ns = sys.intern(_str(ns, "metadata.namespace"))
     return ns, name, _labels(meta.get("labels"), "metadata.labels")
 
 
@@ -388,7 +389,7 @@ def _pod(obj: dict[str, Any]) -> Pod:
     ips = _ips(status)
     if status.get("phase") in ("Succeeded", "Failed"):
         ips = ()  # a finished pod's address may already belong to another pod
-    return Pod(ns, name, labels, ips, host, node, tuple(ports))
+    return Pod(ns, name, labels, ips, host, sys.intern(node), tuple(ports))
 
 
 def _policy(obj: dict[str, Any]) -> NetworkPolicy:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,14 +22,33 @@ import yaml
 
 from weftd.policy import model
 from weftd.policy.model import Key, Object
+from weftlib.kernel.inotify import (
+    IN_ATTRIB,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_IGNORED,
+    IN_ISDIR,
+    IN_MODIFY,
+    IN_MOVE_SELF,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_ONLYDIR,
+    IN_Q_OVERFLOW,
+    Inotify,
+)
 
 log = logging.getLogger("weftd.policy")
 SUFFIXES = (".yaml", ".yml", ".json")
+POLL = 0.5  # without inotify: how often the directory is listed
+WATCHED = (IN_MODIFY | IN_ATTRIB | IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_CREATE | IN_DELETE
+           | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR)
 
 
 @dataclass
 class FileState:
-    stamp: tuple[int, int, int]  # mtime_ns, size, inode
+    stamp: tuple[int, int, int, int]  # mtime_ns, ctime_ns, size, inode
     objects: dict[Key, Object] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
@@ -71,13 +91,96 @@ def parse_file(path: Path, text: str, last_good: dict[Key, Object]) -> tuple[dic
     return objects, errors
 
 
+Stamp = tuple[int, int, int, int]  # mtime_ns, ctime_ns, size, inode
+
+
+def _stamp(st: os.stat_result) -> Stamp:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+
+
 class DirSource:
+    """The directory's files, followed by inotify: a file is read once its writer has closed it or it was
+    renamed into place, never while a writer that writes in place has it open, and a read during which
+    the file changed is thrown away and done again. Without inotify, the directory is listed at every
+    poll and a file is read when its stamp changed."""
+
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.files: dict[Path, FileState] = {}
         self._objects: dict[Key, Object] = {}  # every file's objects, a later file's (by name) over an earlier one's
+        self._inotify: Inotify | None = None
+        self._wd: int | None = None  # the watch on the directory; None while it is missing
+        self._writing: set[str] = set()  # names modified in place and not closed since: not read until they are
+        self._named: set[str] = set()  # names to read again whatever their stamp says (closed or renamed in)
+        self._seen: set[str] = set()  # names with an event since they were last read
+        self._rescan = True
+        try:
+            self._inotify = Inotify()
+        except OSError as e:
+            log.warning("inotify is unavailable (%s): %s is listed every %.1f s instead", e, directory, POLL)
 
-    def _listing(self) -> dict[Path, tuple[int, int, int]]:
+    # ---- inotify ----
+
+    def _watch(self) -> None:
+        """Watches the directory if it is there and not watched yet (before it is listed: no change is missed)."""
+        if self._inotify is None or self._wd is not None:
+            return
+        try:
+            self._wd = self._inotify.watch(str(self.dir), WATCHED)
+        except FileNotFoundError:
+            return  # listed again at each poll until it appears
+        except OSError as e:
+            log.warning("inotify cannot watch %s (%s): it is listed every %.1f s instead", self.dir, e, POLL)
+            self._inotify.close()
+            self._inotify = None
+            return
+        log.info("%s is followed by inotify", self.dir)
+        self._rescan = True
+
+    def _drain(self) -> None:
+        """Takes in the events queued so far."""
+        if self._inotify is None:
+            return
+        for ev in self._inotify.read():
+            if ev.mask & IN_Q_OVERFLOW:
+                log.warning("inotify dropped events for %s; listing it again", self.dir)
+                self._writing.clear()
+                self._rescan = True
+                continue
+            if ev.wd != self._wd:
+                continue  # a watch already removed
+            if ev.mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+                self._inotify.unwatch(ev.wd)
+                self._wd = None  # watched again (or found missing) at the next poll
+                self._writing.clear()
+                self._rescan = True
+                continue
+            name = ev.name
+            self._seen.add(name)
+            if ev.mask & IN_MODIFY:
+                self._writing.add(name)
+                continue
+            if ev.mask & IN_CREATE and not ev.mask & IN_ISDIR and self._created_empty(name):
+                self._writing.add(name)  # open(O_CREAT): its writer's close tells when it is whole
+                continue
+            if ev.mask & IN_ATTRIB:
+                self._rescan = True  # read if its stamp changed, unless a writer still has it open
+                continue
+            self._writing.discard(name)
+            self._named.add(name)
+            self._rescan = True
+
+    def _created_empty(self, name: str) -> bool:
+        """A regular file with one link: made by open(O_CREAT), not link(2), so a close is coming."""
+        try:
+            st = os.lstat(self.dir / name)
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+    # ---- reading ----
+
+    def _listing(self) -> dict[Path, Stamp]:
         out = {}
         try:
             entries = list(os.scandir(self.dir))
@@ -91,11 +194,29 @@ class DirSource:
             except FileNotFoundError:
                 continue
             if e.is_file():
-                out[Path(e.path)] = (st.st_mtime_ns, st.st_size, st.st_ino)
+                out[Path(e.path)] = _stamp(st)
         return out
+
+    def _read(self, path: Path) -> tuple[Stamp, str] | None:
+        """The file's stamp and text, or None if it changed while it was read. Raises OSError, ValueError."""
+        self._seen.discard(path.name)
+        with open(path, "rb") as f:
+            before = _stamp(os.fstat(f.fileno()))
+            data = f.read()
+            after = _stamp(os.fstat(f.fileno()))
+        self._drain()
+        if before != after or path.name in self._seen:
+            return None
+        return before, data.decode()
 
     def poll(self) -> set[Key]:
         """Re-reads the files that changed; returns the keys whose object was added, changed or removed."""
+        self._watch()
+        self._drain()
+        if self._inotify is not None and self._wd is not None and not self._rescan:
+            return set()
+        self._rescan = False
+        named, self._named = self._named, set()
         listing = self._listing()
         touched: set[Key] = set()
         for path in list(self.files):
@@ -104,12 +225,18 @@ class DirSource:
                 log.info("%s removed", path)
         for path, stamp in sorted(listing.items()):
             old = self.files.get(path)
-            if old is not None and old.stamp == stamp:
+            if old is not None and old.stamp == stamp and path.name not in named:
                 continue
+            if path.name in self._writing:
+                continue  # read when its writer closes it
             previous = old.objects if old is not None else {}
-            touched.update(previous)
             try:
-                text = path.read_text()
+                read = self._read(path)
+                if read is None:
+                    self._named.add(path.name)
+                    self._rescan = True
+                    continue
+                stamp, text = read
                 objects, errors = parse_file(path, text, previous)
             except (OSError, ValueError) as e:
                 msg = str(e) if str(path) in str(e) else f"{path}: {e}"
@@ -118,6 +245,7 @@ class DirSource:
                 continue
             for err in errors:
                 log.error("%s", err)
+            touched.update(previous)
             self.files[path] = FileState(stamp, objects, errors)
             touched.update(objects)
         return self._merge(touched)
@@ -144,7 +272,18 @@ class DirSource:
         return self._objects
 
     def wait(self, timeout: float) -> None:
-        time.sleep(timeout)
+        """Until inotify has events (or a read to do again), or `timeout`; without inotify (or the directory),
+        sleeps `timeout`, at most POLL."""
+        inotify = self._inotify
+        if inotify is None or self._wd is None:
+            time.sleep(min(timeout, POLL))
+        elif not self._rescan:
+            inotify.ready(timeout)
 
     def error_count(self) -> int:
         return sum(len(f.errors) for f in self.files.values())
+
+    def close(self) -> None:
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
