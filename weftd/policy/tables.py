@@ -9,7 +9,7 @@ import json
 import logging
 from collections.abc import Iterable
 
-from weftd.policy.compile import TABLE, transaction
+from weftd.policy.layout import TABLE, transaction
 from weftlib.kernel import nft, sysctl
 
 log = logging.getLogger("weftd.policy")
