@@ -70,7 +70,10 @@ class PolicyEngine:
         registry = registry or CollectorRegistry()
         self.metrics = PolicyMetrics(registry)
         self.drops = Drops()
-        self._chain_policies: dict[str, frozenset[str]] = {}  # the pod chains in the kernel, and their policies
+        # The pod chains' counters in the kernel, and the policies they count for: those of the chains in force,
+        # and those left by chains a change deleted (retired), until a full replace reads and removes them.
+        self._chain_policies: dict[str, frozenset[str]] = {}
+        self._retired: dict[str, frozenset[str]] = {}
         registry.register(DropCollector(self.drops, lambda: self._chain_policies))
         self.subnets: tuple[netaddr.IPNetwork, ...] = ()  # the node's pod subnets, one per family
         self.bindings = Bindings(state_file)
@@ -315,7 +318,7 @@ class PolicyEngine:
                     self._change(ruleset, change.commands, change.removed)
             self._describe(ruleset, ruleset is not self._ruleset)
             self._ruleset = ruleset
-            self._chain_policies = ruleset.chain_policies()
+            self._chain_policies = {**self._retired, **ruleset.chain_policies()}
         except (PolicyError, nft.Unavailable) as e:
             self._ruleset = None  # the kernel may not hold what the ruleset says: next time, in full
             self.metrics.errors.inc()
@@ -335,10 +338,9 @@ class PolicyEngine:
 
     def _change(self, ruleset: Ruleset, commands: str, removed: dict[str, frozenset[str]]) -> None:
         """Sends a change alone, in one transaction; if the kernel refuses it, replaces both tables in full."""
-        before = tables.read_counters(removed)
         refused = tables.change(commands)
         if refused is None:
-            self.drops.keep(before, removed)  # what the deleted chains counted
+            self._retired.update(removed)  # their counters stay until the next full replace
             self._unchecked = True
             return
         log.warning("policy: applying the change alone failed (%s); replacing the tables in full", refused)
@@ -354,6 +356,7 @@ class PolicyEngine:
         if refused is not None:
             raise PolicyError(f"nft: {refused}")
         self.drops.keep(before, self._chain_policies)
+        self._retired.clear()
         self.last = Compiled(text, {pid: set(pods) for pid, pods in ruleset.selected.items()}, len(ruleset.chains),
                              ruleset.rules, ruleset.sets, ruleset.chain_policies())
         self._snapshot, self._unchecked = tables.listing(), False

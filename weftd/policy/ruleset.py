@@ -48,8 +48,9 @@ class Chain:
 
 @dataclass(frozen=True)
 class Change:
-    """One transaction's commands, and the pod chains it deletes (their counters with them), with the
-    policies that were behind each."""
+    """One transaction's commands, and the pod chains it deletes, with the policies that were behind each.
+    Their counters stay, so that nothing needs reading them first (listing a counter costs a dump of the whole
+    table, set elements included): they go with the next full replace, which reads every counter first."""
 
     commands: str
     removed: dict[str, frozenset[str]] = field(default_factory=dict)
@@ -449,7 +450,7 @@ class Ruleset:
             if add:
                 adds.append(f"add element {family} {TABLE} {name} {{ {', '.join(add)} }}\n")
         out += adds
-        out += [f"delete chain inet {TABLE} {n}\ndelete counter inet {TABLE} {n}\n" for n in gone_chains]
+        out += [f"delete chain inet {TABLE} {n}\n" for n in gone_chains]
         out += [f"delete set inet {TABLE} {n}\n" for n in gone_sets]
         self._settle()
         return Change("".join(out), gone_chains)
