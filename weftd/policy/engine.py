@@ -133,10 +133,9 @@ class PolicyEngine:
     def refresh(self) -> bool:
         """Takes in what changed in the sources, the bindings and the reservations; True if anything did."""
         with self._source_lock:
-            before = len(self._pending)
             self._take(self.source.poll())
             self._rebind()
-            changed = len(self._pending) > before
+            changed = bool(self._pending)
             stamp = self.ports.stamp()
             if stamp != self._ports_stamp:
                 self._ports_stamp = stamp
@@ -393,7 +392,8 @@ class PolicyEngine:
                 ip = netaddr.IPAddress(host)
             except (ValueError, netaddr.AddrFormatError):
                 return "outside the pods known"
-            key = self._taken.get(ip) or min(self._by_addr.get(ip, ()), default=None)
+            with self._source_lock:  # the loop's thread changes them
+                key = self._taken.get(ip) or min(self._by_addr.get(ip, ()), default=None)
             return f"{key[1]}/{key[2]}" if key is not None else "outside the pods known"
 
         policies = sorted(self._chain_policies.get(chain, ()))
