@@ -82,6 +82,9 @@ class Objects:
     def objects(self) -> dict[model.Key, model.Object]:
         return self.items
 
+    def wait(self, timeout: float) -> None:
+        pass
+
     def error_count(self) -> int:
         return 0
 

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
@@ -37,18 +37,25 @@ from weftd.policy.ruleset import Ruleset
 from weftlib.kernel import nft
 
 log = logging.getLogger("weftd.policy")
-POLL = 0.5
+STOP_CHECK = 0.5  # the longest the loop waits for a change before it looks at its stop event
 
 
 class Source(Protocol):
-    """Where the objects come from: a directory (source.DirSource) or the API server (kube.KubeSource)."""
+    """Where the objects come from: a directory (source.DirSource) or the API server (kube.KubeSource).
 
-    def poll(self) -> bool | Collection[model.Key]:
-        """Takes in what changed since the last poll: the keys of the objects added, changed or removed, or
-        whether anything changed."""
+    The engine calls poll() and objects() under one lock; wait() outside it."""
+
+    def poll(self) -> set[model.Key]:
+        """Takes in what changed since the last poll: the keys added, changed or removed (empty: nothing)."""
         ...
 
-    def objects(self) -> dict[model.Key, model.Object]: ...
+    def objects(self) -> Mapping[model.Key, model.Object]:
+        """The current objects: a live view that only poll() changes; callers must not change it."""
+        ...
+
+    def wait(self, timeout: float) -> None:
+        """Returns when a change may be there for poll(), or after `timeout` seconds."""
+        ...
 
     def error_count(self) -> int: ...
 
@@ -134,6 +141,7 @@ class PolicyEngine:
         """Takes in what changed in the sources, the bindings and the reservations; True if anything did."""
         with self._source_lock:
             self._take(self.source.poll())
+            self.metrics.invalid.set(self.source.error_count())  # a bad version changes no object, but counts
             self._rebind()
             changed = bool(self._pending)
             stamp = self.ports.stamp()
@@ -142,13 +150,9 @@ class PolicyEngine:
                 self._ports_changed = changed = True
         return changed
 
-    def _take(self, polled: bool | Collection[model.Key]) -> None:
+    def _take(self, polled: set[model.Key]) -> None:
         """The objects that changed, into _objects and _pending."""
-        if not polled:
-            return
         objects = self.source.objects()
-        if isinstance(polled, bool):  # a source that tells no keys: compare
-            polled = [k for k in objects.keys() | self._objects.keys() if objects.get(k) != self._objects.get(k)]
         for key in polled:
             old, new = self._objects.get(key), objects.get(key)
             if old == new:
@@ -202,11 +206,15 @@ class PolicyEngine:
         """Applies after every change of the sources and, every `resync` seconds, checks the kernel's tables.
         `owed`: an apply failed, and none has succeeded since: the next round applies even without a change."""
         last_check = time.monotonic()
-        while not self.stopped.wait(POLL):
+        while not self.stopped.is_set():
+            self.source.wait(min(STOP_CHECK, max(0.0, last_check + self.resync - time.monotonic())))
+            if self.stopped.is_set():
+                break
             try:
                 changed = self.refresh()
             except Exception as e:  # noqa: BLE001 - a source that cannot be read keeps what it last gave
                 log.error("policy: %s", e)
+                self.stopped.wait(STOP_CHECK)  # a source that fails at once would otherwise spin
                 continue
             try:
                 if time.monotonic() - last_check > self.resync:
@@ -330,8 +338,6 @@ class PolicyEngine:
         m.rules.set(ruleset.rules)
         m.chains.set(len(ruleset.chains))
         m.policies.set(len(ruleset.policies))
-        with self._source_lock:
-            m.invalid.set(self.source.error_count())
         m.isolated.set(ruleset.isolated())
         log.debug("policy ruleset: %d policies, %d rules, %.3fs", len(ruleset.policies), ruleset.rules, took)
 
