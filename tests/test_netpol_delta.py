@@ -10,6 +10,7 @@ import pytest
 from tests.lab import Lab
 from tests.unit.test_policy import random_steps
 from tests.unit.test_policy_ruleset import Changes, Mirror, churn, fresh
+from weftd.policy import tables
 from weftd.policy.compile import transaction
 from weftd.policy.tables import listing
 from weftlib.kernel import nft
@@ -22,20 +23,21 @@ def test_changes_alone_give_the_tables_a_full_replace_gives(tmp_path: Path, seed
     try:
         by_change, by_full = (NetNS(lab.netns(label).path) for label in ("change", "full"))
         mirror = Mirror()
-        changes = 0
+        changes = alone = 0
         for step, raw in enumerate(random_steps(seed, 30)):
             change = mirror.follow(raw)
             with by_change.entered():
-                status, _, err = nft.run(transaction(mirror.ruleset.render()) if step == 0 else change.commands)
-                assert status == 0, f"step {step}: {err}\n{change.commands}"
+                err = tables.replace(mirror.ruleset.render()) if step == 0 else tables.change(change)
+                assert err is None, f"step {step}: {err}\n{change.commands}"
                 got = listing()
             changes += bool(change.commands)
+            alone += change.elements is not None
             with by_full.entered():
                 status, _, err = nft.run(transaction(fresh(mirror.objects).render()))
                 assert status == 0, err
                 want = listing()
             assert got == want, f"step {step}"
-        assert changes >= 10
+        assert changes >= 10 and alone >= 3  # some of them as elements alone, over netlink
         by_change.close()
         by_full.close()
     finally:
@@ -50,6 +52,7 @@ def test_a_thousand_changes_at_scale_give_the_tables_a_full_replace_gives(tmp_pa
         by_change, by_full = (NetNS(lab.netns(label).path) for label in ("change", "full"))
         mirror = Mirror()
         batch: Changes = {}
+        alone = 0
         for step, (what, changes) in enumerate(churn(7, 1500, 80, 1000)):
             batch.update(changes)
             if step % 5 and step != 1000:
@@ -57,8 +60,9 @@ def test_a_thousand_changes_at_scale_give_the_tables_a_full_replace_gives(tmp_pa
             change = mirror.change(batch)
             batch = {}
             with by_change.entered():
-                status, _, err = nft.run(transaction(mirror.ruleset.render()) if step == 0 else change.commands)
-                assert status == 0, f"step {step} ({what}): {err}\n{change.commands}"
+                err = tables.replace(mirror.ruleset.render()) if step == 0 else tables.change(change)
+                assert err is None, f"step {step} ({what}): {err}\n{change.commands}"
+                alone += change.elements is not None
                 if step % 100 and step != 1000:
                     continue
                 got = listing()
@@ -67,6 +71,7 @@ def test_a_thousand_changes_at_scale_give_the_tables_a_full_replace_gives(tmp_pa
                 assert status == 0, err
                 want = listing()
             assert got == want, f"step {step}"
+        assert alone >= 50  # of 200 transactions, as elements alone over netlink
         by_change.close()
         by_full.close()
     finally:

@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from weftd.policy import metrics, model, tables
 from weftd.policy.engine import PolicyEngine
 from weftd.policy.layout import TABLE
+from weftd.policy.ruleset import Change
 
 
 class FakeKernel:
@@ -35,7 +36,8 @@ class FakeKernel:
         self.chains = set(re.findall(r"chain ([ie]_\w+) \{", text))
         return None
 
-    def change(self, commands: str) -> str | None:
+    def change(self, c: Change) -> str | None:
+        commands = c.commands
         if self.refuse:
             self.refuse -= 1
             return "Error: refused"

@@ -33,7 +33,7 @@ from weftd.policy import model, tables
 from weftd.policy.bindings import Binding, Bindings, Ports
 from weftd.policy.compile import Compiled
 from weftd.policy.metrics import DropCollector, Drops, PolicyMetrics
-from weftd.policy.ruleset import Ruleset
+from weftd.policy.ruleset import Change, Ruleset
 from weftlib.kernel import nft
 
 log = logging.getLogger("weftd.policy")
@@ -322,7 +322,7 @@ class PolicyEngine:
                 self._update(ruleset)
                 change = ruleset.flush()
                 if change.commands:
-                    self._change(ruleset, change.commands, change.removed)
+                    self._change(ruleset, change)
             self._describe(ruleset, ruleset is not self._ruleset)
             self._ruleset = ruleset
             self._chain_policies = {**self._retired, **ruleset.chain_policies()}
@@ -341,11 +341,11 @@ class PolicyEngine:
         m.isolated.set(ruleset.isolated())
         log.debug("policy ruleset: %d policies, %d rules, %.3fs", len(ruleset.policies), ruleset.rules, took)
 
-    def _change(self, ruleset: Ruleset, commands: str, removed: dict[str, frozenset[str]]) -> None:
+    def _change(self, ruleset: Ruleset, change: Change) -> None:
         """Sends a change alone, in one transaction; if the kernel refuses it, replaces both tables in full."""
-        refused = tables.change(commands)
+        refused = tables.change(change)
         if refused is None:
-            self._retired.update(removed)  # their counters stay until the next full replace
+            self._retired.update(change.removed)  # their counters stay until the next full replace
             self._unchecked = True
             return
         log.warning("policy: applying the change alone failed (%s); replacing the tables in full", refused)

@@ -35,6 +35,7 @@ from weftd.policy.layout import (
 )
 from weftd.policy.model import NAME_LABEL, Key, NetworkPolicy, Pod
 from weftd.policy.peersets import PeerSet
+from weftlib.kernel.nftelements import Elements
 
 DIRECTIONS = ("ingress", "egress")
 
@@ -54,6 +55,8 @@ class Change:
 
     commands: str
     removed: dict[str, frozenset[str]] = field(default_factory=dict)
+    # The same change when it only adds and deletes elements (no set or chain made or deleted): per set, in order.
+    elements: tuple[Elements, ...] | None = None
 
 
 def _chain_text(name: str, lines: Iterable[str]) -> str:
@@ -439,21 +442,24 @@ class Ruleset:
         made = [f"  set {n} {{ {self._declared[n]} }}\n" for n in sorted(self._made) if n in self._declared]
         made += [_chain_text(n, self.chains[n].lines) for n in sorted(self._made) if n in self.chains]
         out = [f"table inet {TABLE} {{\n{''.join(made)}}}\n"] if made else []
-        adds = []
+        drops: list[Elements] = []
+        adds: list[Elements] = []
         for where, touched in sorted(self._touched.items()):
             els = self._elements[where]
             family, _, name = where.partition(" ")
             drop = [k for k, before in touched.items() if before is not None and els.get(k, (None,))[0] != before]
             add = [els[k][0] for k, before in touched.items() if k in els and els[k][0] != before]
             if drop:
-                out.append(f"delete element {family} {TABLE} {name} {{ {', '.join(drop)} }}\n")
+                drops.append(Elements(family, TABLE, name, False, tuple(drop)))
             if add:
-                adds.append(f"add element {family} {TABLE} {name} {{ {', '.join(add)} }}\n")
-        out += adds
+                adds.append(Elements(family, TABLE, name, True, tuple(add)))
+        out += [f"{'add' if e.add else 'delete'} element {e.family} {e.table} {e.set} {{ {', '.join(e.items)} }}\n"
+                for e in (*drops, *adds)]
         out += [f"delete chain inet {TABLE} {n}\n" for n in gone_chains]
         out += [f"delete set inet {TABLE} {n}\n" for n in gone_sets]
+        alone = not (made or gone_chains or gone_sets)
         self._settle()
-        return Change("".join(out), gone_chains)
+        return Change("".join(out), gone_chains, (*drops, *adds) if alone else None)
 
     def render(self) -> str:
         """Both tables in full, as one ruleset (elements sorted: the same state gives the same text)."""
