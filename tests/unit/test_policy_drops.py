@@ -57,9 +57,10 @@ class FakeKernel:
     def listing(self) -> str:
         return "tables"
 
-    def drop(self, packets: int) -> None:
-        """`packets` dropped by every ingress pod chain (of 100 bytes)."""
-        for name in self.chains:
+    def drop(self, packets: int, engine: PolicyEngine) -> None:
+        """`packets` dropped by every ingress pod chain a pod uses (of 100 bytes)."""
+        used = {n for n, c in engine._ruleset.chains.items() if c.users} if engine._ruleset is not None else set()
+        for name in self.chains & used:
             if name.startswith("i_"):
                 p, b = self.counters[name]
                 self.counters[name] = (p + packets, b + 100 * packets)
@@ -129,7 +130,7 @@ def test_drops_survive_every_path_that_deletes_or_zeroes_their_counter(tmp_path:
     source = Objects(deny([]), pod("db", "10.0.0.1", "me", {"app": "db"}), pod("web", "10.0.0.2", "other", {}))
     engine, registry = started(tmp_path, source)
     assert kernel.replaces == 1 and len(kernel.counters) == 2  # the db pod's ingress chain, and spoofed
-    kernel.drop(5)
+    kernel.drop(5, engine)
     assert dropped(registry) == 5
 
     # a policy update: the pod's chain is replaced by another, in a change
@@ -138,20 +139,20 @@ def test_drops_survive_every_path_that_deletes_or_zeroes_their_counter(tmp_path:
     engine.request()
     assert kernel.changes == 1 and kernel.replaces == 1
     assert dropped(registry) == 5
-    kernel.drop(2)
+    kernel.drop(2, engine)
 
     # the pod relabelled: no policy selects it any more, its chain is deleted
     source.put(pod("db", "10.0.0.1", "me", {"app": "cache"}))
     engine.refresh()
     engine.request()
-    assert kernel.changes == 2 and not engine._ruleset.chains  # type: ignore[union-attr]
+    assert kernel.changes == 2
     assert dropped(registry) == 7
 
     # selected again, drops, then a remote pod's change applied alone: the resync replaces in full
     source.put(pod("db", "10.0.0.1", "me", {"app": "db"}))
     engine.refresh()
     engine.request()
-    kernel.drop(3)
+    kernel.drop(3, engine)
     source.put(pod("web2", "10.0.0.3", "other", {"app": "web"}))
     engine.refresh()
     engine.request()
@@ -160,13 +161,24 @@ def test_drops_survive_every_path_that_deletes_or_zeroes_their_counter(tmp_path:
     assert dropped(registry) == 10
 
     # a change the kernel refuses: replaced in full instead
-    kernel.drop(4)
+    kernel.drop(4, engine)
     kernel.refuse = 1
     source.put(pod("web3", "10.0.0.4", "other", {"app": "web"}))
     engine.refresh()
     engine.request()
     assert kernel.replaces == 3
     assert dropped(registry) == 14
+
+    # a policy update that drops the set its old chain refers to: the chain is deleted, its counter retired
+    kernel.drop(6, engine)
+    chains = set(kernel.chains)
+    source.put(deny([{"from": [{"podSelector": {"matchLabels": {"app": "cache"}}}]}]))
+    engine.refresh()
+    engine.request()
+    assert kernel.replaces == 3 and kernel.changes == 5 and chains - kernel.chains
+    assert dropped(registry) == 20
+    assert engine._resync() and kernel.replaces == 4
+    assert dropped(registry) == 20
 
 
 def test_the_first_apply_does_not_count_what_tables_it_did_not_apply_held(tmp_path: Path,

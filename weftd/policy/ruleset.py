@@ -216,7 +216,7 @@ class Ruleset:
             self._unused_sets.add(s)  # dropped at the flush, unless a policy refers to it again by then
 
     def _drop_set(self, s: PeerSet) -> list[str]:
-        """Forgets an unreferenced set; the names of its nft sets that the kernel holds."""
+        """Forgets an unreferenced set; the names of its nft sets."""
         del self._refs[s]
         for key in self._members.pop(s, ()):
             self._member_of[key].discard(s)
@@ -225,16 +225,11 @@ class Ruleset:
         self._wide_in.clear()
         if s.peers.namespace is not None:
             self._scoped[s.peers.namespace].discard(s)
-        gone = []
-        for v in s.versions:
-            name = s.name(v)
+        names = [s.name(v) for v in s.versions]
+        for name in names:
             del self._elements[f"inet {name}"], self._declared[name]
             self._touched.pop(f"inet {name}", None)
-            if name in self._made:
-                self._made.discard(name)
-            else:
-                gone.append(name)
-        return gone
+        return names
 
     # ---- objects ----
 
@@ -414,31 +409,43 @@ class Ruleset:
 
     # ---- to the kernel ----
 
-    def _collect(self) -> tuple[dict[str, frozenset[str]], list[str]]:
-        """Drops the chains and sets nothing uses any more; those the kernel holds (chains with their
-        policies, and set names)."""
+    def _collect(self, idle: bool) -> tuple[dict[str, frozenset[str]], list[str]]:
+        """Drops the sets no policy refers to any more, and the chains no pod uses (idle) that refer to one of
+        them, or with `idle` every idle chain; those the kernel holds (chains with their policies, and set
+        names). Idle chains are otherwise kept: a pod behind the same policies may come (a pod's ADD makes
+        no chain it can find), and the next full replace drops them."""
+        dropped: list[str] = []
+        for s in list(self._unused_sets):
+            if not self._refs.get(s, 1):
+                dropped += self._drop_set(s)
+        self._unused_sets.clear()
+        sets = [n for n in dropped if n not in self._made]
+        self._made.difference_update(dropped)
         chains: dict[str, frozenset[str]] = {}
         for name in sorted(self._unused_chains):
             chain = self.chains.get(name)
-            if chain is not None and not chain.users:
-                del self.chains[name]
-                self.chain_lines -= len(chain.lines)
-                if name in self._made:
-                    self._made.discard(name)
-                else:
-                    chains[name] = chain.policies
-        sets = [n for s in self._unused_sets if not self._refs.get(s, 1) for n in self._drop_set(s)]
-        self._unused_chains.clear()
-        self._unused_sets.clear()
+            if chain is not None and chain.users:
+                self._unused_chains.discard(name)
+                continue
+            if chain is None or not (idle or any(f"@{n}" in line for line in chain.lines for n in dropped)):
+                continue
+            self._unused_chains.discard(name)
+            del self.chains[name]
+            self.chain_lines -= len(chain.lines)
+            if name in self._made:
+                self._made.discard(name)
+            else:
+                chains[name] = chain.policies
         return chains, sorted(sets)
 
     def _settle(self) -> None:
         self._touched.clear()
         self._made.clear()
 
-    def flush(self) -> Change:
-        """The commands that bring tables holding the ruleset as last flushed (or rendered) to this one."""
-        gone_chains, gone_sets = self._collect()
+    def flush(self, idle: bool = False) -> Change:
+        """The commands that bring tables holding the ruleset as last flushed (or rendered) to this one; with
+        `idle`, they also delete the chains no pod uses."""
+        gone_chains, gone_sets = self._collect(idle)
         made = [f"  set {n} {{ {self._declared[n]} }}\n" for n in sorted(self._made) if n in self._declared]
         made += [_chain_text(n, self.chains[n].lines) for n in sorted(self._made) if n in self.chains]
         out = [f"table inet {TABLE} {{\n{''.join(made)}}}\n"] if made else []
@@ -462,8 +469,9 @@ class Ruleset:
         return Change("".join(out), gone_chains, (*drops, *adds) if alone else None)
 
     def render(self) -> str:
-        """Both tables in full, as one ruleset (elements sorted: the same state gives the same text)."""
-        self._collect()
+        """Both tables in full, as one ruleset (elements sorted: the same state gives the same text), without
+        idle chains."""
+        self._collect(idle=True)
         self._settle()
         els = self._elements
         out = [f"table inet {TABLE} {{\n"]
