@@ -377,7 +377,12 @@ class PolicyEngine:
             if not self._unchecked and seen == self._snapshot:
                 return False
             if self._unchecked and self._ruleset is not None:
-                self._apply()  # what changed since the last apply, so that the listing and the replace agree
+                # What changed since the last apply, and the idle chains (a full replace has none) deleted, so
+                # that the listing and the replace agree unless something else changed the tables.
+                self._apply()
+                idle = self._ruleset.flush(idle=True)
+                if idle.commands:
+                    self._change(self._ruleset, idle)
                 seen = tables.listing()
             self._ruleset = None
             self.ports.forget()

@@ -39,6 +39,7 @@ _HEADER = struct.Struct("=IHHII")
 _NFGEN = struct.Struct("=BBH")  # family, version, resource id (big-endian)
 _CHUNK = 200  # elements per message: an attribute's length is 16 bits
 _RECV = 1 << 16
+_MAX_IDLE = 16
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ def apply(changes: Iterable[Elements]) -> str | None:
             sock.close()  # another thread's, kept
         else:
             _idle[netns] = sock
+            if len(_idle) > _MAX_IDLE:  # the oldest goes: it may keep a namespace that is gone alive
+                _idle.pop(next(iter(_idle))).close()
     return refused
 
 
