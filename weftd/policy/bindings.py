@@ -19,7 +19,7 @@ from typing import Any
 import netaddr
 
 from ipam.reservations import Owner, Reader
-from weftd.policy.compile import PortBinding
+from weftd.policy.layout import PortBinding
 from weftlib.ipnet import IPAddress
 from weftlib.kernel.files import write_atomic
 from weftlib.kernel.netlink import host_veth_name

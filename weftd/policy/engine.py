@@ -1,15 +1,15 @@
 """weftd's NetworkPolicy engine: keeps the node's `weft_policy` tables equal to the compiled state.
 
-Sources are read in full before the first apply, and every apply replaces both tables in one nftables
-transaction, so a restarted weftd moves from the old ruleset to the new one with no moment in
-between; when weftd stops, the tables stay. Pods this node attaches are bound to their Pod objects
-when weftd's CNI server tells of them (`attached`, a PodHook), and their verdicts are in the kernel
-before the ADD returns.
+Sources are read in full before the first apply, which replaces both tables in one nftables transaction, so
+a restarted weftd moves from the old ruleset to the new one with no moment in between; when weftd stops, the
+tables stay. Pods this node attaches are bound to their Pod objects when weftd's CNI server tells of them
+(`attached`, a PodHook), and their verdicts are in the kernel before the ADD returns.
 
-An ADD or DEL pays for what the pod changes, not for the cluster's size: each compile reuses what the
-last one computed and the change leaves untouched (compile.Cache), reservations are read once
-(bindings.Ports), and the kernel's tables are listed (to notice changes made behind weftd's back) only
-by the periodic resync, which replaces them in full again when anything was applied since its last look.
+After that, every change costs what it touches, not the cluster's size: the objects that changed (from the
+source, or a pod bound or unbound here) go into the ruleset one by one (ruleset.Ruleset), which turns them
+into one transaction of element changes (and of the chains and sets that appear or go). The periodic resync
+lists the kernel's tables to notice changes made behind weftd's back, and replaces them in full when anything
+was applied change by change since its last look; so does a change the kernel refuses.
 
 The rooms beside it: `bindings` (which pod is which), `tables` (every nftables call), `metrics`.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -30,8 +31,9 @@ from prometheus_client import CollectorRegistry
 from weftd.pod import Attachment, Refused
 from weftd.policy import model, tables
 from weftd.policy.bindings import Binding, Bindings, Ports
-from weftd.policy.compile import Cache, Compiled, State, compile_ruleset, delta
+from weftd.policy.compile import Compiled
 from weftd.policy.metrics import DropCollector, Drops, PolicyMetrics
+from weftd.policy.ruleset import Change, Ruleset
 from weftlib.kernel import nft
 
 log = logging.getLogger("weftd.policy")
@@ -72,12 +74,14 @@ class PolicyEngine:
         self.source = source
         self.resync = resync
         self.nflog_group = nflog_group
-        self._pods: list[model.Pod] = []  # the last apply's, to name the ends of denied packets
-        self._names: tuple[list[model.Pod], dict[str, str]] = ([], {})  # for which _pods: address -> "ns/name"
         registry = registry or CollectorRegistry()
         self.metrics = PolicyMetrics(registry)
         self.drops = Drops()
-        registry.register(DropCollector(self.drops, lambda: self.last.chain_policies if self.last else {}))
+        # The pod chains' counters in the kernel, and the policies they count for: those of the chains in force,
+        # and those left by chains a change deleted (retired), until a full replace reads and removes them.
+        self._chain_policies: dict[str, frozenset[str]] = {}
+        self._retired: dict[str, frozenset[str]] = {}
+        registry.register(DropCollector(self.drops, lambda: self._chain_policies))
         self.subnets: tuple[netaddr.IPNetwork, ...] = ()  # the node's pod subnets, one per family
         self.bindings = Bindings(state_file)
         self.ports = Ports(reservation_dir)
@@ -85,17 +89,23 @@ class PolicyEngine:
         self.stopped = threading.Event()
         self._lock = threading.Lock()  # the generation counter
         self._apply_lock = threading.Lock()
-        self._source_lock = threading.Lock()  # the sources, and the reservations' stamp
+        self._source_lock = threading.Lock()  # the sources, what was taken from them, and the reservations' stamp
         self._generation = 0
         self._applied_generation = -1
-        self._applied_text: str | None = None
-        self._described: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
+        # What was taken from the sources and the bindings, kept up to date key by key:
+        self._objects: dict[model.Key, model.Object] = {}
+        self._by_addr: dict[netaddr.IPAddress, set[model.Key]] = defaultdict(set)  # Pod objects by address
+        self._bound: dict[model.Key, Binding] = {}
+        self._taken: dict[netaddr.IPAddress, model.Key] = {}  # the bound pods' addresses
+        self._pending: set[model.Key] = set()  # changed since the last apply
         self._ports_stamp: tuple[int, int] | None = None
+        self._ports_changed = True
+        self._ruleset: Ruleset | None = None  # what the kernel holds; None: the next apply replaces in full
+        self._described: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
         self._thread: threading.Thread | None = None
-        self.last: Compiled | None = None
+        self.last: Compiled | None = None  # the last ruleset applied in full
         self._snapshot: str | None = None  # the tables as last applied, to notice changes behind weftd's back
         self._unchecked = False  # applied since the snapshot: the next resync applies in full and lists again
-        self._cache = Cache()
 
     # ---- lifecycle ----
 
@@ -128,14 +138,69 @@ class PolicyEngine:
             self._thread.join(5)
 
     def refresh(self) -> bool:
-        """Re-reads the sources; True if anything changed."""
+        """Takes in what changed in the sources, the bindings and the reservations; True if anything did."""
         with self._source_lock:
-            changed = bool(self.source.poll())
+            self._take(self.source.poll())
             self.metrics.invalid.set(self.source.error_count())  # a bad version changes no object, but counts
+            self._rebind()
+            changed = bool(self._pending)
             stamp = self.ports.stamp()
             if stamp != self._ports_stamp:
-                self._ports_stamp, changed = stamp, True
+                self._ports_stamp = stamp
+                self._ports_changed = changed = True
         return changed
+
+    def _take(self, polled: set[model.Key]) -> None:
+        """The objects that changed, into _objects and _pending."""
+        objects = self.source.objects()
+        for key in polled:
+            old, new = self._objects.get(key), objects.get(key)
+            if old == new:
+                continue
+            for ip in old.ips if isinstance(old, model.Pod) else ():
+                self._by_addr[ip].discard(key)
+                if not self._by_addr[ip]:
+                    del self._by_addr[ip]
+            for ip in new.ips if isinstance(new, model.Pod) else ():
+                self._by_addr[ip].add(key)
+            if new is None:
+                del self._objects[key]
+            else:
+                self._objects[key] = new
+            self._pending.add(key)
+
+    def _rebind(self) -> None:
+        """The bindings as they are now; the pods whose binding changed, and the objects at their addresses
+        (which lose or get back the addresses a bound pod holds), into _pending."""
+        bound = {("Pod", b.namespace, b.name): b for b in self.bindings.all()}
+        changed = {k for k in bound.keys() | self._bound.keys() if bound.get(k) != self._bound.get(k)}
+        if not changed:
+            return
+        for key in changed:
+            for b in (bound.get(key), self._bound.get(key)):
+                for ip in b.ips if b is not None else ():
+                    self._pending |= self._by_addr.get(ip, set())
+        self._pending |= changed
+        self._bound = bound
+        self._taken = {ip: k for k, b in bound.items() for ip in b.ips}
+
+    def _effective(self, key: model.Key) -> tuple[model.Pod | None, bool]:
+        """The pod as policy sees it, and whether it is one of this node's: a bound pod has its binding's
+        addresses (with no object yet, no labels: its namespace's policies that select every pod apply from
+        its first packet); another pod's object loses the addresses this node gave to a bound pod (a stale
+        object)."""
+        obj = self._objects.get(key)
+        pod = obj if isinstance(obj, model.Pod) else None
+        binding = self._bound.get(key)
+        if binding is not None:
+            base = pod if pod is not None else model.Pod(key[1], key[2])
+            return replace(base, ips=binding.ips, host_network=False, node_name=self.node), True
+        if pod is None:
+            return None, False
+        if any(ip in self._taken for ip in pod.ips):
+            pod = replace(pod, ips=tuple(ip for ip in pod.ips if ip not in self._taken))
+        local = pod.is_peer and (pod.node_name == self.node or any(ip in s for ip in pod.ips for s in self.subnets))
+        return pod, local
 
     def _loop(self, owed: bool) -> None:
         """Applies after every change of the sources and, every `resync` seconds, checks the kernel's tables.
@@ -192,32 +257,6 @@ class PolicyEngine:
             self.request()
             log.info("pod %s/%s (%s) unbound", gone.namespace, gone.name, container_id[:12])
 
-    # ---- state ----
-
-    def state(self) -> tuple[State, list[model.Pod]]:
-        with self._source_lock:
-            objects = list(self.source.objects().values())  # poll() from another thread changes the live view
-        state = State.of(objects)
-        pods = {p.key: p for p in state.pods}
-        bindings = self.bindings.all()
-        bound: dict[model.Key, model.Pod] = {}
-        for b in bindings:
-            key = ("Pod", b.namespace, b.name)
-            known = pods.get(key)
-            # A pod ADDed before its object is known: its namespace's policies already apply to it.
-            pod = model.Pod(b.namespace, b.name) if known is None else known
-            bound[key] = replace(pod, ips=b.ips, host_network=False, node_name=self.node)
-        taken = {ip for p in bound.values() for ip in p.ips}
-        for key, pod in pods.items():
-            if key not in bound and any(ip in taken for ip in pod.ips):
-                # A stale object still lists an address this node has given to another pod.
-                pods[key] = replace(pod, ips=tuple(ip for ip in pod.ips if ip not in taken))
-        pods.update(bound)
-        state.pods = sorted(pods.values(), key=lambda p: p.key)
-        local = [p for p in state.pods if p.is_peer and (p.key in bound or p.node_name == self.node
-                                                          or any(ip in s for ip in p.ips for s in self.subnets))]
-        return state, local
-
     # ---- apply ----
 
     def request(self) -> None:
@@ -233,24 +272,62 @@ class PolicyEngine:
             self._apply()
             self._applied_generation = generation
 
+    def _build(self) -> Ruleset:
+        """A ruleset from scratch, from everything taken in."""
+        with self._source_lock:
+            self._pending.clear()
+            objects = list(self._objects.values())
+            pods = [self._effective(k) for k in {o.key for o in objects if isinstance(o, model.Pod)} | set(self._bound)]
+        ruleset = Ruleset(self.nflog_group)
+        for obj in objects:
+            if isinstance(obj, model.Namespace):
+                ruleset.put_namespace(obj.name, obj.labels)
+            elif isinstance(obj, model.NetworkPolicy):
+                ruleset.put_policy(obj)
+        for pod, local in sorted(((p, lo) for p, lo in pods if p is not None), key=lambda x: x[0].key):
+            ruleset.put_pod(pod, local)
+        self._ports_changed = False
+        ruleset.put_ports(self.ports.bindings())
+        return ruleset
+
+    def _update(self, ruleset: Ruleset) -> None:
+        """The changes taken in since the last apply, into the ruleset."""
+        with self._source_lock:
+            keys, self._pending = self._pending, set()
+            changes = [(k, self._objects.get(k), self._effective(k) if k[0] == "Pod" else (None, False))
+                       for k in sorted(keys)]
+            ports, self._ports_changed = self._ports_changed, False
+        for key, obj, (pod, local) in changes:
+            if isinstance(obj, model.Namespace) or key[0] == "Namespace":
+                ruleset.put_namespace(key[2], obj.labels if isinstance(obj, model.Namespace) else None)
+            elif isinstance(obj, model.NetworkPolicy):
+                ruleset.put_policy(obj)
+            elif key[0] == "NetworkPolicy":
+                ruleset.remove_policy(key)
+            elif pod is not None:
+                ruleset.put_pod(pod, local)
+            else:
+                ruleset.remove_pod(key)
+        if ports:
+            ruleset.put_ports(self.ports.bindings())
+
     def _apply(self) -> None:
         t = time.perf_counter()
+        ruleset = self._ruleset
         try:
-            state, local = self.state()
-            full = self._applied_text is None
-            compiled = compile_ruleset(state, local, self.ports.bindings(), self.nflog_group, self._cache)
-            self._pods = state.pods
-            if compiled.text != self._applied_text:
-                before = self._send(compiled, full)
-                self.drops.keep(before, self.last.chain_policies if self.last is not None else {})
-                self._applied_text = compiled.text
-                if full:  # at the start and at a resync: what the kernel holds now is what the next one expects
-                    self._snapshot, self._unchecked = tables.listing(), False
-                else:
-                    self._unchecked = True
-                self.last = compiled
-            self._describe(state, compiled)
+            if ruleset is None:
+                ruleset = self._build()
+                self._replace(ruleset)
+            else:
+                self._update(ruleset)
+                change = ruleset.flush()
+                if change.commands:
+                    self._change(ruleset, change)
+            self._describe(ruleset, ruleset is not self._ruleset)
+            self._ruleset = ruleset
+            self._chain_policies = {**self._retired, **ruleset.chain_policies()}
         except (PolicyError, nft.Unavailable) as e:
+            self._ruleset = None  # the kernel may not hold what the ruleset says: next time, in full
             self.metrics.errors.inc()
             log.error("applying NetworkPolicy: %s; the previous ruleset stays in force", e)
             raise PolicyError(str(e)) from None
@@ -258,34 +335,36 @@ class PolicyEngine:
         m = self.metrics
         m.apply.observe(took)
         m.last_apply.set_to_current_time()
-        m.rules.set(compiled.rules)
-        m.chains.set(compiled.chains)
-        m.policies.set(len(state.policies))
-        m.isolated.set(len(set().union(*compiled.selected.values())) if compiled.selected else 0)
-        m.selected.clear()
-        for pid, pods in compiled.selected.items():
-            m.selected.labels(pid).set(len(pods))
-        log.debug("policy ruleset: %d policies, %d local pods, %d rules, %.3fs", len(state.policies), len(local),
-                  compiled.rules, took)
+        m.rules.set(ruleset.rules)
+        m.chains.set(len(ruleset.chains))
+        m.policies.set(len(ruleset.policies))
+        m.isolated.set(ruleset.isolated())
+        log.debug("policy ruleset: %d policies, %d rules, %.3fs", len(ruleset.policies), ruleset.rules, took)
 
-    def _send(self, compiled: Compiled, full: bool) -> dict[str, tuple[int, int]]:
-        """Puts `compiled` in the kernel in one transaction: only what changed since the last apply, or (at
-        the start, at a resync, or if that fails) both tables replaced in full. Returns the counters the
-        transaction deleted or reset, as they were just before."""
-        change = None if full or self.last is None else delta(self.last, compiled)
-        if change is not None:
-            before = tables.read_counters(change.removed | change.reset)
-            refused = tables.change(change.commands)
-            if refused is None:
-                return before
-            log.warning("policy: applying the change alone failed (%s); replacing the tables in full", refused)
-        # what the drop counters held goes into the totals before the replace zeroes them (also at a resync,
-        # which forgets _applied_text); only tables weftd did not apply yet are not read
+    def _change(self, ruleset: Ruleset, change: Change) -> None:
+        """Sends a change alone, in one transaction; if the kernel refuses it, replaces both tables in full."""
+        refused = tables.change(change)
+        if refused is None:
+            self._retired.update(change.removed)  # their counters stay until the next full replace
+            self._unchecked = True
+            return
+        log.warning("policy: applying the change alone failed (%s); replacing the tables in full", refused)
+        self._replace(ruleset)
+
+    def _replace(self, ruleset: Ruleset) -> None:
+        """Replaces both tables with the ruleset, in one transaction."""
+        # What the drop counters held goes into the totals before the replace zeroes them (also at a resync and
+        # after a refused change); only tables this weftd did not apply yet are not read.
         before = tables.read_counters() if self.last is not None else {}
-        refused = tables.replace(compiled.text)
+        text = ruleset.render()
+        refused = tables.replace(text)
         if refused is not None:
             raise PolicyError(f"nft: {refused}")
-        return before
+        self.drops.keep(before, self._chain_policies)
+        self._retired.clear()
+        self.last = Compiled(text, {pid: set(pods) for pid, pods in ruleset.selected.items()}, len(ruleset.chains),
+                             ruleset.rules, ruleset.sets, ruleset.chain_policies())
+        self._snapshot, self._unchecked = tables.listing(), False
 
     def _resync(self) -> bool:
         """The periodic full check. If anything was applied since the last look at the kernel, or the tables
@@ -295,49 +374,62 @@ class PolicyEngine:
             if self._snapshot is None:
                 return False  # nothing applied yet: the loop applies in full, as it owes an apply
             seen = tables.listing()
-            unchecked = self._unchecked
-            if not unchecked and seen == self._snapshot:
+            if not self._unchecked and seen == self._snapshot:
                 return False
-            applied = self._applied_text
-            self._applied_text = None
+            if self._unchecked and self._ruleset is not None:
+                # What changed since the last apply, and the idle chains (a full replace has none) deleted, so
+                # that the listing and the replace agree unless something else changed the tables.
+                self._apply()
+                idle = self._ruleset.flush(idle=True)
+                if idle.commands:
+                    self._change(self._ruleset, idle)
+                seen = tables.listing()
+            self._ruleset = None
             self.ports.forget()
             with self._lock:
                 generation = self._generation
             self._apply()
             self._applied_generation = generation
-            # After applies the listing was not compared with, the same ruleset applied anew tells.
-            if not unchecked or (self._applied_text == applied and seen != self._snapshot):
+            if seen != self._snapshot:
                 log.warning("policy tables missing or changed behind weftd's back; applying them again")
             return True
 
     def explain(self, chain: str, src: str, dst: str) -> str:
         """Who a denied packet came from and went to, and which policies did not allow it."""
-        pods = self._pods  # built here, not at every apply: an ADD should not pay for the cluster's size
-        if self._names[0] is not pods:
-            self._names = (pods, {str(ip): f"{p.namespace}/{p.name}" for p in pods if p.is_peer for ip in p.ips})
-        names = self._names[1]
 
         def name(addr: str) -> str:
             host = addr.rsplit(":", 1)[0] if addr.count(":") == 1 else addr
-            return names.get(host, "outside the pods known")
+            try:
+                ip = netaddr.IPAddress(host)
+            except (ValueError, netaddr.AddrFormatError):
+                return "outside the pods known"
+            with self._source_lock:  # the loop's thread changes them
+                key = self._taken.get(ip) or min(self._by_addr.get(ip, ()), default=None)
+            return f"{key[1]}/{key[2]}" if key is not None else "outside the pods known"
 
-        compiled = self.last
-        policies = sorted(compiled.chain_policies.get(chain, ())) if compiled is not None else []
+        policies = sorted(self._chain_policies.get(chain, ()))
         direction, pod = ("ingress", name(dst)) if chain.startswith("i_") else ("egress", name(src))
         return (f"{name(src)} -> {name(dst)}; {direction} of {pod} allowed by none of "
                 f"{', '.join(policies) or 'its policies'}")
 
-    def _describe(self, state: State, compiled: Compiled) -> None:
-        """A log line per policy whose definition or selection changed, and per policy removed."""
-        now: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
-        for pol in state.policies:
-            pid = f"{pol.namespace}/{pol.name}"
-            pods = sorted(compiled.selected.get(pid, ()))
-            now[pid] = (pol, pods)
-            if self._described.get(pid) != now[pid]:
+    def _describe(self, ruleset: Ruleset, fresh: bool) -> None:
+        """A log line per policy whose definition or selection changed, and per policy removed; their gauges."""
+        pids = set(ruleset.described)
+        ruleset.described.clear()
+        if fresh:
+            pids |= set(self._described)  # policies gone with the ruleset before
+        for pid in sorted(pids):
+            ns, _, pname = pid.partition("/")
+            pol = ruleset.policies.get(("NetworkPolicy", ns, pname))
+            if pol is None:
+                if self._described.pop(pid, None) is not None:
+                    log.info("policy %s removed", pid)
+                    self.metrics.selected.remove(pid)
+                continue
+            pods = sorted(ruleset.selected.get(pid, ()))
+            self.metrics.selected.labels(pid).set(len(pods))
+            if self._described.get(pid) != (pol, pods):
+                self._described[pid] = (pol, pods)
                 log.info("policy %s applied: %s, %d ingress and %d egress rules, selects %d local pods%s", pid,
                          "+".join(sorted(pol.policy_types)), len(pol.ingress), len(pol.egress), len(pods),
                          f" ({', '.join(pods)})" if pods else "")
-        for pid in set(self._described) - set(now):
-            log.info("policy %s removed", pid)
-        self._described = now

@@ -14,7 +14,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
-from weftd.policy.compile import SPOOFED
+from weftd.policy.layout import SPOOFED
 from weftd.policy.tables import read_counters
 
 Totals = dict[tuple[str, str], tuple[int, int]]  # (policy, direction) -> (packets, bytes)

@@ -9,8 +9,9 @@ import json
 import logging
 from collections.abc import Iterable
 
-from weftd.policy.compile import TABLE, transaction
-from weftlib.kernel import nft, sysctl
+from weftd.policy.layout import TABLE, transaction
+from weftd.policy.ruleset import Change
+from weftlib.kernel import nft, nftelements, sysctl
 
 log = logging.getLogger("weftd.policy")
 FAMILIES = ("inet", "bridge")
@@ -36,12 +37,14 @@ def replace(text: str) -> str | None:
     return None if status == 0 else err.strip()
 
 
-def change(commands: str) -> str | None:
-    """A change to the tables as they are (compile.delta's commands), in one transaction; None, or why nft
-    refused it."""
-    if not commands:
+def change(c: Change) -> str | None:
+    """A change to the tables as they are, in one transaction; None, or why the kernel refused it. Element
+    changes alone go over netlink (nftelements), anything else through libnftables."""
+    if c.elements is not None:
+        return nftelements.apply(c.elements)
+    if not c.commands:
         return None
-    status, _, err = nft.run(commands)
+    status, _, err = nft.run(c.commands)
     return None if status == 0 else err.strip()
 
 
