@@ -3,7 +3,8 @@ Weft for every pod's network through containerd's CRI, kube-proxy routes Service
 from the API server (--policy-kube). Then `down` must leave nothing on the machine.
 
 The cluster is booted once for the module by `python -m tests.k8s up`, as `make cluster` does, in a
-directory of its own (so a `make cluster` running beside it is not touched). The tests run in order;
+directory of its own, .build/cluster-smoke (so a `make cluster` running beside it is not touched; and
+not under pytest's temporary directories, which another pytest run may clean up while it runs). The tests run in order;
 the last one takes the cluster down and checks what is left.
 """
 
@@ -56,7 +57,8 @@ class Booted:
 
     def fetch(self, pod: str, url: str, timeout: int = 3) -> str | None:
         """What `wget` in `pod` gets from `url`, or None when it gets nothing within `timeout` seconds."""
-        p = self.kubectl("exec", pod, "--", "wget", "-q", "-O", "-", "-T", str(timeout), url, check=False,
+        # busybox 1.35 wget crashes with -T: the time limit is timeout's.
+        p = self.kubectl("exec", pod, "--", "timeout", str(timeout), "wget", "-q", "-O", "-", url, check=False,
                          timeout=timeout + 30)
         return p.stdout.strip() if p.returncode == 0 else None
 
@@ -87,13 +89,14 @@ def service(name: str) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def booted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Booted]:
+def booted() -> Iterator[Booted]:
     missing = [b for b in ("kubelet", "kube-proxy", "kubectl") if not (KUBE_BIN / b).exists()]
     if missing:
         pytest.fail(f"no {', '.join(missing)} in {KUBE_BIN}: run `make kube kubectl image test-images`")
-    directory = tmp_path_factory.mktemp("k8s")
-    settings, links = _host_settings(), _root_links()
+    directory = ROOT / ".build" / "cluster-smoke"
     cluster = Cluster(directory)
+    cluster.down()  # what an earlier run left, if it was killed
+    settings, links = _host_settings(), _root_links()
     up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2"],
                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     try:

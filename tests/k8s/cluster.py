@@ -237,56 +237,43 @@ class Cluster:
     # --- down
 
     def down(self) -> None:
-        """Stops what the record names and removes it: processes, network namespaces (and with them every
-        veth, pod namespace and the nodes' mounts), cgroups in every hierarchy, and the state files. The logs
-        stay."""
+        """Stops what the cluster made and removes it: processes, network namespaces (and with them every veth,
+        pod namespace and the nodes' mounts), cgroups in every hierarchy, and the state files; the logs stay.
+        What the record names, and also every network namespace and cgroup named with the cluster's tag, so
+        that an `up` killed before it recorded something leaves nothing either."""
         L = self.layout
         record = L.record
-        entries = record.entries()
-        if not entries:
+        procs = record.entries("process")
+        netns = sorted({e["name"] for e in record.entries("netns")} | self.tagged_netns())
+        roots = sorted({e["cgroup"] for e in record.entries("node")} | self.tagged_cgroups())
+        if not (procs or netns or roots):
             self.say(f"no cluster recorded in {L.dir}")
             return
-        procs = record.entries("process")
-        nodes = record.entries("node")
         self.say("stopping the daemons")
         stop([e for e in reversed(procs) if not e["name"].endswith("/holder")])
-        self.say("stopping every process left in the nodes (pods, containerd's shims)")
-        self.kill_members(nodes)
+        self.say("stopping every process left in the nodes (pods, containerd's shims, the holders)")
+        kill_members(netns, roots)
         stop([e for e in reversed(procs) if e["name"].endswith("/holder")])
         self.say("removing network namespaces and cgroups")
-        for e in reversed(record.entries("netns")):
-            run("ip", "netns", "del", e["name"], check=False)
-        for n in nodes:
+        for name in reversed(netns):
+            run("ip", "netns", "del", name, check=False)
+        for root in roots:
             for h in cgroup_hierarchies():
-                remove_cgroup(h.mountpoint / n["cgroup"].lstrip("/"))
-        for name in {n["name"] for n in nodes} | {e["name"].split("/")[0] for e in procs if "/" in e["name"]}:
-            shutil.rmtree(L.node_dir(name))
+                remove_cgroup(h.mountpoint / root.lstrip("/"))
+        for name in {e["name"] for e in record.entries("node")} | {e["name"].split("/")[0] for e in procs
+                                                                     if "/" in e["name"]}:
+            shutil.rmtree(L.node_dir(name), ignore_errors=True)
         shutil.rmtree(L.pki, ignore_errors=True)
         L.kubeconfig.unlink(missing_ok=True)
-        record.path.unlink()
+        record.path.unlink(missing_ok=True)
         self.say("down")
 
-    def kill_members(self, nodes: list[dict[str, Any]]) -> None:
-        """SIGKILL to every process in a node's network namespace (containerd, its shims, hostNetwork containers)
-        or under its kubelet's cgroup root (every pod's containers), until there are none. A network namespace
-        counts only while its /run/netns file (which pins it, so its inode cannot be reused) is still the
-        recorded one."""
-        inodes = set()
-        for n in nodes:
-            path = Path(f"/run/netns/{self.layout.netns(n['name'])}")
-            if path.exists() and path.stat().st_ino == n["netns_ino"]:
-                inodes.add(n["netns_ino"])
-        roots = [n["cgroup"] for n in nodes]
-        deadline = time.monotonic() + 60
-        while members := node_members(inodes, roots):
-            for pid in members:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"processes of the cluster survive SIGKILL: {members}")
-            time.sleep(0.2)
+    def tagged_netns(self) -> set[str]:
+        return {p.name for p in Path("/run/netns").glob(f"{self.layout.tag}-*")}
+
+    def tagged_cgroups(self) -> set[str]:
+        return {f"/{d.name}" for h in cgroup_hierarchies() for d in h.mountpoint.glob(f"{self.layout.tag}-*")
+                if d.is_dir()}
 
     # --- status
 
@@ -305,6 +292,24 @@ class Cluster:
 def import_images(node: KubeNode, archives: list[Path]) -> None:
     for archive in archives:
         node.import_image(archive)
+
+
+def kill_members(netns: list[str], roots: list[str]) -> None:
+    """SIGKILL to every process in the nodes' network namespaces (containerd, its shims, hostNetwork
+    containers, the holders) or under their kubelets' cgroup roots (every pod's containers), until there are
+    none. A namespace is known by the inode of its /run/netns file, which pins it (so the inode cannot be
+    another namespace's)."""
+    inodes = {Path(f"/run/netns/{n}").stat().st_ino for n in netns if Path(f"/run/netns/{n}").exists()}
+    deadline = time.monotonic() + 60
+    while members := node_members(inodes, roots):
+        for pid in members:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"processes of the cluster survive SIGKILL: {members}")
+        time.sleep(0.2)
 
 
 def node_members(netns_inodes: set[int], cgroup_roots: list[str]) -> list[int]:

@@ -172,8 +172,7 @@ class KubeNode:
                 raise RuntimeError(f"{self.name}'s namespaces: {self.log('holder').read_text()[-2000:]}")
             time.sleep(0.05)
         self.holder = proc.pid
-        record.add("node", name=self.name, holder=proc.pid, mntns=Path(f"/proc/{proc.pid}/ns/mnt").stat().st_ino,
-                   netns_ino=Path(f"/run/netns/{self.netns}").stat().st_ino, cgroup=self.layout.cgroup_root(self.name))
+        record.add("node", name=self.name, holder=proc.pid, cgroup=self.layout.cgroup_root(self.name))
         for h in cgroup_hierarchies():
             d = h.mountpoint / self.layout.cgroup_root(self.name).lstrip("/")
             d.mkdir(exist_ok=True)
