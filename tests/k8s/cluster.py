@@ -254,12 +254,14 @@ class Cluster:
         self.say("stopping every process left in the nodes (pods, containerd's shims, the holders)")
         kill_members(netns, roots)
         stop([e for e in reversed(procs) if e["name"].endswith("/holder")])
-        self.say("removing network namespaces and cgroups")
+        self.say("removing network namespaces")
         for name in reversed(netns):
             run("ip", "netns", "del", name, check=False)
+        self.say("removing cgroups")
         for root in roots:
             for h in cgroup_hierarchies():
                 remove_cgroup(h.mountpoint / root.lstrip("/"))
+        self.say("removing the nodes' files")
         for name in {e["name"] for e in record.entries("node")} | {e["name"].split("/")[0] for e in procs
                                                                      if "/" in e["name"]}:
             shutil.rmtree(L.node_dir(name), ignore_errors=True)
@@ -328,8 +330,9 @@ def node_members(netns_inodes: set[int], cgroup_roots: list[str]) -> list[int]:
     return out
 
 
-def stop(procs: list[dict[str, Any]], grace: float = 15) -> None:
-    """SIGTERM to each recorded process that is still the one recorded, SIGKILL after `grace` seconds."""
+def stop(procs: list[dict[str, Any]], grace: float = 5) -> None:
+    """SIGTERM to each recorded process that is still the one recorded, SIGKILL after `grace` seconds (kube-apiserver
+    takes a minute to end its watches)."""
     live = [e for e in procs if e["start"] is not None and proc_start(e["pid"]) == e["start"]]
     for e in live:
         os.kill(e["pid"], signal.SIGTERM)
