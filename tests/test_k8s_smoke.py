@@ -25,11 +25,12 @@ import yaml
 
 from tests.conftest import _host_settings, _root_links
 from tests.k8s.cluster import Cluster
-from tests.k8s.layout import KUBE_BIN, Layout
+from tests.k8s.layout import IMAGES_DIR, KUBE_BIN, Layout
 from tests.k8s.node import cgroup_hierarchies
 from tests.lab import ROOT
 
 BUSYBOX = "docker.io/library/busybox:1.29"
+SMOKE_IMAGES = ("weft.tar", "pause.tar", "busybox.tar")
 HOST_PORT = 30080
 # Each pod serves its own name over HTTP on 8080.
 SERVE = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"
@@ -97,8 +98,16 @@ def booted() -> Iterator[Booted]:
     directory = ROOT / ".build" / "cluster-smoke"
     cluster = Cluster(directory)
     cluster.down()  # what an earlier run left, if it was killed
+    # Only the images these tests run: agnhost (for e2e) and the cluster DNS would only add time.
+    images = ROOT / ".build" / "cluster-smoke-images"
+    images.mkdir(exist_ok=True)
+    for name in SMOKE_IMAGES:
+        link = images / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(IMAGES_DIR / name)
     settings, links = _host_settings(), _root_links()
-    up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2"],
+    up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2",
+                         "--images", str(images)],
                         cwd=ROOT, capture_output=True, text=True, timeout=1200)
     try:
         assert up.returncode == 0, f"up failed:\n{up.stdout}{up.stderr}"
