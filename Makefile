@@ -52,7 +52,8 @@ DEBS := \
 	dpkg-dev \
 	openssl \
 	wireguard-go \
-	wireguard-tools
+	wireguard-tools \
+	conntrack
 # What the targets run, as program-or-path:package, one a line: checked after installing, so a
 # missing one fails `make deps` naming the package that brings it.
 NEEDS := \
@@ -88,7 +89,8 @@ NEEDS := \
 	apt-get:apt \
 	openssl:openssl \
 	wireguard-go:wireguard-go \
-	wg:wireguard-tools
+	wg:wireguard-tools \
+	conntrack:conntrack
 # Kubernetes binaries, built once per machine from Debian's kubernetes source package
 # (tools/kube/build.sh) and cached under $(BUILD)/kube/<source version>/. The kube tests run
 # kube-apiserver, or the one WEFT_KUBE_APISERVER names (another checkout's, say).
@@ -101,9 +103,11 @@ IMAGES := $(BUILD)/images
 PAUSE_IMAGE := k8s.gcr.io/pause:3.2
 AGNHOST_IMAGE := k8s.gcr.io/e2e-test-images/agnhost:2.21
 BUSYBOX_IMAGE := docker.io/library/busybox:1.29
+# The cluster of `make cluster` (tests/k8s): nodes, the control-plane node included.
+CLUSTER_NODES ?= 3
 
-.PHONY: all deps venv cnidrive kube-apiserver shim build image test-images agnhost-image install uninstall test unit lint docs \
-  demo bench clean fresh-check clusterdns-image
+.PHONY: all deps venv cnidrive kube-apiserver kube kubectl cluster cluster-down shim build image test-images agnhost-image install \
+  uninstall test unit lint docs demo bench clean fresh-check clusterdns-image
 
 all: venv
 
@@ -148,6 +152,28 @@ kube-apiserver: | $(BUILD)/.debs
 clusterdns-image: $(IMAGES)/clusterdns.tar
 $(IMAGES)/clusterdns.tar: tools/clusterdns/server.py tools/clusterdns/image.sh tools/images/lib.sh | $(BUILD)/.debs
 	bash tools/clusterdns/image.sh $@
+
+# Every Kubernetes binary a cluster node and the control plane run (minutes, once per machine).
+kube: | $(BUILD)/.debs
+	bash tools/kube/build.sh $(BUILD) kube-apiserver kubelet kube-proxy kube-scheduler kube-controller-manager >/dev/null
+
+# kubectl of the same version, from Debian's kubernetes-client, unpacked beside them: the package itself
+# is not installed, since its /usr/bin/kubectl would clash with a kubectl the machine may already have.
+kubectl: $(KUBE_BIN)/kubectl
+$(KUBE_BIN)/kubectl: | kube
+	@d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && cd "$$d" && \
+	  { apt-get -o APT::Sandbox::User=root download -qq kubernetes-client 2>/dev/null || \
+	    { apt-get update -qq && apt-get -o APT::Sandbox::User=root download -qq kubernetes-client; }; } && \
+	  dpkg-deb -x kubernetes-client_*.deb x && install -m 755 x/usr/bin/kubectl $(CURDIR)/$@
+
+# A Kubernetes cluster of CLUSTER_NODES namespace nodes with Weft from conf/kube-weft.yml and the test
+# bed's cluster DNS (tools/clusterdns), left running
+# (kubeconfig: $(BUILD)/cluster/kubeconfig); cluster-down stops and removes all of it.
+cluster: deps venv kube kubectl image test-images clusterdns-image
+	$(PY) -m tests.k8s up --nodes $(CLUSTER_NODES)
+
+cluster-down: venv
+	$(PY) -m tests.k8s down
 
 # The `weft` executable containerd runs: a static C shim that hands each invocation to weftd and
 # execs `weft-py` beside it when weftd is not there (docs/architecture.md, "How a pod is attached").
@@ -202,7 +228,7 @@ uninstall:
 	sh packaging/install.sh remove $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(PREFIX)/bin \
 	  conf/10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
 
-test: deps venv cnidrive build image kube-apiserver lint
+test: deps venv cnidrive build kube kubectl image test-images lint
 	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; fi
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) WEFT_IMAGE=$(CURDIR)/$(IMAGES)/weft.tar \
 	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q tests

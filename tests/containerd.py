@@ -46,6 +46,34 @@ def busybox_archive() -> Path:
     return target
 
 
+def cri_config() -> str:
+    """containerd's configuration on a Kubernetes node made of namespaces (tests/k8s): the CRI plugin
+    with the default root, state and socket (each node binds its own over them), overlayfs, runc
+    with cgroupfs, and the CNI directories kubelet's pods are networked from."""
+    return """version = 2
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "k8s.gcr.io/pause:3.2"
+  tolerate_missing_hugetlb_controller = true
+  disable_apparmor = true
+  # No CAP_SYS_RESOURCE in these machines' bounding set: runc cannot lower a sandbox's oom_score_adj
+  # to kubelet's -998, and every sandbox would fail ("can't get final child's PID from pipe").
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+    max_conf_num = 1
+"""
+
+
 class Containerd:
     def __init__(self, ns: Netns, workdir: Path, namespace: str) -> None:
         self.ns = ns

@@ -88,26 +88,63 @@ def _netns_pool(path: str) -> type[HTTPSConnectionPool]:
     return Pool
 
 
+# P-256 keys: a cluster needs a dozen, and RSA's take seconds each on a loaded machine.
+EC = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
+
+
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def make_pki(d: Path) -> None:
-    """A CA, the server's certificate, an admin client certificate and the service-account key pair."""
+def make_pki(d: Path, ips: tuple[str, ...] = (KUBE_IP,), clients: dict[str, str] | None = None) -> None:
+    """A CA, the server's certificate (for `ips`, loopback and the first service address), an admin
+    client certificate, the service-account key pair, and a client certificate `<name>.crt` for each
+    of `clients` (name -> subject)."""
     d.mkdir(parents=True, exist_ok=True)
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+    _openssl("req", "-x509", *EC, "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
              "-subj", "/CN=weft-test-ca", cwd=d)
-    san = f"subjectAltName=IP:{KUBE_IP},IP:127.0.0.1,IP:10.96.0.1,DNS:kubernetes,DNS:kubernetes.default,DNS:localhost"
-    for name, subj, ext in (("server", "/CN=kube-apiserver", san), ("admin", "/O=system:masters/CN=weft-admin", "")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+    san = ("subjectAltName=" + ",".join(f"IP:{ip}" for ip in (*ips, "127.0.0.1", "10.96.0.1"))
+           + ",DNS:kubernetes,DNS:kubernetes.default,DNS:localhost")
+    certs = {"server": ("/CN=kube-apiserver", True), "admin": ("/O=system:masters/CN=weft-admin", False),
+             **{name: (subject, False) for name, subject in (clients or {}).items()}}
+    for name, (subj, server) in certs.items():
+        _openssl("req", *EC, "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
                  "-subj", subj, cwd=d)
         (d / f"{name}.ext").write_text(
             "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
-            + (f"extendedKeyUsage=serverAuth\n{san}\n" if ext else "extendedKeyUsage=clientAuth\n"))
+            + (f"extendedKeyUsage=serverAuth\n{san}\n" if server else "extendedKeyUsage=clientAuth\n"))
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                  "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-    _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
-    _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+    _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key", cwd=d)
+    _openssl("ec", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
+
+
+def etcd_command(name: str, data_dir: Path) -> list[str]:
+    """A single-member etcd serving clients on ETCD_URL (loopback of its namespace)."""
+    return ["etcd", "--name", name, "--data-dir", str(data_dir), "--listen-client-urls", ETCD_URL,
+            "--advertise-client-urls", ETCD_URL, "--listen-peer-urls", "http://127.0.0.1:2380",
+            "--initial-advertise-peer-urls", "http://127.0.0.1:2380", "--initial-cluster", f"{name}=http://127.0.0.1:2380"]
+
+
+def apiserver_command(exe: Path, pki: Path, advertise: str, service_range: str, *extra: str) -> list[str]:
+    """kube-apiserver on ETCD_URL's etcd, serving PORT on every address with `make_pki`'s certificates."""
+    return [str(exe), "--etcd-servers", ETCD_URL, "--bind-address", "0.0.0.0", "--secure-port", str(PORT),
+            "--advertise-address", advertise,
+            "--tls-cert-file", str(pki / "server.crt"), "--tls-private-key-file", str(pki / "server.key"),
+            "--client-ca-file", str(pki / "ca.crt"), "--authorization-mode", "Node,RBAC",
+            "--service-account-issuer", ISSUER, "--service-account-signing-key-file", str(pki / "sa.key"),
+            "--service-account-key-file", str(pki / "sa.pub"), "--service-cluster-ip-range", service_range,
+            "--allow-privileged=true", "--profiling=false", *extra]
+
+
+def write_kubeconfig(path: Path, server: str, ca: Path, user: dict[str, str]) -> Path:
+    """A kubeconfig of one cluster, user and context; `user`: a token, or a client-certificate and key."""
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "weft",
+        "clusters": [{"name": "weft", "cluster": {"server": server, "certificate-authority": str(ca)}}],
+        "users": [{"name": "weft", "user": user}],
+        "contexts": [{"name": "weft", "context": {"cluster": "weft", "user": "weft"}}]}))
+    return path
 
 
 class KubeAPI:
@@ -138,25 +175,15 @@ class KubeAPI:
 
     def start(self) -> None:
         if self.etcd is None:
-            self.etcd = self._spawn("etcd", [
-                "etcd", "--name", "kube", "--data-dir", str(self.dir / "etcd"), "--listen-client-urls", ETCD_URL,
-                "--advertise-client-urls", ETCD_URL, "--listen-peer-urls", "http://127.0.0.1:2380",
-                "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
-                "--initial-cluster", "kube=http://127.0.0.1:2380"])
-        p = self.pki
-        self.server = self._spawn("kube-apiserver", [
-            str(self.exe), "--etcd-servers", ETCD_URL, "--bind-address", "0.0.0.0", "--secure-port", str(PORT),
-            "--advertise-address", KUBE_IP,
-            "--tls-cert-file", str(p / "server.crt"), "--tls-private-key-file", str(p / "server.key"),
-            "--client-ca-file", str(p / "ca.crt"), "--authorization-mode", "Node,RBAC",
-            "--service-account-issuer", ISSUER, "--service-account-signing-key-file", str(p / "sa.key"),
-            "--service-account-key-file", str(p / "sa.pub"), "--service-cluster-ip-range", "10.96.0.0/16",
+            self.etcd = self._spawn("etcd", etcd_command("kube", self.dir / "etcd"))
+        self.server = self._spawn("kube-apiserver", apiserver_command(
+            self.exe, self.pki, KUBE_IP, "10.96.0.0/16",
             # 1.20 keeps only a Node's first podCIDR unless dual stack is on (beta, on by default, from 1.21).
             "--feature-gates", "IPv6DualStack=true",
             # No token controller: the ServiceAccount admission plugin would refuse every pod.
-            "--disable-admission-plugins", "ServiceAccount", "--allow-privileged=true",
+            "--disable-admission-plugins", "ServiceAccount",
             "--audit-policy-file", str(self.dir / "audit-policy.yaml"), "--audit-log-path", str(self.audit_log),
-            "--audit-log-mode", "blocking", "--profiling=false", "--v", "1"])
+            "--audit-log-mode", "blocking", "--v", "1"))
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 300) -> None:  # a loaded machine can take minutes
@@ -251,13 +278,7 @@ class KubeAPI:
         user: dict[str, str] = ({"token": token} if token else
                                 {"client-certificate": str(self.pki / "admin.crt"),
                                  "client-key": str(self.pki / "admin.key")})
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "weft",
-            "clusters": [{"name": "weft", "cluster": {"server": server,
-                                                       "certificate-authority": str(self.pki / "ca.crt")}}],
-            "users": [{"name": "weft", "user": user}],
-            "contexts": [{"name": "weft", "context": {"cluster": "weft", "user": "weft"}}]}))
-        return path
+        return write_kubeconfig(path, server, self.pki / "ca.crt", user)
 
     def attach(self, underlay: Netns, bridge: str = "br0", ifname: str = "kube0") -> None:
         """Links the server's namespace to a cluster's underlay bridge, at KUBE_IP. The link goes
