@@ -106,7 +106,7 @@ BUSYBOX_IMAGE := docker.io/library/busybox:1.29
 # The cluster of `make cluster` (tests/k8s): nodes, the control-plane node included.
 CLUSTER_NODES ?= 3
 
-.PHONY: all deps venv cnidrive kube-apiserver kube kubectl cluster cluster-down shim build image test-images agnhost-image install \
+.PHONY: all deps venv cnidrive kube-apiserver kube kubectl cluster cluster-down shim build image node-images test-images agnhost-image install \
   uninstall test unit lint docs demo bench clean fresh-check clusterdns-image
 
 all: venv
@@ -204,7 +204,9 @@ $(IMAGES)/weft.tar: $(BUNDLE)/weft packaging/install.sh tools/images/weft.sh too
 # The images the cluster's nodes and the e2e tests run: pause and busybox (small, seconds), and agnhost
 # (its own target: a Debian root filesystem of the tests' tools, and agnhost built from the Kubernetes
 # tree, minutes on a fresh machine).
-test-images: $(IMAGES)/pause.tar $(IMAGES)/busybox.tar agnhost-image
+# node-images: what every node runs and the smoke test needs (seconds); test-images adds the e2e tests' own.
+node-images: $(IMAGES)/pause.tar $(IMAGES)/busybox.tar
+test-images: node-images agnhost-image
 agnhost-image: $(IMAGES)/agnhost.tar
 # pause.c comes from the Kubernetes source tree, which tools/kube/build.sh unpacks with the first
 # binary it builds: kube-apiserver, which `make test` needs anyway.
@@ -228,7 +230,7 @@ uninstall:
 	sh packaging/install.sh remove $(DESTDIR)$(PREFIX)/lib/weft $(DESTDIR)$(CNI_BIN_DIR) $(DESTDIR)$(PREFIX)/bin \
 	  conf/10-weft.conflist $(DESTDIR)$(CNI_CONF_DIR)
 
-test: deps venv cnidrive build kube kubectl image test-images lint
+test: deps venv cnidrive build kube kubectl image node-images lint
 	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; fi
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) WEFT_IMAGE=$(CURDIR)/$(IMAGES)/weft.tar \
 	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q tests
