@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from tests.k8s.node import KubeNode
 from tests.kubeapi import in_netns
 from tests.lab import ROOT
 from tests.test_k8s_smoke import Booted, server
+from weftd.subnet.kube import ANN_DATA, ANN_IP
 
 pytestmark = pytest.mark.slow
 
@@ -215,7 +217,7 @@ class Life(Booted):
         runs) and one veth on the bridge, and nothing else does."""
         reservations, veths = self.attachments(node)
         pods = self.pods_on(node)
-        ips = sorted(p["status"]["podIP"] for p in pods)
+        ips = sorted(str(p["status"].get("podIP")) for p in pods)
         assert sorted(reservations) == ips, f"{node}: reservations {reservations}, pods' addresses {ips}"
         tasks = {line.split()[0] for line in self.node(node).run("ctr", "-n", "k8s.io", "tasks", "ls").stdout
                  .splitlines()[1:] if line.split()[2:3] == ["RUNNING"]}
@@ -246,6 +248,13 @@ def sleeper(name: str, node: str) -> dict[str, Any]:
             "spec": {"nodeSelector": {"kubernetes.io/hostname": node}, "terminationGracePeriodSeconds": 0,
                      "containers": [{"name": "c", "image": "docker.io/library/busybox:1.29",
                                      "command": ["sleep", "36000"]}]}}
+
+
+def heartbeat(life: Life, node: str) -> datetime:
+    """When the node's kubelet last reported its Ready condition."""
+    obj = json.loads(life.kubectl("get", "node", node, "-o", "json").stdout)
+    ready = next(c for c in obj["status"]["conditions"] if c["type"] == "Ready")
+    return datetime.strptime(ready["lastHeartbeatTime"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
 def subnet_of(life: Life, node: str) -> ipaddress.IPv4Network:
@@ -341,8 +350,9 @@ def test_kubelet_and_containerd_restart_keep_pods(life: Life) -> None:
         life.stop_daemon(WORKER, "kubelet")
         life.stop_daemon(WORKER, "containerd")
         node.start_containerd(life.layout.record, cri_config())
+        restarted = datetime.now(UTC).replace(microsecond=0)
         node.start_kubelet(life.layout.record, kubeconfig(life.layout, WORKER), life.layout.pki / "ca.crt")
-        life.until(life.cluster.all_ready, 120, "the worker Ready again")
+        life.until(lambda: heartbeat(life, WORKER) > restarted, 120, "a node status from the new kubelet")
         time.sleep(20)  # kubelet's first pod syncs after its restart: a sandbox it found broken would be replaced
         stream.check("the restart")
     finally:
@@ -405,8 +415,8 @@ def test_node_deleted_from_api_loses_its_routes(life: Life) -> None:
     worker = json.loads(life.kubectl("get", "node", WORKER, "-o", "json").stdout)
     subnet = worker["spec"]["podCIDR"]
     ann = worker["metadata"]["annotations"]
-    mac = json.loads(ann["flannel.alpha.coreos.com/backend-data"])["VtepMAC"]
-    underlay_ip = ann["flannel.alpha.coreos.com/public-ip"]
+    mac = json.loads(ann[ANN_DATA])["VtepMAC"]
+    underlay_ip = ann[ANN_IP]
     control = life.node(CONTROL)
 
     def state() -> tuple[bool, bool, bool]:
