@@ -364,6 +364,8 @@ def test_kubelet_and_containerd_restart_keep_pods(life: Life) -> None:
         stream.check("the restart")
     finally:
         stream.stop()
+    print(f"kubelet+containerd restart: {len(pods)} pods on {WORKER}, stream {stream.rounds} rounds, "
+          f"longest gap {stream.max_gap:.2f}s")
     after = {p["metadata"]["name"]: p for p in life.pods_on(WORKER)}
     assert sorted(after) == sorted(pods)
     for name, p in pods.items():
@@ -406,6 +408,8 @@ def test_apiserver_down_60s(life: Life) -> None:
     finally:
         stream.stop()
     assert fetched and all(f == "life-a" for f in fetched), f"new connections during the outage: {fetched}"
+    print(f"apiserver down 60 s: stream {stream.rounds} rounds, longest gap {stream.max_gap:.2f}s, "
+          f"{len(fetched)} new connections answered")
     life.apply(server("life-d", WORKER))
     life.wait_pods(["life-d"])
     d_ip = life.ip("life-d")
@@ -441,4 +445,6 @@ def test_node_deleted_from_api_loses_its_routes(life: Life) -> None:
     assert state() == (True, True, True), "the control-plane node had no route, FDB or neighbour for the worker"
     life.stop_daemon(WORKER, "kubelet")
     life.kubectl("delete", "node", WORKER)
+    deleted = time.monotonic()
     life.until(lambda: state() == (False, False, False), 60, f"{CONTROL} forgets {WORKER} (route, fdb, neigh)")
+    print(f"node deleted: {CONTROL} removed the route, FDB and neighbour within {time.monotonic() - deleted:.1f}s")
