@@ -7,8 +7,8 @@ One two-node cluster is booted without a CNI, then:
 2. the reference conflists, bridges and reservations removed, Weft installed as users install it
    (`kubectl apply -f conf/kube-weft.yml`); PODS_ONE pods on the worker;
 3. Weft: PODS_SPREAD pods spread across both nodes (pinned alternately).
-Each phase creates its pods one after the other (busybox `sleep`), waits until all run, then deletes them and
-waits until kubelet has torn them down. The worker runs no control-plane process, so the one-node phases differ
+Each phase creates its pods one after the other (busybox `sleep`) and waits until all run; the one-node phases
+then delete them and wait until kubelet has torn them down (the last phase leaves its pods to `down`). The worker runs no control-plane process, so the one-node phases differ
 only in the CNI.
 
 Two measures per pod:
@@ -40,7 +40,7 @@ from kubernetes import client, config, watch
 
 from bench.plugin_bench import percentile
 from tests.k8s.cluster import Cluster
-from tests.k8s.layout import KUBE_BIN
+from tests.k8s.layout import IMAGES_DIR, KUBE_BIN
 from tests.k8s.node import REFERENCE_CNI
 
 CONTROL, WORKER = "weft-control-plane", "weft-worker"
@@ -107,7 +107,8 @@ def running(p: Any) -> bool:
                                                     for c in p.status.conditions or []))
 
 
-def measure(core: client.CoreV1Api, phase: Phase) -> Measured:
+def measure(core: client.CoreV1Api, phase: Phase, clean: bool = True) -> Measured:
+    """Creates the phase's pods, waits until all run, and (`clean`) deletes them and waits until they are gone."""
     names = [f"{phase.name}-{i}" for i in range(phase.pods)]
     created: dict[str, float] = {}
     seen: dict[str, float] = {}
@@ -139,6 +140,8 @@ def measure(core: client.CoreV1Api, phase: Phase) -> Measured:
         started: datetime = p.status.container_statuses[0].state.running.started_at
         api.append((started - p.metadata.creation_timestamp).total_seconds())
     measured = Measured(phase, [seen[n] - created[n] for n in names], api, max(seen.values()) - min(created.values()))
+    if not clean:
+        return measured
     core.delete_collection_namespaced_pod(NAMESPACE, label_selector="bench=pod-start")
     deadline = time.monotonic() + TIMEOUT
     while core.list_namespaced_pod(NAMESPACE, label_selector="bench=pod-start").items:
@@ -175,7 +178,12 @@ def main() -> int:
     if missing:
         print(f"no {', '.join(missing)} in {KUBE_BIN}: run `make kube kubectl image test-images`", file=sys.stderr)
         return 2
-    cluster = Cluster(Path(tempfile.mkdtemp(prefix="weft-podstart-")))
+    directory = Path(tempfile.mkdtemp(prefix="weft-podstart-"))
+    images = directory / "images"  # only those the bench runs: importing agnhost too would take a minute
+    images.mkdir()
+    for name in ("weft.tar", "pause.tar", "busybox.tar"):
+        (images / name).symlink_to(IMAGES_DIR / name)
+    cluster = Cluster(directory, images)
     results: list[Measured] = []
     try:
         cluster.up(2, weft=False)
@@ -190,7 +198,7 @@ def main() -> int:
         for phase in (Phase("weft-one-node", (WORKER,), args.pods_one),
                       Phase("weft-two-nodes", (CONTROL, WORKER), args.pods_spread)):
             cluster.say(f"weft: {phase.pods} pods on {', '.join(phase.nodes)}")
-            results.append(measure(core, phase))
+            results.append(measure(core, phase, clean=phase.nodes == (WORKER,)))
             cluster.say(f"{phase.name}: {results[-1].row()}")
     finally:
         cluster.down()

@@ -27,11 +27,11 @@ import pytest
 from tests.containerd import cri_config
 from tests.k8s.cluster import WEFT_DAEMONSET, Cluster, stop
 from tests.k8s.control import kubeconfig
-from tests.k8s.layout import KUBE_BIN
+from tests.k8s.layout import IMAGES_DIR, KUBE_BIN
 from tests.k8s.node import KubeNode
 from tests.kubeapi import in_netns
 from tests.lab import ROOT
-from tests.test_k8s_smoke import Booted, server
+from tests.test_k8s_smoke import SMOKE_IMAGES, Booted, server
 from weftd.subnet.kube import ANN_DATA, ANN_IP
 
 pytestmark = pytest.mark.slow
@@ -269,14 +269,23 @@ def subnet_of(life: Life, node: str) -> ipaddress.IPv4Network:
 
 
 @pytest.fixture(scope="module")
-def life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Life]:
+def life() -> Iterator[Life]:
     missing = [b for b in ("kubelet", "kube-proxy", "kubectl") if not (KUBE_BIN / b).exists()]
     if missing:
         pytest.fail(f"no {', '.join(missing)} in {KUBE_BIN}: run `make kube kubectl image test-images`")
-    directory = tmp_path_factory.mktemp("k8s")
+    # Under .build, as the smoke test's: pytest removes old directories under its own temporary root, also
+    # while another run's cluster lives in one.
+    directory = ROOT / ".build" / "cluster-life"
     cluster = Cluster(directory)
-    up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    cluster.down()  # what an earlier run left, if it was killed
+    images = ROOT / ".build" / "cluster-life-images"
+    images.mkdir(exist_ok=True)
+    for name in SMOKE_IMAGES:
+        link = images / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(IMAGES_DIR / name)
+    up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2",
+                         "--images", str(images)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     try:
         assert up.returncode == 0, f"up failed:\n{up.stdout}{up.stderr}"
         booted = Life(cluster, {}, set())
