@@ -107,7 +107,7 @@ BUSYBOX_IMAGE := docker.io/library/busybox:1.29
 CLUSTER_NODES ?= 3
 
 .PHONY: all deps venv cnidrive kube-apiserver kube kubectl cluster cluster-down shim build image node-images test-images agnhost-image install \
-  uninstall test unit lint docs demo bench clean fresh-check clusterdns-image
+  uninstall test test-long unit lint docs demo bench pod-start-bench clean fresh-check clusterdns-image
 
 all: venv
 
@@ -263,11 +263,16 @@ docs: venv
 demo: deps venv cnidrive shim
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
 
-bench: deps venv cnidrive build
+bench: deps venv cnidrive build kube kubectl image test-images
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.plugin_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.weftd_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.dataplane_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.policy_bench
+	$(PY) -m bench.pod_start_bench
+
+# Pod start latency on a two-node cluster (tests/k8s), Weft against bridge + host-local (a few minutes).
+pod-start-bench: deps venv kube kubectl image test-images
+	$(PY) -m bench.pod_start_bench
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

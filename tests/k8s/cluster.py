@@ -66,11 +66,12 @@ class Cluster:
 
     # --- up
 
-    def up(self, count: int) -> None:
-        """Boots `count` nodes and Weft; a failure tears down what was made, keeping the logs."""
+    def up(self, count: int, weft: bool = True) -> None:
+        """Boots `count` nodes and Weft (`weft`: False stops once every kubelet has registered, its node NotReady
+        until the caller installs a CNI); a failure tears down what was made, keeping the logs."""
         self.preflight()
         try:
-            self._up(count)
+            self._up(count, weft)
         except BaseException:
             self.say(f"failed; tearing down (logs stay in {self.layout.logs})")
             self.down()
@@ -89,7 +90,7 @@ class Cluster:
         if missing:
             raise RuntimeError("missing (make deps kube kubectl image test-images): " + ", ".join(missing))
 
-    def _up(self, count: int) -> None:
+    def _up(self, count: int, weft: bool) -> None:
         L = self.layout
         record = L.record
         names = node_names(count)
@@ -132,18 +133,29 @@ class Cluster:
             node.start_kubelet(record, kubeconfig(L, node.name), L.pki / "ca.crt")
             node.start_kube_proxy(record, kubeconfig(L, KUBE_PROXY))
         self.until(lambda: len(self.node_objects()) == count, 180, "every kubelet registers its Node")
-
-        self.say(f"kubectl apply -f {MANIFEST.relative_to(ROOT)}")
-        self.kubectl("apply", "-f", str(MANIFEST))
-        self.say("waiting for the weft DaemonSet to roll out and every node to be Ready")
-        self.wait_rollout("kube-weft", WEFT_DAEMONSET)
-        self.until(self.all_ready, 180, "every node Ready")
+        if not weft:
+            self.say(f"up without a CNI: {count} nodes, NotReady until one is installed")
+            return
+        self.install_weft()
         if CLUSTER_DNS_MANIFEST.exists() and (self.images / "clusterdns.tar").exists():
             self.say(f"cluster DNS: kubectl apply -f {CLUSTER_DNS_MANIFEST.relative_to(ROOT)}")
             self.kubectl("apply", "-f", str(CLUSTER_DNS_MANIFEST))
             self.kubectl("-n", "kube-system", "rollout", "status", "deploy/kube-dns", "--timeout=300s", timeout=320)
         self.say(f"up: {count} nodes\n$ kubectl --kubeconfig {self.shown(L.kubeconfig)} get nodes -o wide\n"
                  + self.kubectl("get", "nodes", "-o", "wide").stdout.rstrip())
+
+    def install_weft(self) -> None:
+        self.say(f"kubectl apply -f {MANIFEST.relative_to(ROOT)}")
+        self.kubectl("apply", "-f", str(MANIFEST))
+        self.say("waiting for the weft DaemonSet to roll out and every node to be Ready")
+        self.wait_rollout("kube-weft", WEFT_DAEMONSET)
+        self.until(self.all_ready, 180, "every node Ready")
+
+    def node(self, name: str) -> KubeNode:
+        """A node of the recorded cluster, to run commands and daemons in."""
+        nodes = self.layout.record.entries("node")
+        entry = next(e for e in reversed(nodes) if e["name"] == name)
+        return KubeNode(name, node_names(len(nodes)).index(name), self.layout, holder=entry["holder"])
 
     def shown(self, path: Path) -> str:
         return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
