@@ -233,7 +233,13 @@ uninstall:
 test: deps venv cnidrive build kube kubectl image node-images lint
 	@if [ "$$(id -u)" = 0 ]; then tests/unit/unprivileged.sh $(PY) -q; fi
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) WEFT_IMAGE=$(CURDIR)/$(IMAGES)/weft.tar \
-	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q tests
+	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q -m "not long" tests
+
+# The suites of many minutes, left out of make test (CI): the kube policy source with 10,000 pods, and a
+# cluster's life (Weft's rollout, kubelet and containerd restarts, the apiserver down, a Node deleted).
+test-long: deps venv cnidrive build kube kubectl image node-images
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) WEFT_IMAGE=$(CURDIR)/$(IMAGES)/weft.tar \
+	  WEFT_KUBE_APISERVER=$${WEFT_KUBE_APISERVER:-$(CURDIR)/$(KUBE_APISERVER_LINK)} $(PY) -m pytest -q -m long tests
 
 # Pure logic only: needs neither root nor the namespace lab (as root, it runs them as nobody to prove it).
 unit: venv

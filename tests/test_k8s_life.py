@@ -34,7 +34,7 @@ from tests.lab import ROOT
 from tests.test_k8s_smoke import SMOKE_IMAGES, Booted, server
 from weftd.subnet.kube import ANN_DATA, ANN_IP
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 CONTROL, WORKER = "weft-control-plane", "weft-worker"
 BRIDGE = "cni0"  # weftd's --bridge

@@ -231,6 +231,7 @@ def test_a_gone_version_lists_again_and_reports_what_changed(kube_api: KubeAPI, 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_ten_thousand_pods_are_listed_and_watched(cluster_objects: KubeAPI) -> None:
     kube = cluster_objects
     stop = threading.Event()
@@ -303,6 +304,7 @@ def test_ten_thousand_pods_are_listed_and_watched(cluster_objects: KubeAPI) -> N
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_what_the_source_holds_of_ten_thousand_pods(cluster_objects: KubeAPI) -> None:
     stop = threading.Event()
     gc.collect()
@@ -369,6 +371,7 @@ def rss_kib(root: int) -> tuple[int, str]:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_weftd_rss_with_ten_thousand_pods_and_a_thousand_policies(cluster_objects: KubeAPI,
                                                                   kube_cluster: Cluster) -> None:  # noqa: F811
     """weftd with --policy-kube, as the DaemonSet runs it, on the node of 100 of the 10,000 pods."""
