@@ -2,13 +2,12 @@
 
 Credentials come from a kubeconfig or the pod's service account. The client itself never retries (urllib3 would
 retry at once and log a warning per attempt): weftd retries with backoff (weftd.retry). Every call has a timeout,
-and a failure reads as one short line naming the API server. `reflect` is the list-then-watch loop that keeps a
+and a failure reads as one short line naming the API server. `reflect_raw` is the list-then-watch loop that keeps a
 cache of one kind of object, as client-go's reflector does.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -63,54 +62,6 @@ def describe(address: str, e: Exception) -> str:
     return f"API server {address}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
-def reflect(what: str, lister: Callable[..., Any], replace: Callable[[list[Any]], None],
-            apply: Callable[[str, Any], None], stop: threading.Event) -> None:
-    """Keeps one kind's cache filled until `stop` is set: lists it (`replace` gets the items), then watches from the
-    list's resourceVersion (`apply` gets each event's type and object). A watch that ends or fails resumes from the
-    last version seen; only a 410 Gone (that version is too old) lists again. Failures are retried with backoff,
-    and the cache keeps what it had meanwhile. `lister`: the API's list call, e.g. CoreV1Api.list_node."""
-    from kubernetes import watch
-    from kubernetes.client import ApiException
-
-    address = server(getattr(lister, "__self__", None))
-    retry = Retry(what, stop)
-
-    @functools.wraps(lister)
-    def answered(*args: Any, **kwargs: Any) -> Any:
-        """The watch's request: the server is back as soon as it answers it, events or not."""
-        resp = lister(*args, **kwargs)
-        if 200 <= int(getattr(resp, "status", 200)) < 300:
-            retry.ok()
-        return resp
-
-    version: str | None = None  # None: list first
-    try:
-        while not stop.is_set():
-            try:
-                if version is None:
-                    listed = lister(_request_timeout=TIMEOUT)
-                    replace(listed.items)
-                    version = listed.metadata.resource_version
-                    retry.ok()
-                w = watch.Watch()
-                for ev in w.stream(answered, resource_version=version, timeout_seconds=WATCH_TIMEOUT,
-                                   _request_timeout=(CONNECT_TIMEOUT, WATCH_TIMEOUT + 30.0)):
-                    apply(ev["type"], ev["object"])
-                    version = w.resource_version
-                    if stop.is_set():
-                        w.stop()
-            except ApiException as e:
-                if e.status == GONE:
-                    log.info("%s: resourceVersion %s is gone (410): listing again", what, version)
-                    version = None
-                    continue
-                retry.pause(describe(address, e))
-            except Exception as e:  # noqa: BLE001 - the server is unreachable: resume from `version`
-                retry.pause(describe(address, e))
-    except Stopped:
-        pass
-
-
 PAGE = 500  # objects per list request: a large cluster's list comes in pages, each parsed before the next
 
 
@@ -132,12 +83,17 @@ def _lines(resp: Any) -> Iterator[bytes]:
 
 def reflect_raw(what: str, lister: Callable[..., Any], replace: Callable[[Iterator[dict[str, Any]]], None],
                 apply: Callable[[str, dict[str, Any]], None], stop: threading.Event) -> None:
-    """As `reflect`, but with the API's JSON as dicts, not the client's models (which take far longer to build
-    and hold every field): `replace` gets the list's items as they are read, page by page (PAGE objects per
-    request); an item read is not kept here, so a caller that keeps only what it needs holds one page of raw
-    objects at a time. If a page fails, the iterator raises in `replace`, and the list starts again later.
-    `apply` gets each watch event's type (ADDED, MODIFIED, DELETED) and object. A 410 Gone, for a list's
-    continue token or a watch's resourceVersion, lists again from the start."""
+    """Keeps one kind's cache filled until `stop` is set: lists it, then watches from the list's resourceVersion.
+    A watch that ends or fails resumes from the last version seen (bookmarks included); a 410 Gone, for a list's
+    continue token or a watch's resourceVersion, lists again from the start. Failures are retried with backoff
+    (weftd.retry), and the cache keeps what it had meanwhile. `lister`: the API's list call, e.g.
+    CoreV1Api.list_node, called for the API's JSON as dicts, not the client's models (which take far longer to
+    build and hold every field).
+
+    `replace` gets the list's items as they are read, page by page (PAGE objects per request); an item read is
+    not kept here, so a caller that keeps only what it needs holds one page of raw objects at a time. If a page
+    fails, the iterator raises in `replace`, and the list starts again later. `apply` gets each watch event's
+    type (ADDED, MODIFIED, DELETED) and object."""
     from kubernetes.client import ApiException
 
     address = server(getattr(lister, "__self__", None))

@@ -18,7 +18,7 @@ from weftd.backend.vxlan import VtepData
 from weftd.config import NetworkConfig
 from weftd.lease import Attrs
 from weftd.subnet import StoreError
-from weftd.subnet.kube import ANN_DATA, ANN_IP, ANN_MANAGED, KubeStore, lease_from_node
+from weftd.subnet.kube import ANN_DATA, ANN_IP, ANN_MANAGED, KubeStore, lease_from_node, node_record
 
 RECORDED = json.loads((Path(__file__).parent / "data" / "kind-nodes.json").read_text())
 NET = NetworkConfig.parse({"Network": "10.244.0.0/16"})
@@ -28,8 +28,11 @@ def vxlan_attrs(ip: str, mac: str) -> Attrs:
     return Attrs(netaddr.IPAddress(ip), "vxlan", VtepData(1, mac).to_json())
 
 
-def model(obj: dict[str, Any], kind: str = "V1Node") -> Any:
-    return client.ApiClient().deserialize(json.dumps(obj), kind, "application/json")
+class Response:
+    """An answer read unparsed (_preload_content=False), as weftd reads every Node."""
+
+    def __init__(self, obj: dict[str, Any]) -> None:
+        self.data = json.dumps(obj).encode()
 
 
 class StubAPI:
@@ -39,15 +42,15 @@ class StubAPI:
         self.api_client = client.ApiClient()
         self.patches: list[tuple[str, dict[str, Any]]] = []
 
-    def read_node(self, name: str, **_: Any) -> Any:
+    def read_node(self, name: str, **kwargs: Any) -> Any:
+        assert kwargs.get("_preload_content") is False
         for n in RECORDED["items"]:
             if n["metadata"]["name"] == name:
-                return model(n)
+                return Response(n)
         raise client.ApiException(status=404, reason="Not Found")
 
-    def patch_node_status(self, name: str, body: dict[str, Any], **_: Any) -> Any:
+    def patch_node_status(self, name: str, body: dict[str, Any], **_: Any) -> None:
         self.patches.append((name, body))
-        return self.read_node(name)
 
 
 def test_leases_from_recorded_nodes() -> None:
@@ -62,6 +65,16 @@ def test_leases_from_recorded_nodes() -> None:
     assert str(worker.public_ip) == "203.0.113.7" and worker_vtep is not None and worker_vtep.mac == "0a:58:0a:f4:01:01"
     assert by_name["weft-worker2"] is None  # not (yet) running weftd
     assert by_name["weft-worker3"] is None  # no podCIDR allocated yet
+
+
+def test_node_record_keeps_what_weftd_reads() -> None:
+    worker = RECORDED["items"][1]
+    record = node_record(worker)
+    assert record["metadata"]["name"] == "weft-worker" and record["spec"]["podCIDRs"] == worker["spec"]["podCIDRs"]
+    kept = record["metadata"]["annotations"]
+    assert kept and all(k.startswith("weft.dev/") for k in kept)
+    assert "status" not in record and "labels" not in record["metadata"]
+    assert lease_from_node(record, NET) == lease_from_node(worker, NET)
 
 
 def test_acquire_patches_status_annotations() -> None:
@@ -89,13 +102,13 @@ def test_watch_cache_follows_events() -> None:
     mgr = KubeStore(NET, api=StubAPI())
     with pytest.raises(StoreError, match="not synced"):
         mgr.leases()
-    mgr.replace_all([model(n) for n in RECORDED["items"]])
+    mgr.replace_all(iter(RECORDED["items"]))
     assert sorted(mgr.leases()) == ["weft-control-plane", "weft-worker"]
     joined = json.loads(json.dumps(RECORDED["items"][2]))
     joined["metadata"]["annotations"].update({ANN_MANAGED: "true", "weft.dev/backend-type": "vxlan",
                                               ANN_DATA: '{"VNI": 1, "VtepMAC": "0a:58:0a:f4:02:01"}',
                                               ANN_IP: "172.18.0.4"})
-    mgr.apply("MODIFIED", model(joined))
+    mgr.apply("MODIFIED", joined)
     assert sorted(mgr.leases()) == ["weft-control-plane", "weft-worker", "weft-worker2"]
-    mgr.apply("DELETED", model(RECORDED["items"][1]))
+    mgr.apply("DELETED", RECORDED["items"][1])
     assert sorted(mgr.leases()) == ["weft-control-plane", "weft-worker2"]

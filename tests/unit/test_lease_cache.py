@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.unit.test_kube_objects import NET, RECORDED, StubAPI, model
+from tests.unit.test_kube_objects import NET, RECORDED, StubAPI
 from weftd.config import NetworkConfig
 from weftd.lease import Lease
 from weftd.subnet.etcd import EtcdStore, subnet_key
@@ -45,7 +45,7 @@ def test_file_store_parses_only_changed_leases(tmp_path: Path) -> None:
 
 def test_kube_store_parses_only_changed_nodes() -> None:
     store = KubeStore(NET, api=StubAPI(), watch=False)
-    store.replace_all([model(n) for n in RECORDED["items"]])
+    store.replace_all(iter(RECORDED["items"]))
     assert sorted(store.leases()) == ["weft-control-plane", "weft-worker"]
     first = store.cache.parses
     assert first == len(RECORDED["items"])  # the unmanaged and unallocated nodes are parsed (and passed over) too
@@ -53,12 +53,17 @@ def test_kube_store_parses_only_changed_nodes() -> None:
     moved = json.loads(json.dumps(RECORDED["items"][0]))
     moved["metadata"]["resourceVersion"] = "2000"
     moved["metadata"]["annotations"][ANN_IP_OVERWRITE] = "203.0.113.9"
-    store.apply("MODIFIED", model(moved))
+    store.apply("MODIFIED", moved)
     leases = store.leases()
     assert store.cache.parses == first + 1
     assert str(leases["weft-control-plane"].public_ip) == "203.0.113.9"
     assert str(leases["weft-worker"].public_ip) == "203.0.113.7"
-    store.apply("DELETED", model(RECORDED["items"][1]))
+    store.apply("DELETED", RECORDED["items"][1])
+    assert sorted(store.leases()) == ["weft-control-plane"] and store.cache.parses == first + 1
+    beat = json.loads(json.dumps(moved))  # a status heartbeat: nothing weftd reads changed
+    beat["metadata"]["resourceVersion"] = "2001"
+    beat["status"] = {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-12-07T23:00:00Z"}]}
+    store.apply("MODIFIED", beat)
     assert sorted(store.leases()) == ["weft-control-plane"] and store.cache.parses == first + 1
 
 

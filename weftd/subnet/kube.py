@@ -7,8 +7,10 @@ NetworkUnavailable=False, as Flannel does. API calls made here, and so the RBAC
 they need: nodes get (read_node), nodes list and watch (list_node), nodes/status
 patch (patch_node_status: the annotations and the condition).
 
-The watch resumes from the last resourceVersion it saw, as client-go's reflector
-does; only when the server says that version is gone (410) does it list again.
+The Node list/watch is weftd.kubeclient.reflect_raw: the watch resumes from the
+last resourceVersion it saw, as client-go's reflector does, and only when the
+server says that version is gone (410) does it list again. Each Node's JSON is cut
+down at once to what weftd reads (node_record).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,6 +55,16 @@ def node_annotations(attrs: Attrs) -> dict[str, str | None]:
     ann[ANN_IP6] = None if attrs.public_ipv6 is None else str(attrs.public_ipv6)
     ann[ANN_DATA6] = json.dumps(attrs.backend_v6_data) if attrs.public_ipv6 is not None else None
     return ann
+
+
+def node_record(node: dict[str, Any]) -> dict[str, Any]:
+    """Of a Node's JSON, what weftd reads (its name, pod CIDRs and weft.dev annotations), in the same shape, so
+    the cache holds no more than that, and a change to anything else (a status heartbeat) compares equal."""
+    meta = node.get("metadata") or {}
+    spec = node.get("spec") or {}
+    ann = {k: v for k, v in (meta.get("annotations") or {}).items() if k.startswith(f"{PREFIX}/")}
+    return {"metadata": {"name": meta.get("name"), "annotations": ann},
+            "spec": {k: spec[k] for k in ("podCIDR", "podCIDRs") if k in spec}}
 
 
 def network_up_condition(now: datetime | None = None) -> dict[str, str]:
@@ -141,20 +154,16 @@ class KubeStore(SubnetStore):
         self.stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._watching = watch
-        # By name. A Node no event has replaced is the very same object, so comparing it costs next to nothing.
+        # By name: node_record()s, so comparing one with the last round's costs next to nothing.
         self.cache = LeaseCache(lambda _name, node: lease_from_node(node, self.network))
-
-    def _dict(self, obj: Any) -> dict[str, Any]:
-        if isinstance(obj, dict):
-            return obj
-        return self.api.api_client.sanitize_for_serialization(obj)
 
     def _error(self, e: Exception) -> StoreError:
         return StoreError(kubeclient.describe(self.server, e))
 
     def _read_node(self, node: str) -> dict[str, Any]:
         try:
-            return self._dict(self.api.read_node(node, _request_timeout=kubeclient.TIMEOUT))
+            resp = self.api.read_node(node, _preload_content=False, _request_timeout=kubeclient.TIMEOUT)
+            return node_record(json.loads(resp.data))
         except Exception as e:  # noqa: BLE001 - ApiException, urllib3 errors: the API is unreachable
             raise self._error(e) from None
 
@@ -189,25 +198,27 @@ class KubeStore(SubnetStore):
             self._thread = threading.Thread(target=self._watch, name="kube-watch", daemon=True)
             self._thread.start()
 
-    def replace_all(self, nodes: list[Any]) -> None:
-        """The result of a LIST: the whole cache."""
+    def replace_all(self, nodes: Iterable[dict[str, Any]]) -> None:
+        """The result of a LIST (Node JSON, read page by page): the whole cache. If reading fails midway, the cache
+        keeps what it had."""
+        listed = {r["metadata"]["name"]: r for r in map(node_record, nodes)}
         with self._lock:
-            self._nodes = {n["metadata"]["name"]: n for n in map(self._dict, nodes)}
+            self._nodes = listed
             self._synced = True
         self._changed.set()
 
-    def apply(self, event_type: str, node: Any) -> None:
-        """One WATCH event."""
-        obj = self._dict(node)
+    def apply(self, event_type: str, node: dict[str, Any]) -> None:
+        """One WATCH event, with its Node's JSON."""
+        record = node_record(node)
         with self._lock:
             if event_type == "DELETED":
-                self._nodes.pop(obj["metadata"]["name"], None)
+                self._nodes.pop(record["metadata"]["name"], None)
             else:
-                self._nodes[obj["metadata"]["name"]] = obj
+                self._nodes[record["metadata"]["name"]] = record
         self._changed.set()
 
     def _watch(self) -> None:
-        kubeclient.reflect("Node list/watch", self.api.list_node, self.replace_all, self.apply, self.stop)
+        kubeclient.reflect_raw("Node list/watch", self.api.list_node, self.replace_all, self.apply, self.stop)
 
     def leases(self) -> dict[str, Lease]:
         with self._lock:
