@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -201,8 +202,9 @@ def test_kube_store_end_to_end(kube_api: KubeAPI, kube_cluster: Cluster) -> None
     assert peer_routes(n1) == {"10.244.2.0/24"}, "routes must stay while the API server is away"
     kube.start()
     restarted = datetime.now(UTC)
-    c.until(lambda: "is gone (410): listing again" in n1.log.read_text()
-            and "is gone (410): listing again" in n2.log.read_text(), 60, "weftd relists after 410 Gone")
+    relisted = re.compile(r"Node list/watch: resourceVersion \d+ is gone \(410\b.*\): listing again")
+    c.until(lambda: all(relisted.search(cn.log.read_text()) for cn in (n1, n2)), 60,
+            "the Node watch relists after 410 Gone")
     n3 = join(kube, c, "n3", "10.244.3.0/24")
     c.until(lambda: peer_routes(n1) == {"10.244.2.0/24", "10.244.3.0/24"}, 60, "n1 learns n3 after the restart")
     ns3, _ = c.pod(n3, "p3")
