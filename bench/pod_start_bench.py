@@ -8,8 +8,8 @@ One two-node cluster is booted without a CNI, then:
    (`kubectl apply -f conf/kube-weft.yml`); PODS_ONE pods on the worker;
 3. Weft: PODS_SPREAD pods spread across both nodes (pinned alternately).
 Each phase creates its pods one after the other (busybox `sleep`) and waits until all run; the one-node phases
-then delete them and wait until kubelet has torn them down (the last phase leaves its pods to `down`). The worker runs no control-plane process, so the one-node phases differ
-only in the CNI.
+then delete them and wait until kubelet has torn them down (the last phase leaves its pods to `down`). The
+worker runs no control-plane process, so the one-node phases differ only in the CNI.
 
 Two measures per pod:
 - watch: from just before the bench's create call to the first watch event showing the pod Running and Ready,
