@@ -203,6 +203,7 @@ bench: deps venv cnidrive build
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.weftd_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.dataplane_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.policy_bench
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.policy_bench scale
 
 clean:
 	rm -rf $(BUILD) $(VENV) *.egg-info

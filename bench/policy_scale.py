@@ -1,0 +1,619 @@
+"""NetworkPolicy at cluster scale, on the production path: `python -m bench.policy_bench scale [pods ...]`.
+
+For each cluster size (100, 1,000, 3,000 and 10,000 pods spread over 100 nodes, so about 1% on the node under
+test, in 50 namespaces, with 1,000 policies of every kind: tests/policy_world.py), two simulated nodes run the
+frozen weftd (WEFT_BUNDLE) serving the frozen `weft` shim, one with the objects as a policy directory
+(--policy-dir, one file per pod, written as the API would change them) and one with no policy source. It
+measures:
+
+- a local pod's ADD and DEL through libcni (cnidrive, with K8S_POD_* args), interleaved between the two
+  nodes, p50 and p95 and their ratios; the pod's object is there (no address) before its ADD, gets the address
+  after it, and goes after its DEL, as a kubelet reports it; meanwhile other nodes' pods churn (created,
+  deleted, relabelled, one at a time every CHURN_INTERVAL);
+- the latency of a remote pod's create, delete or label change: from the object's change in the source to
+  the kernel holding it, seen by `nft monitor` in the node's namespace (the change is in when the elements
+  holding the pod's address change), p50 and p95, and weftd's CPU per event (utime + stime over a batch of
+  events one after the other, everything weftd did meanwhile included), with the full replaces of the tables
+  seen during the batch;
+- full apply time, from weftd's weft_policy_apply_seconds: the start, and a resync forced by a set added to
+  weftd's table behind its back;
+- weftd's RSS (and peak) at the end.
+
+With `throughput` among the arguments (or by default in the full run), pod-to-pod iperf3 with the 1,000
+policies in force against without (bench/policy_bench.throughput). Writes JSON and a PNG of the curve under
+.build/bench/. WEFT_BENCH_SCALE_ROUNDS (ADD/DEL rounds per size, default 20) and WEFT_BENCH_SCALE_EVENTS
+(remote events per batch, default 30) shrink it. Nothing here has a pass mark.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import select
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.plugin_bench import BUNDLE, Variant, drive, install_frozen, percentile, start_weftd
+from bench.weftd_bench import cpu_seconds
+from tests.lab import ROOT, SOCKET_DIR, Lab, Netns, Node, proc_kib, weftd_pid
+from tests.policy_world import Change, World, WorldPod
+from weftlib.kernel.netns import NetNS
+
+SIZES = (100, 1000, 3000, 10_000)
+NODES, NAMESPACES, POLICIES = 100, 50, 1000
+ROUNDS = int(os.environ.get("WEFT_BENCH_SCALE_ROUNDS", "20"))
+EVENTS = int(os.environ.get("WEFT_BENCH_SCALE_EVENTS", "30"))
+CHURN_INTERVAL = 0.2  # seconds between two remote pod changes while local pods are ADDed and DELeted
+POD_AGE = 0.2  # seconds between a round's ADDs and its DELs
+EVENT_TIMEOUT = 300.0
+OUT_DIR = ROOT / ".build" / "bench"
+
+
+# ---- the kernel, as nft monitor tells it ----
+
+Interval = tuple[int, int]
+_EVENT = re.compile(r"^(add|delete|flush) (table|set|map|element) (\S+) (\S+)(?: (\S+))?(?: \{ ?(.*?) ?\})?\s*$")
+
+
+def _intervals(element: str) -> list[Interval]:
+    """The addresses an element's key names (each part of a concatenation; a map element's key only)."""
+    out = []
+    for part in element.split(" : ", 1)[0].split(" . "):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                out.append((int(ipaddress.ip_address(lo)), int(ipaddress.ip_address(hi))))
+            elif "/" in part:
+                net = ipaddress.ip_network(part, strict=False)
+                out.append((int(net.network_address), int(net.broadcast_address)))
+            else:
+                a = int(ipaddress.ip_address(part))
+                out.append((a, a))
+        except ValueError:
+            continue
+    return out
+
+
+def _elements(body: str) -> list[str]:
+    return [" ".join(e.split()) for e in body.split(",") if e.strip()]
+
+
+class KernelWatch:
+    """Every set and map element of a node's nftables, kept from a listing and `nft monitor`: which elements
+    hold an address, and when that changed. Lines are applied as they come; waiters are checked after each
+    read, so all of one transaction's notifications are in before a waiter is told."""
+
+    def __init__(self, ns: Netns) -> None:
+        self.ns = ns
+        self.sets: dict[tuple[str, str, str], dict[str, list[Interval]]] = {}
+        self.cond = threading.Condition()
+        self.replaces = 0  # tables deleted: full replaces seen
+        self.lost = 0
+        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "stdbuf", "-oL", "nft", "monitor"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._list()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.thread.join(10)
+
+    def _list(self) -> None:
+        """Adds what `nft list ruleset` shows (after the monitor started: later events apply on top)."""
+        text = self.ns.run("nft", "list", "ruleset", timeout=300).stdout
+        sets: dict[tuple[str, str, str], dict[str, list[Interval]]] = {}
+        table = ("", "")
+        name = ""
+        body: list[str] | None = None
+        for line in text.splitlines():
+            s = line.strip()
+            if m := re.match(r"^table (\S+) (\S+) \{", s):
+                table = (m[1], m[2])
+            elif m := re.match(r"^(?:set|map) (\S+) \{", s):
+                name = m[1]
+                sets[(*table, name)] = {}
+            elif s.startswith("elements = {"):
+                body = [s[len("elements = {"):]]
+            elif body is not None:
+                body.append(s)
+            if body is not None and body[-1].endswith("}"):
+                joined = " ".join(body)[:-1]
+                sets[(*table, name)] = {e: _intervals(e) for e in _elements(joined)}
+                body = None
+        with self.cond:
+            self.sets.update(sets)
+
+    def _apply(self, line: str) -> None:
+        m = _EVENT.match(line)
+        if m is None:
+            return
+        verb, what, family, table, name, body = m.groups()
+        if what == "table":
+            if verb in ("delete", "flush"):
+                self.replaces += verb == "delete"
+                for key in [k for k in self.sets if k[:2] == (family, table)]:
+                    if verb == "delete":
+                        del self.sets[key]
+                    else:
+                        self.sets[key] = {}
+            return
+        key = (family, table, name or "")
+        if what in ("set", "map"):
+            if verb == "add":
+                self.sets[key] = {}
+            elif verb == "delete":
+                self.sets.pop(key, None)
+            else:
+                self.sets[key] = {}
+            return
+        elements = self.sets.setdefault(key, {})
+        for e in _elements(body or ""):
+            if verb == "add":
+                elements[e] = _intervals(e)
+            else:
+                elements.pop(e, None)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        rest = b""
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                return
+            while select.select([fd], [], [], 0)[0]:  # everything already written: one transaction's lines
+                more = os.read(fd, 1 << 20)
+                if not more:
+                    break
+                chunk += more
+            now = time.perf_counter()
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            relist = False
+            with self.cond:
+                for raw in lines:
+                    line = raw.decode(errors="replace")
+                    if "lost" in line.lower() or line.startswith(("netlink", "Error")):
+                        self.lost += 1
+                        relist = True
+                    else:
+                        self._apply(line)
+                self.seen = now
+                self.cond.notify_all()
+            if relist:
+                self._list()
+
+    def signature(self, ip: str) -> tuple[str, ...]:
+        """Every element holding `ip`, as nft prints it (sorted, without set names: a set renamed with the same
+        content is the same)."""
+        a = int(ipaddress.ip_address(ip))
+        with self.cond:
+            return tuple(sorted(e for els in self.sets.values() for e, ivs in els.items()
+                                if any(lo <= a <= hi for lo, hi in ivs)))
+
+    def wait_change(self, ip: str, before: tuple[str, ...], timeout: float = EVENT_TIMEOUT) -> float:
+        """When (perf_counter) the elements holding `ip` first differed from `before`."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                if self.signature(ip) != before:
+                    return self.seen
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"the kernel did not change for {ip} within {timeout} s")
+                self.cond.wait(left)
+
+
+# ---- the cluster's objects, as files in the policy directory ----
+
+class PolicyFiles:
+    """The --policy-dir source: Namespaces in one file, each namespace's policies in one, each pod in its own;
+    every write is a rename, so weftd never reads half a file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+
+    def _write(self, name: str, data: Any) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.dir / name)
+
+    def write_world(self, world: World) -> None:
+        self._write("namespaces.json", {"kind": "List", "items": world.namespace_objects()})
+        by_ns: dict[str, list[Any]] = {}
+        for pol in world.policy_objects():
+            by_ns.setdefault(pol["metadata"]["namespace"], []).append(pol)
+        for ns, pols in by_ns.items():
+            self._write(f"policies-{ns}.json", {"kind": "List", "items": pols})
+        for pod in world.pods.values():
+            self._write(self.pod_file(pod.namespace, pod.name), pod.object())
+
+    @staticmethod
+    def pod_file(namespace: str, name: str) -> str:
+        return f"pod-{namespace}-{name}.json"
+
+    def apply(self, change: Change) -> None:
+        if change.kind != "Pod":
+            raise ValueError(f"only pod changes are written one by one, not {change.kind}")
+        if change.obj is None:
+            (self.dir / self.pod_file(change.namespace, change.name)).unlink()
+        else:
+            self._write(self.pod_file(change.namespace, change.name), change.obj)
+
+
+# ---- the nodes ----
+
+@dataclass
+class BenchNode:
+    variant: Variant
+    times: dict[str, list[float]] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        assert self.variant.socket is not None
+        pid = weftd_pid(self.variant.socket)
+        if pid is None:
+            raise RuntimeError(f"weftd of {self.variant.name} is gone")
+        return pid
+
+    @property
+    def conflist(self) -> Path:
+        return self.variant.node.dir / "weftd-net.d" / "10-weft.conflist"
+
+    def metric(self, name: str) -> float:
+        with NetNS(self.variant.node.ns.path).entered():
+            text = urllib.request.urlopen("http://127.0.0.1:9808/metrics", timeout=30).read().decode()
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        return float(m[1]) if m else 0.0
+
+    def applies(self) -> tuple[float, float]:
+        """weft_policy_apply_seconds: (count, sum)."""
+        return self.metric("weft_policy_apply_seconds_count"), self.metric("weft_policy_apply_seconds_sum")
+
+    def add(self, pod: WorldPod, netns: Netns, record: bool = True) -> str:
+        took, p = drive(self.variant, "add", self.conflist, cid(pod), netns.path,
+                        CNIDRIVE_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}")
+        if record:
+            self.times.setdefault("add", []).append(took)
+        return str(json.loads(p.stdout)["ips"][0]["address"].split("/")[0])
+
+    def delete(self, pod: WorldPod, netns: Netns) -> None:
+        took, _ = drive(self.variant, "del", self.conflist, cid(pod), netns.path,
+                        CNIDRIVE_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}")
+        self.times.setdefault("del", []).append(took)
+
+    def stop(self) -> None:
+        if self.variant.weftd is not None:
+            self.variant.weftd.terminate()
+            self.variant.weftd.wait(60)
+
+
+def cid(pod: WorldPod) -> str:
+    return hashlib.sha256(f"{pod.namespace}/{pod.name}".encode()).hexdigest()
+
+
+# ---- one size ----
+
+class Scale:
+    def __init__(self, pods: int) -> None:
+        self.pods = pods
+        self.lab = Lab(Path(os.environ.get("TMPDIR", "/tmp")) / f"weft-scale-{os.getpid()}-{pods}")
+        self.lab.base.mkdir(parents=True)
+        bin_dir = install_frozen(self.lab)
+        self.world = World.build(pods=pods, nodes=NODES, namespaces=NAMESPACES, policies=POLICIES,
+                                 local_node="policy")
+        self.files = PolicyFiles(self.lab.base / "policies")
+        self.files.write_world(self.world)
+        self.lock = threading.Lock()  # the world and its files: the churn thread and the main one both change them
+        self.nodes: dict[str, BenchNode] = {}
+        for name in ("plain", "policy"):
+            node = self.lab.node(name)
+            self.nodes[name] = BenchNode(Variant(name, Node(node.ns, node.dir, bin_dir, self.lab), "frozen"))
+        self.watch: KernelWatch | None = None
+        self.events: dict[str, list[float]] = {}
+        self.churn_latency: list[float] = []
+
+    @property
+    def policy(self) -> BenchNode:
+        return self.nodes["policy"]
+
+    def close(self) -> None:
+        if self.watch is not None:
+            self.watch.close()
+        for n in self.nodes.values():
+            try:
+                n.stop()
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        self.lab.close()
+
+    def start(self) -> dict[str, Any]:
+        SOCKET_DIR.mkdir(parents=True, exist_ok=True)
+        start_weftd(self.lab, self.nodes["plain"].variant)
+        t = time.perf_counter()
+        start_weftd(self.lab, self.policy.variant, ("--policy-dir", str(self.files.dir)))
+        ready = time.perf_counter() - t
+        count, total = self.policy.applies()
+        return {"start_to_ready_s": round(ready, 2), "start_applies": count, "start_apply_s": round(total, 3)}
+
+    def setup_local(self) -> int:
+        """ADDs the node's pods that the world has (on both nodes, alike), then reports their addresses."""
+        local = self.world.local_pods()
+        changes = []
+        for pod in local:
+            for n in self.nodes.values():
+                ip = n.add(pod, self.lab.netns("l"), record=False)
+                if n is self.policy:
+                    changes.append(self.world.assign(pod, ip))
+        for change in changes:
+            self.files.apply(change)
+        return len(local)
+
+    # -- remote pods --
+
+    def remote_event(self, kind: str) -> float:
+        """One change of another node's pod; seconds until the kernel holds it."""
+        assert self.watch is not None
+        with self.lock:
+            remote = [p for p in self.world.remote_pods() if p.ip is not None]
+            if kind == "create":
+                pod, change = self.world.new_pod()
+            else:
+                pod = self.world.rnd.choice(remote)
+                change = self.world.delete_pod(pod) if kind == "delete" else \
+                    self.world.set_probe(pod, "probe" not in pod.labels)
+            assert pod.ip is not None
+            before = self.watch.signature(pod.ip)
+            self.files.apply(change)
+            t = time.perf_counter()
+        return self.watch.wait_change(pod.ip, before) - t
+
+    def event_batch(self) -> dict[str, Any]:
+        """EVENTS remote changes one after another, nothing else happening: latency, and weftd's CPU."""
+        assert self.watch is not None
+        pid = self.policy.pid
+        replaces = self.watch.replaces
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        kinds = ("create", "relabel", "delete")
+        for i in range(EVENTS):
+            kind = kinds[i % 3]
+            self.events.setdefault(kind, []).append(self.remote_event(kind))
+        cpu, wall = cpu_seconds(pid) - cpu0, time.perf_counter() - t0
+        every = [x for xs in self.events.values() for x in xs]
+        return {"events": EVENTS, "latency_ms": spread_ms(every),
+                **{f"{k}_ms": spread_ms(v) for k, v in self.events.items()},
+                "cpu_ms_per_event": round(cpu / EVENTS * 1000, 1), "wall_s": round(wall, 2),
+                "weftd_cpu_share": round(cpu / wall, 2), "full_replaces": self.watch.replaces - replaces}
+
+    def churn(self, stop: threading.Event) -> None:
+        kinds = ("create", "relabel", "delete")
+        i = 0
+        while not stop.wait(CHURN_INTERVAL):
+            self.churn_latency.append(self.remote_event(kinds[i % 3]))
+            i += 1
+
+    # -- local pods --
+
+    def add_del_rounds(self) -> None:
+        """ROUNDS rounds: a new local pod ADDed on both nodes (which first alternates), then both DELeted."""
+        order = list(self.nodes.values())
+        for r in range(ROUNDS):
+            pairs = []
+            for n in order if r % 2 == 0 else order[::-1]:
+                netns = self.lab.netns("p")
+                if n is self.policy:
+                    with self.lock:  # scheduled: the object is there, without an address yet
+                        pod, change = self.world.new_pod(namespace=f"ns{r % NAMESPACES}", node=0)
+                        self.files.apply(change)
+                    ip = n.add(pod, netns)
+                    with self.lock:
+                        self.files.apply(self.world.assign(pod, ip))
+                else:
+                    pod = WorldPod(f"ns{r % NAMESPACES}", f"plain{r}", n.variant.name, {}, None, 8080)
+                    n.add(pod, netns)
+                pairs.append((n, pod, netns))
+            time.sleep(POD_AGE)
+            for n, pod, netns in pairs:
+                n.delete(pod, netns)
+                if n is self.policy:
+                    with self.lock:
+                        self.files.apply(self.world.delete_pod(pod))
+            for _, _, netns in pairs:  # after the DELs: see plugin_bench.rounds
+                subprocess.run(["ip", "netns", "del", netns.name], check=True)
+                self.lab.namespaces.remove(netns)
+
+    def forced_resync(self) -> dict[str, Any]:
+        """A set added to weftd's table behind its back: the next resync replaces the tables in full."""
+        count, total = self.policy.applies()
+        ns = self.policy.variant.node.ns
+        ns.run("nft", "add", "set", "inet", "weft_policy", "bench_resync", "{ type ipv4_addr; }")
+        t = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while self.policy.applies()[0] == count:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no resync within 600 s")
+            time.sleep(0.2)
+        seen = time.perf_counter() - t
+        time.sleep(1)
+        count2, total2 = self.policy.applies()
+        return {"resync_applies": count2 - count, "resync_apply_s": round((total2 - total) / (count2 - count), 3),
+                "resync_seen_after_s": round(seen, 1)}
+
+    def run(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pods": self.pods, "policies": len(self.world.policies)}
+        print(f"  {self.pods} pods: starting weftd", flush=True)
+        out.update(self.start())
+        out["local_pods"] = self.setup_local()
+        print(f"  {self.pods} pods: {out['local_pods']} local pods ADDed; start apply {out['start_apply_s']} s",
+              flush=True)
+        time.sleep(1)
+        self.watch = KernelWatch(self.policy.variant.node.ns)
+        out["events"] = self.event_batch()
+        print(f"  {self.pods} pods: remote events {out['events']}", flush=True)
+        stop = threading.Event()
+        churner = threading.Thread(target=self._churn_guarded, args=(stop,), daemon=True)
+        churner.start()
+        try:
+            self.add_del_rounds()
+        finally:
+            stop.set()
+            churner.join(EVENT_TIMEOUT + 10)
+        out["churn_events"] = len(self.churn_latency)
+        out["churn_latency_ms"] = spread_ms(self.churn_latency) if self.churn_latency else None
+        for verb in ("add", "del"):
+            plain, policy = self.nodes["plain"].times[verb], self.policy.times[verb]
+            p50, p95 = statistics.median(plain), percentile(plain, 0.95)
+            q50, q95 = statistics.median(policy), percentile(policy, 0.95)
+            out[verb] = {"plain_p50_ms": round(p50, 1), "plain_p95_ms": round(p95, 1),
+                         "policy_p50_ms": round(q50, 1), "policy_p95_ms": round(q95, 1),
+                         "ratio_p50": round(q50 / p50, 2), "ratio_p95": round(q95 / p95, 2)}
+        out.update(self.forced_resync())
+        pid = self.policy.pid
+        out["rss_mib"] = round(proc_kib(pid) / 1024, 1)
+        out["peak_rss_mib"] = round(proc_kib(pid, "VmHWM") / 1024, 1)
+        out["plain_rss_mib"] = round(proc_kib(self.nodes["plain"].pid) / 1024, 1)
+        out["watch_lost"] = self.watch.lost
+        return out
+
+    def _churn_guarded(self, stop: threading.Event) -> None:
+        try:
+            self.churn(stop)
+        except Exception as e:  # noqa: BLE001 - the rounds go on; the report says the churn stopped
+            print(f"  churn stopped: {e}", flush=True)
+
+
+def spread_ms(xs: list[float]) -> dict[str, float]:
+    return {"p50": round(statistics.median(xs) * 1000, 1), "p95": round(percentile(xs, 0.95) * 1000, 1),
+            "max": round(max(xs) * 1000, 1), "n": len(xs)}
+
+
+def run_size(pods: int) -> dict[str, Any]:
+    scale = Scale(pods)
+    try:
+        return scale.run()
+    finally:
+        scale.close()
+
+
+# ---- report ----
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'pods':>6} {'local':>5} | {'ADD p50/p95 ms: none':>20} {'policy':>13} {'ratio':>11} | "
+            f"{'DEL none':>13} {'policy':>13} {'ratio':>11} | {'event p50/p95 ms':>17} {'CPU ms/ev':>9} | "
+            f"{'start s':>7} {'resync s':>8} | {'RSS MiB':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        a, d, e = r["add"], r["del"], r["events"]
+        lines.append(
+            f"{r['pods']:>6} {r['local_pods']:>5} | "
+            f"{a['plain_p50_ms']:>9.1f}/{a['plain_p95_ms']:<10.1f} "
+            f"{a['policy_p50_ms']:>6.1f}/{a['policy_p95_ms']:<6.1f} {a['ratio_p50']:>5.2f}/{a['ratio_p95']:<5.2f} | "
+            f"{d['plain_p50_ms']:>6.1f}/{d['plain_p95_ms']:<6.1f} "
+            f"{d['policy_p50_ms']:>6.1f}/{d['policy_p95_ms']:<6.1f} {d['ratio_p50']:>5.2f}/{d['ratio_p95']:<5.2f} | "
+            f"{e['latency_ms']['p50']:>8.1f}/{e['latency_ms']['p95']:<8.1f} {e['cpu_ms_per_event']:>9.1f} | "
+            f"{r['start_apply_s']:>7.2f} {r['resync_apply_s']:>8.2f} | {r['rss_mib']:>7.1f}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["pods"] for r in rows]
+    fig, ax = plt.subplots(2, 2, figsize=(12, 9))
+    fig.suptitle(title, fontsize=10)
+
+    def curve(a: Any, ys: list[float], label: str, style: str = "-o") -> None:
+        a.plot(x, ys, style, label=label)
+
+    a = ax[0][0]
+    for verb in ("add", "del"):
+        for who, label, dash in (("plain", "no policy source", "--"), ("policy", "policy", "-")):
+            for q, mark in (("p50", "o"), ("p95", "^")):
+                curve(a, [r[verb][f"{who}_{q}_ms"] for r in rows], f"{verb.upper()} {q}, {label}", dash + mark)
+    a.set(title="local pod ADD / DEL through weftd (ms)", yscale="log")
+    a = ax[0][1]
+    for verb in ("add", "del"):
+        for q in ("p50", "p95"):
+            curve(a, [r[verb][f"ratio_{q}"] for r in rows], f"{verb.upper()} {q}")
+    a.axhline(1.25, color="grey", linestyle=":", label="goal 1.25")
+    a.set(title="policy / no policy source (same run, interleaved)", yscale="log")
+    a = ax[1][0]
+    curve(a, [r["events"]["latency_ms"]["p50"] for r in rows], "remote event latency p50 (ms)")
+    curve(a, [r["events"]["latency_ms"]["p95"] for r in rows], "remote event latency p95 (ms)")
+    curve(a, [r["events"]["cpu_ms_per_event"] for r in rows], "weftd CPU per event (ms)", "-s")
+    a.axhline(5, color="grey", linestyle=":", label="CPU goal 5 ms")
+    a.set(title="remote pod create / relabel / delete", yscale="log")
+    a = ax[1][1]
+    curve(a, [r["start_apply_s"] for r in rows], "start apply (s)")
+    curve(a, [r["resync_apply_s"] for r in rows], "forced resync apply (s)")
+    a.axhline(2, color="grey", linestyle=":", label="goal 2 s")
+    b = a.twinx()
+    b.plot(x, [r["rss_mib"] for r in rows], "-s", color="tab:red", label="weftd RSS (MiB)")
+    b.set_ylabel("MiB")
+    b.legend(loc="lower right", fontsize=7)
+    a.set(title="full apply (s) and RSS", yscale="log")
+    for a in (ax[0][0], ax[0][1], ax[1][0], ax[1][1]):
+        a.set_xscale("log")
+        a.set_xlabel("pods cluster-wide (1% on the node)")
+        a.grid(True, which="both", alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def commit() -> str:
+    p = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
+    return p.stdout.strip()[:100]
+
+
+def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
+    if not (BUNDLE / "weft").exists():
+        print(f"no frozen bundle at {BUNDLE}: run `make build`", file=sys.stderr)
+        return 2
+    sizes = tuple(int(a) for a in args if a.isdigit()) or SIZES
+    head = commit()
+    print(f"NetworkPolicy at scale ({head}; bundle {BUNDLE}): {NODES} nodes, {NAMESPACES} namespaces, {POLICIES} "
+          f"policies; per size {ROUNDS} interleaved ADD/DEL rounds under churn (a remote pod change every "
+          f"{CHURN_INTERVAL} s) and {EVENTS} remote pod changes alone; load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs", flush=True)
+    rows = [run_size(n) for n in sizes]
+    out: dict[str, Any] = {"commit": head, "bundle": str(BUNDLE), "rounds": ROUNDS, "events": EVENTS,
+                           "churn_interval_s": CHURN_INTERVAL, "sizes": rows}
+    if "throughput" in args or not args:
+        print("NetworkPolicy: iperf3 TCP, pod on n1 to pod on n2, without and with the 1,000 policies of "
+              f"{max(sizes)} pods", flush=True)
+        world = World.build(pods=max(sizes), nodes=NODES, namespaces=NAMESPACES, policies=POLICIES, local_node="n2")
+        out["throughput"] = throughput(world.objects())
+    print()
+    print(table(rows))
+    if "throughput" in out:
+        t = out["throughput"]
+        print(f"throughput with {POLICIES} policies / without: {t['ratio']:.3f} ({t['with_gbps']} / "
+              f"{t['without_gbps']} Gbit/s)")
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    jpath, ppath = OUT_DIR / f"policy-scale-{stamp}.json", OUT_DIR / f"policy-scale-{stamp}.png"
+    jpath.write_text(json.dumps(out, indent=1, sort_keys=True))
+    plot(rows, ppath, f"NetworkPolicy at scale, {POLICIES} policies, {NODES} nodes; {head}")
+    print(f"wrote {jpath} and {ppath}")
+    print(json.dumps({"policy_scale": out}, sort_keys=True))
+    return 0
