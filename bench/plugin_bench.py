@@ -38,6 +38,7 @@ from tests.lab import (
     ROOT,
     SOCKET_DIR,
     Lab,
+    Netns,
     Node,
     cnidrive_path,
     file_store,
@@ -98,13 +99,20 @@ def drive(v: Variant, verb: str, conflist: Path, cid: str, netns: str, **env: st
     return took, p
 
 
-def start_weftd(lab: Lab, v: Variant, extra: tuple[str, ...] = ()) -> None:
+def start_weftd(lab: Lab, v: Variant, extra: tuple[str, ...] = (), underlay: tuple[Netns, str] | None = None) -> None:
     """weftd on the variant's node, named after the variant, with `extra` arguments; returns once it wrote
-    its conflist (weftd-net.d/10-weft.conflist in the node's directory)."""
-    peer = lab.netns("underlay")
+    its conflist (weftd-net.d/10-weft.conflist in the node's directory). `underlay`: a namespace with a
+    bridge br0 to plug the node's eth0 into, and the node's address there (by default its eth0 leads to a
+    namespace of its own, at 192.168.91.1/24)."""
     ns = v.node.ns
-    ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name)
-    ns.run("ip", "addr", "add", "192.168.91.1/24", "dev", "eth0")
+    if underlay is None:
+        peer, address, port = lab.netns("underlay"), "192.168.91.1/24", "eth0"
+    else:
+        (peer, address), port = underlay, f"{lab.tag}{v.name}"[:15]
+    ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", peer.name)
+    if underlay is not None:
+        peer.run("ip", "link", "set", port, "master", "br0", "up")
+    ns.run("ip", "addr", "add", address, "dev", "eth0")
     ns.run("ip", "link", "set", "eth0", "up")
     (v.node.dir / "net-conf.json").write_text(json.dumps({"Network": "10.90.0.0/16",
                                                           "Backend": {"Type": "host-gw"}}))

@@ -42,7 +42,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from bench.plugin_bench import BUNDLE, Variant, drive, install_frozen, percentile, start_weftd
 from bench.weftd_bench import cpu_seconds
@@ -57,6 +57,7 @@ EVENTS = int(os.environ.get("WEFT_BENCH_SCALE_EVENTS", "30"))
 CHURN_INTERVAL = 0.2  # seconds between two remote pod changes while local pods are ADDed and DELeted
 POD_AGE = 0.2  # seconds between a round's ADDs and its DELs
 EVENT_TIMEOUT = 300.0
+SETUP_WORKERS = 8  # concurrent ADDs of the pods a node has before the measurement
 OUT_DIR = ROOT / ".build" / "bench"
 
 
@@ -99,7 +100,7 @@ class KernelWatch:
         self.ns = ns
         self.sets: dict[tuple[str, str, str], dict[str, list[Interval]]] = {}
         self.cond = threading.Condition()
-        self.replaces = 0  # tables deleted: full replaces seen
+        self.replaces = 0  # inet tables deleted: full replaces seen
         self.lost = 0
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "stdbuf", "-oL", "nft", "monitor"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -144,7 +145,7 @@ class KernelWatch:
         verb, what, family, table, name, body = m.groups()
         if what == "table":
             if verb in ("delete", "flush"):
-                self.replaces += verb == "delete"
+                self.replaces += verb == "delete" and family == "inet"
                 for key in [k for k in self.sets if k[:2] == (family, table)]:
                     if verb == "delete":
                         del self.sets[key]
@@ -220,6 +221,22 @@ class KernelWatch:
 
 # ---- the cluster's objects, as files in the policy directory ----
 
+class Source(Protocol):
+    """Where weftd reads the cluster's objects, and how the benchmark changes them."""
+
+    def write_world(self, world: World) -> None: ...
+
+    def apply(self, change: Change) -> float:
+        """Makes the change; returns when (perf_counter) the write that makes it visible began."""
+        ...
+
+    def weftd_args(self) -> tuple[str, ...]: ...
+
+    def underlay(self, index: int) -> tuple[Netns, str] | None: ...
+
+    def close(self) -> None: ...
+
+
 class PolicyFiles:
     """The --policy-dir source: Namespaces in one file, each namespace's policies in one, each pod in its own;
     every write is a rename, so weftd never reads half a file."""
@@ -228,10 +245,21 @@ class PolicyFiles:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
 
-    def _write(self, name: str, data: Any) -> None:
+    def weftd_args(self) -> tuple[str, ...]:
+        return ("--policy-dir", str(self.dir))
+
+    def underlay(self, index: int) -> tuple[Netns, str] | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def _write(self, name: str, data: Any) -> float:
         tmp = self.dir / f".{name}.tmp"
         tmp.write_text(json.dumps(data))
+        t = time.perf_counter()
         os.replace(tmp, self.dir / name)
+        return t
 
     def write_world(self, world: World) -> None:
         self._write("namespaces.json", {"kind": "List", "items": world.namespace_objects()})
@@ -247,13 +275,93 @@ class PolicyFiles:
     def pod_file(namespace: str, name: str) -> str:
         return f"pod-{namespace}-{name}.json"
 
-    def apply(self, change: Change) -> None:
+    def apply(self, change: Change) -> float:
         if change.kind != "Pod":
             raise ValueError(f"only pod changes are written one by one, not {change.kind}")
         if change.obj is None:
+            t = time.perf_counter()
             (self.dir / self.pod_file(change.namespace, change.name)).unlink()
+            return t
+        return self._write(self.pod_file(change.namespace, change.name), change.obj)
+
+
+class ApiObjects:
+    """The kube source (--policy-kube): the objects in a real kube-apiserver (tests/kubeapi), changed through its
+    API as the scheduler, the kubelet and users change them. Nodes reach it across `underlay` (bridge br0)."""
+
+    WORKERS = 8
+
+    def __init__(self, kube: Any, underlay: Netns, kubeconfig: Path) -> None:
+        self.kube = kube
+        self.net = underlay
+        self.kubeconfig = kubeconfig
+
+    def weftd_args(self) -> tuple[str, ...]:
+        return ("--policy-kube", "--kubeconfig", str(self.kubeconfig))
+
+    def underlay(self, index: int) -> tuple[Netns, str] | None:
+        return self.net, f"192.168.77.{20 + index}/24"
+
+    def _call(self, method: str, path: str, body: Any = None, content: str = "application/json") -> Any:
+        pm = self.kube.admin.rest_client.pool_manager
+        r = pm.request(method, self.kube.admin.configuration.host + path,
+                       body=None if body is None else json.dumps(body),
+                       headers={"Content-Type": content, "Accept": "application/json"}, retries=False, timeout=120)
+        if r.status >= 300 and not (method == "DELETE" and r.status == 404) and r.status != 409:
+            raise RuntimeError(f"{method} {path}: {r.status} {r.data[:300]!r}")
+        return json.loads(r.data or b"null")
+
+    def _pod(self, obj: dict[str, Any]) -> float:
+        meta = obj["metadata"]
+        body = {k: v for k, v in obj.items() if k != "status"}
+        body["spec"] = {**obj["spec"], "containers": [{**c, "image": "weft.invalid/none"}
+                                                      for c in obj["spec"]["containers"]]}
+        t = time.perf_counter()
+        self._call("POST", f"/api/v1/namespaces/{meta['namespace']}/pods", body)
+        return self._status(obj) if "podIP" in obj["status"] else t
+
+    def _status(self, obj: dict[str, Any]) -> float:
+        meta = obj["metadata"]
+        t = time.perf_counter()
+        self._call("PATCH", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status",
+                   {"status": obj["status"]}, "application/merge-patch+json")
+        return t
+
+    def write_world(self, world: World) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        for obj in world.namespace_objects():
+            self._call("POST", "/api/v1/namespaces", obj)
+            self._call("PATCH", f"/api/v1/namespaces/{obj['metadata']['name']}", {"metadata": obj["metadata"]},
+                       "application/merge-patch+json")
+        with ThreadPoolExecutor(self.WORKERS) as pool:
+            list(pool.map(lambda o: self._call(
+                "POST", f"/apis/networking.k8s.io/v1/namespaces/{o['metadata']['namespace']}/networkpolicies", o),
+                world.policy_objects()))
+            list(pool.map(self._pod, [p.object() for p in world.pods.values()]))
+
+    def apply(self, change: Change) -> float:
+        path = f"/api/v1/namespaces/{change.namespace}/pods"
+        if change.what == "create" and change.obj is not None:
+            return self._pod(change.obj)
+        if change.what == "update" and change.obj is not None:
+            return self._status(change.obj)
+        t = time.perf_counter()
+        if change.obj is None:
+            self._call("DELETE", f"{path}/{change.name}?gracePeriodSeconds=0")
         else:
-            self._write(self.pod_file(change.namespace, change.name), change.obj)
+            self._call("PATCH", f"{path}/{change.name}",
+                       [{"op": "replace", "path": "/metadata/labels", "value": change.obj["metadata"]["labels"]}],
+                       "application/json-patch+json")
+        return t
+
+    def close(self) -> None:
+        """Every pod and policy goes (the namespaces stay for the next size: the same ones)."""
+        for ns in self._call("GET", "/api/v1/namespaces")["items"]:
+            name = ns["metadata"]["name"]
+            if name.startswith("ns"):
+                self._call("DELETE", f"/api/v1/namespaces/{name}/pods?gracePeriodSeconds=0")
+                self._call("DELETE", f"/apis/networking.k8s.io/v1/namespaces/{name}/networkpolicies")
 
 
 # ---- the nodes ----
@@ -310,15 +418,18 @@ def cid(pod: WorldPod) -> str:
 # ---- one size ----
 
 class Scale:
-    def __init__(self, pods: int) -> None:
+    def __init__(self, pods: int, api: Callable[[], ApiObjects] | None = None) -> None:
+        """`api`: the kube source (else a policy directory)."""
         self.pods = pods
         self.lab = Lab(Path(os.environ.get("TMPDIR", "/tmp")) / f"weft-scale-{os.getpid()}-{pods}")
         self.lab.base.mkdir(parents=True)
         bin_dir = install_frozen(self.lab)
         self.world = World.build(pods=pods, nodes=NODES, namespaces=NAMESPACES, policies=POLICIES,
                                  local_node="policy")
-        self.files = PolicyFiles(self.lab.base / "policies")
-        self.files.write_world(self.world)
+        self.source: Source = api() if api is not None else PolicyFiles(self.lab.base / "policies")
+        t = time.perf_counter()
+        self.source.write_world(self.world)
+        self.written_s = time.perf_counter() - t
         self.lock = threading.Lock()  # the world and its files: the churn thread and the main one both change them
         self.nodes: dict[str, BenchNode] = {}
         for name in ("plain", "policy"):
@@ -341,27 +452,30 @@ class Scale:
             except (OSError, subprocess.TimeoutExpired):
                 pass
         self.lab.close()
+        self.source.close()
 
     def start(self) -> dict[str, Any]:
         SOCKET_DIR.mkdir(parents=True, exist_ok=True)
         start_weftd(self.lab, self.nodes["plain"].variant)
         t = time.perf_counter()
-        start_weftd(self.lab, self.policy.variant, ("--policy-dir", str(self.files.dir)))
+        start_weftd(self.lab, self.policy.variant, self.source.weftd_args(), self.source.underlay(len(str(self.pods))))
         ready = time.perf_counter() - t
         count, total = self.policy.applies()
         return {"start_to_ready_s": round(ready, 2), "start_applies": count, "start_apply_s": round(total, 3)}
 
     def setup_local(self) -> int:
-        """ADDs the node's pods that the world has (on both nodes, alike), then reports their addresses."""
+        """ADDs the node's pods that the world has on both nodes alike, SETUP_WORKERS at a time as a kubelet
+        starting a node's pods does, then reports their addresses."""
+        from concurrent.futures import ThreadPoolExecutor
+
         local = self.world.local_pods()
-        changes = []
-        for pod in local:
-            for n in self.nodes.values():
-                ip = n.add(pod, self.lab.netns("l"), record=False)
-                if n is self.policy:
-                    changes.append(self.world.assign(pod, ip))
-        for change in changes:
-            self.files.apply(change)
+        for n in self.nodes.values():
+            nets = [self.lab.netns("l") for _ in local]  # here: Lab.netns names them by count
+            with ThreadPoolExecutor(SETUP_WORKERS) as pool:
+                ips = list(pool.map(lambda pod, ns, n=n: n.add(pod, ns, record=False), local, nets))
+            if n is self.policy:
+                for pod, ip in zip(local, ips, strict=True):
+                    self.source.apply(self.world.assign(pod, ip))
         return len(local)
 
     # -- remote pods --
@@ -379,8 +493,7 @@ class Scale:
                     self.world.set_probe(pod, "probe" not in pod.labels)
             assert pod.ip is not None
             before = self.watch.signature(pod.ip)
-            self.files.apply(change)
-            t = time.perf_counter()
+            t = self.source.apply(change)
         return self.watch.wait_change(pod.ip, before) - t
 
     def event_batch(self) -> dict[str, Any]:
@@ -419,10 +532,10 @@ class Scale:
                 if n is self.policy:
                     with self.lock:  # scheduled: the object is there, without an address yet
                         pod, change = self.world.new_pod(namespace=f"ns{r % NAMESPACES}", node=0)
-                        self.files.apply(change)
+                        self.source.apply(change)
                     ip = n.add(pod, netns)
                     with self.lock:
-                        self.files.apply(self.world.assign(pod, ip))
+                        self.source.apply(self.world.assign(pod, ip))
                 else:
                     pod = WorldPod(f"ns{r % NAMESPACES}", f"plain{r}", n.variant.name, {}, None, 8080)
                     n.add(pod, netns)
@@ -432,7 +545,7 @@ class Scale:
                 n.delete(pod, netns)
                 if n is self.policy:
                     with self.lock:
-                        self.files.apply(self.world.delete_pod(pod))
+                        self.source.apply(self.world.delete_pod(pod))
             for _, _, netns in pairs:  # after the DELs: see plugin_bench.rounds
                 subprocess.run(["ip", "netns", "del", netns.name], check=True)
                 self.lab.namespaces.remove(netns)
@@ -502,12 +615,37 @@ def spread_ms(xs: list[float]) -> dict[str, float]:
             "max": round(max(xs) * 1000, 1), "n": len(xs)}
 
 
-def run_size(pods: int) -> dict[str, Any]:
-    scale = Scale(pods)
+def run_size(pods: int, api: Callable[[], ApiObjects] | None) -> dict[str, Any]:
+    scale = Scale(pods, api)
     try:
-        return scale.run()
+        out = scale.run()
+        out["objects_written_s"] = round(scale.written_s, 1)
+        return out
     finally:
         scale.close()
+
+
+def run_sizes(sizes: tuple[int, ...], source: str) -> list[dict[str, Any]]:
+    if source == "dir":
+        return [run_size(n, None) for n in sizes]
+    from tests.kubeapi import KubeAPI
+
+    lab = Lab(Path(os.environ.get("TMPDIR", "/tmp")) / f"weft-scale-{os.getpid()}-kube")
+    lab.base.mkdir(parents=True)
+    kube = None
+    try:
+        kube = KubeAPI(lab)
+        kube.start()
+        underlay = lab.netns("underlay")
+        underlay.run("ip", "link", "add", "br0", "type", "bridge")
+        underlay.run("ip", "link", "set", "br0", "up")
+        kube.attach(underlay, "br0")
+        kubeconfig = kube.kubeconfig(lab.base / "kubeconfig")
+        return [run_size(n, lambda: ApiObjects(kube, underlay, kubeconfig)) for n in sizes]
+    finally:
+        if kube is not None:
+            kube.close()
+        lab.close()
 
 
 # ---- report ----
@@ -582,7 +720,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 def commit() -> str:
     p = subprocess.run(["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True)
-    return p.stdout.strip()[:100]
+    return p.stdout.strip()[:72]
 
 
 def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
@@ -590,15 +728,19 @@ def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
         print(f"no frozen bundle at {BUNDLE}: run `make build`", file=sys.stderr)
         return 2
     sizes = tuple(int(a) for a in args if a.isdigit()) or SIZES
+    source = args[args.index("--source") + 1] if "--source" in args else "dir"
+    if source not in ("dir", "kube"):
+        print("--source dir (a policy directory, the default) or kube (a kube-apiserver)", file=sys.stderr)
+        return 2
     head = commit()
-    print(f"NetworkPolicy at scale ({head}; bundle {BUNDLE}): {NODES} nodes, {NAMESPACES} namespaces, {POLICIES} "
-          f"policies; per size {ROUNDS} interleaved ADD/DEL rounds under churn (a remote pod change every "
-          f"{CHURN_INTERVAL} s) and {EVENTS} remote pod changes alone; load average {os.getloadavg()[0]:.1f} on "
-          f"{os.cpu_count()} CPUs", flush=True)
-    rows = [run_size(n) for n in sizes]
-    out: dict[str, Any] = {"commit": head, "bundle": str(BUNDLE), "rounds": ROUNDS, "events": EVENTS,
+    print(f"NetworkPolicy at scale ({head}; bundle {BUNDLE}; source {source}): {NODES} nodes, {NAMESPACES} "
+          f"namespaces, {POLICIES} policies; per size {ROUNDS} interleaved ADD/DEL rounds under churn (a remote pod "
+          f"change every {CHURN_INTERVAL} s) and {EVENTS} remote pod changes alone; load average "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
+    rows = run_sizes(sizes, source)
+    out: dict[str, Any] = {"commit": head, "bundle": str(BUNDLE), "source": source, "rounds": ROUNDS, "events": EVENTS,
                            "churn_interval_s": CHURN_INTERVAL, "sizes": rows}
-    if "throughput" in args or not args:
+    if "throughput" in args or not [a for a in args if a.isdigit()]:
         print("NetworkPolicy: iperf3 TCP, pod on n1 to pod on n2, without and with the 1,000 policies of "
               f"{max(sizes)} pods", flush=True)
         world = World.build(pods=max(sizes), nodes=NODES, namespaces=NAMESPACES, policies=POLICIES, local_node="n2")
@@ -611,9 +753,9 @@ def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
               f"{t['without_gbps']} Gbit/s)")
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    jpath, ppath = OUT_DIR / f"policy-scale-{stamp}.json", OUT_DIR / f"policy-scale-{stamp}.png"
+    jpath, ppath = OUT_DIR / f"policy-scale-{source}-{stamp}.json", OUT_DIR / f"policy-scale-{source}-{stamp}.png"
     jpath.write_text(json.dumps(out, indent=1, sort_keys=True))
-    plot(rows, ppath, f"NetworkPolicy at scale, {POLICIES} policies, {NODES} nodes; {head}")
+    plot(rows, ppath, f"NetworkPolicy at scale, {POLICIES} policies, {NODES} nodes, source {source}; {head}")
     print(f"wrote {jpath} and {ppath}")
     print(json.dumps({"policy_scale": out}, sort_keys=True))
     return 0
