@@ -10,16 +10,18 @@ measures:
   nodes, p50 and p95 and their ratios; the pod's object is there (no address) before its ADD, gets the address
   after it, and goes after its DEL, as a kubelet reports it; meanwhile other nodes' pods churn (created,
   deleted, relabelled, one at a time every CHURN_INTERVAL);
-- the latency of a remote pod's create, delete or label change: from the object's change in the source to
-  the kernel holding it, seen by `nft monitor` in the node's namespace (the change is in when the elements
-  holding the pod's address change), p50 and p95, and weftd's CPU per event (utime + stime over a batch of
+- the latency of a remote pod's create, delete or label change: from the start of the write that makes it
+  visible (a file's rename; the API request with --source kube) to the kernel holding it, seen by `nft
+  monitor` in the node's namespace (the change is in when the elements holding the pod's address change),
+  p50 and p95, and weftd's CPU per event (utime + stime over a batch of
   events one after the other, everything weftd did meanwhile included), with the full replaces of the tables
   seen during the batch;
 - full apply time, from weftd's weft_policy_apply_seconds: the start, and a resync forced by a set added to
   weftd's table behind its back;
 - weftd's RSS (and peak) at the end.
 
-With `throughput` among the arguments (or by default in the full run), pod-to-pod iperf3 with the 1,000
+`--source kube` does all this against a real kube-apiserver (tests/kubeapi) instead of a directory.
+With `throughput` among the arguments (or by default when no size is given), pod-to-pod iperf3 with the 1,000
 policies in force against without (bench/policy_bench.throughput). Writes JSON and a PNG of the curve under
 .build/bench/. WEFT_BENCH_SCALE_ROUNDS (ADD/DEL rounds per size, default 20) and WEFT_BENCH_SCALE_EVENTS
 (remote events per batch, default 30) shrink it. Nothing here has a pass mark.
@@ -57,6 +59,7 @@ EVENTS = int(os.environ.get("WEFT_BENCH_SCALE_EVENTS", "30"))
 CHURN_INTERVAL = 0.2  # seconds between two remote pod changes while local pods are ADDed and DELeted
 POD_AGE = 0.2  # seconds between a round's ADDs and its DELs
 EVENT_TIMEOUT = 300.0
+ATTEMPTS = 3  # of an ADD or DEL that fails, as a runtime retries it
 SETUP_WORKERS = 8  # concurrent ADDs of the pods a node has before the measurement
 OUT_DIR = ROOT / ".build" / "bench"
 
@@ -102,6 +105,8 @@ class KernelWatch:
         self.cond = threading.Condition()
         self.replaces = 0  # inet tables deleted: full replaces seen
         self.lost = 0
+        self.waiters: list[Waiter] = []
+        self.seen = 0.0
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, "stdbuf", "-oL", "nft", "monitor"],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self._list()
@@ -176,7 +181,7 @@ class KernelWatch:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 return
-            while select.select([fd], [], [], 0)[0]:  # everything already written: one transaction's lines
+            while select.select([fd], [], [], 0)[0]:  # take in all that is there already
                 more = os.read(fd, 1 << 20)
                 if not more:
                     break
@@ -188,35 +193,60 @@ class KernelWatch:
             with self.cond:
                 for raw in lines:
                     line = raw.decode(errors="replace")
-                    if "lost" in line.lower() or line.startswith(("netlink", "Error")):
+                    if line.startswith("# new generation"):  # a transaction's end: its elements are all in
+                        self._settle(now)
+                    elif "lost" in line.lower() or line.startswith(("netlink", "Error")):
                         self.lost += 1
                         relist = True
                     else:
                         self._apply(line)
-                self.seen = now
-                self.cond.notify_all()
             if relist:
                 self._list()
+                with self.cond:
+                    self._settle(time.perf_counter())
 
-    def signature(self, ip: str) -> tuple[str, ...]:
-        """Every element holding `ip`, as nft prints it (sorted, without set names: a set renamed with the same
-        content is the same)."""
+    def _settle(self, now: float) -> None:
+        """At a transaction's end: tells each waiter whose address's elements now differ."""
+        self.seen = now
+        for w in self.waiters:
+            if w.done is None and self._signature(w.ip) != w.before:
+                w.done = now
+        self.cond.notify_all()
+
+    def _signature(self, ip: int) -> tuple[str, ...]:
+        return tuple(sorted(e for els in self.sets.values() for e, ivs in els.items()
+                            if any(lo <= ip <= hi for lo, hi in ivs)))
+
+    def expect(self, ip: str) -> Waiter:
+        """Starts looking for a change of the elements that hold `ip` (every element, as nft prints it, without
+        set names: a set renamed with the same content is the same), from what they are now."""
         a = int(ipaddress.ip_address(ip))
         with self.cond:
-            return tuple(sorted(e for els in self.sets.values() for e, ivs in els.items()
-                                if any(lo <= a <= hi for lo, hi in ivs)))
+            w = Waiter(a, self._signature(a))
+            self.waiters.append(w)
+        return w
 
-    def wait_change(self, ip: str, before: tuple[str, ...], timeout: float = EVENT_TIMEOUT) -> float:
-        """When (perf_counter) the elements holding `ip` first differed from `before`."""
+    def wait(self, w: Waiter, timeout: float = EVENT_TIMEOUT) -> float:
+        """When (perf_counter) the transaction that changed the elements holding the waiter's address ended."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while True:
-                if self.signature(ip) != before:
-                    return self.seen
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"the kernel did not change for {ip} within {timeout} s")
-                self.cond.wait(left)
+            try:
+                while w.done is None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"the kernel did not change for {ipaddress.ip_address(w.ip)} within "
+                                           f"{timeout} s")
+                    self.cond.wait(left)
+                return w.done
+            finally:
+                self.waiters.remove(w)
+
+
+@dataclass
+class Waiter:
+    ip: int
+    before: tuple[str, ...]
+    done: float | None = None
 
 
 # ---- the cluster's objects, as files in the policy directory ----
@@ -370,6 +400,7 @@ class ApiObjects:
 class BenchNode:
     variant: Variant
     times: dict[str, list[float]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # per verb: attempts that failed
 
     @property
     def pid(self) -> int:
@@ -383,26 +414,58 @@ class BenchNode:
     def conflist(self) -> Path:
         return self.variant.node.dir / "weftd-net.d" / "10-weft.conflist"
 
-    def metric(self, name: str) -> float:
+    def metrics(self, *names: str) -> list[float]:
+        """The values of `names` in one scrape of weftd's /metrics (0 for one it does not show)."""
         with NetNS(self.variant.node.ns.path).entered():
             text = urllib.request.urlopen("http://127.0.0.1:9808/metrics", timeout=30).read().decode()
-        m = re.search(rf"^{name} (\S+)$", text, re.M)
-        return float(m[1]) if m else 0.0
+        return [float(m[1]) if (m := re.search(rf"^{name} (\S+)$", text, re.M)) else 0.0 for name in names]
 
     def applies(self) -> tuple[float, float]:
         """weft_policy_apply_seconds: (count, sum)."""
-        return self.metric("weft_policy_apply_seconds_count"), self.metric("weft_policy_apply_seconds_sum")
+        count, total = self.metrics("weft_policy_apply_seconds_count", "weft_policy_apply_seconds_sum")
+        return count, total
+
+    def quiet(self, seconds: float = 3.0, timeout: float = 600) -> tuple[float, float]:
+        """Waits until no apply has ended for `seconds`; returns applies() then."""
+        deadline = time.monotonic() + timeout
+        last, since = self.applies(), time.monotonic()
+        while time.monotonic() - since < seconds:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"weftd of {self.variant.name} still applying after {timeout} s")
+            time.sleep(0.5)
+            now = self.applies()
+            if now != last:
+                last, since = now, time.monotonic()
+        return last
+
+    def _verb(self, verb: str, pod: WorldPod, netns: Netns) -> tuple[float, str]:
+        """One libcni operation as a runtime makes it: an ADD or DEL that fails (weftd's answer did not come within
+        the shim's timeout: "try again later") is made again, after a DEL if it was an ADD, up to ATTEMPTS times.
+        Returns the ms until it succeeded, all attempts included, and cnidrive's output."""
+        env = {"CNIDRIVE_ARGS": f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}"}
+        t = time.perf_counter()
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                _, p = drive(self.variant, verb, self.conflist, cid(pod), netns.path, **env)
+                return (time.perf_counter() - t) * 1000, p.stdout
+            except RuntimeError as e:
+                self.failures[verb] = self.failures.get(verb, 0) + 1
+                print(f"  {self.variant.name}: {verb} of {pod.namespace}/{pod.name} failed (attempt {attempt}): "
+                      f"{str(e)[-160:]}", flush=True)
+                if attempt == ATTEMPTS:
+                    raise
+                if verb == "add":
+                    self._verb("del", pod, netns)
+        raise AssertionError("unreachable")
 
     def add(self, pod: WorldPod, netns: Netns, record: bool = True) -> str:
-        took, p = drive(self.variant, "add", self.conflist, cid(pod), netns.path,
-                        CNIDRIVE_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}")
+        took, out = self._verb("add", pod, netns)
         if record:
             self.times.setdefault("add", []).append(took)
-        return str(json.loads(p.stdout)["ips"][0]["address"].split("/")[0])
+        return str(json.loads(out)["ips"][0]["address"].split("/")[0])
 
     def delete(self, pod: WorldPod, netns: Netns) -> None:
-        took, _ = drive(self.variant, "del", self.conflist, cid(pod), netns.path,
-                        CNIDRIVE_ARGS=f"K8S_POD_NAMESPACE={pod.namespace};K8S_POD_NAME={pod.name}")
+        took, _ = self._verb("del", pod, netns)
         self.times.setdefault("del", []).append(took)
 
     def stop(self) -> None:
@@ -438,6 +501,7 @@ class Scale:
         self.watch: KernelWatch | None = None
         self.events: dict[str, list[float]] = {}
         self.churn_latency: list[float] = []
+        self.setup_failures = 0
 
     @property
     def policy(self) -> BenchNode:
@@ -476,6 +540,9 @@ class Scale:
             if n is self.policy:
                 for pod, ip in zip(local, ips, strict=True):
                     self.source.apply(self.world.assign(pod, ip))
+        self.setup_failures = sum(sum(n.failures.values()) for n in self.nodes.values())
+        for n in self.nodes.values():
+            n.failures.clear()
         return len(local)
 
     # -- remote pods --
@@ -492,9 +559,9 @@ class Scale:
                 change = self.world.delete_pod(pod) if kind == "delete" else \
                     self.world.set_probe(pod, "probe" not in pod.labels)
             assert pod.ip is not None
-            before = self.watch.signature(pod.ip)
+            w = self.watch.expect(pod.ip)
             t = self.source.apply(change)
-        return self.watch.wait_change(pod.ip, before) - t
+        return self.watch.wait(w) - t
 
     def event_batch(self) -> dict[str, Any]:
         """EVENTS remote changes one after another, nothing else happening: latency, and weftd's CPU."""
@@ -551,27 +618,35 @@ class Scale:
                 self.lab.namespaces.remove(netns)
 
     def forced_resync(self) -> dict[str, Any]:
-        """A set added to weftd's table behind its back: the next resync replaces the tables in full."""
-        count, total = self.policy.applies()
+        """Once weftd is idle, a set added to its table behind its back: the next resync replaces the tables in
+        full. Its time is what weft_policy_apply_seconds grew by until the set is gone."""
+        assert self.watch is not None
+        count, total = self.policy.quiet()
         ns = self.policy.variant.node.ns
-        ns.run("nft", "add", "set", "inet", "weft_policy", "bench_resync", "{ type ipv4_addr; }")
+        added = ("inet", "weft_policy", "bench_resync")
+        ns.run("nft", "add", "set", *added, "{ type ipv4_addr; }")
         t = time.perf_counter()
         deadline = time.monotonic() + 600
-        while self.policy.applies()[0] == count:
-            if time.monotonic() > deadline:
-                raise TimeoutError("no resync within 600 s")
-            time.sleep(0.2)
-        seen = time.perf_counter() - t
-        time.sleep(1)
+        with self.watch.cond:
+            while added not in self.watch.sets:
+                self.watch.cond.wait(1)
+            while added in self.watch.sets:
+                if not self.watch.cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise TimeoutError("no resync within 600 s")
+            seen = self.watch.seen - t
         count2, total2 = self.policy.applies()
+        while count2 == count:  # the kernel holds it; the metric follows the apply's end
+            time.sleep(0.1)
+            count2, total2 = self.policy.applies()
         return {"resync_applies": count2 - count, "resync_apply_s": round((total2 - total) / (count2 - count), 3),
-                "resync_seen_after_s": round(seen, 1)}
+                "resync_done_after_s": round(seen, 1)}
 
     def run(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pods": self.pods, "policies": len(self.world.policies)}
         print(f"  {self.pods} pods: starting weftd", flush=True)
         out.update(self.start())
         out["local_pods"] = self.setup_local()
+        out["setup_failures"] = self.setup_failures
         print(f"  {self.pods} pods: {out['local_pods']} local pods ADDed; start apply {out['start_apply_s']} s",
               flush=True)
         time.sleep(1)
@@ -594,7 +669,9 @@ class Scale:
             q50, q95 = statistics.median(policy), percentile(policy, 0.95)
             out[verb] = {"plain_p50_ms": round(p50, 1), "plain_p95_ms": round(p95, 1),
                          "policy_p50_ms": round(q50, 1), "policy_p95_ms": round(q95, 1),
-                         "ratio_p50": round(q50 / p50, 2), "ratio_p95": round(q95 / p95, 2)}
+                         "ratio_p50": round(q50 / p50, 2), "ratio_p95": round(q95 / p95, 2),
+                         "plain_failures": self.nodes["plain"].failures.get(verb, 0),
+                         "policy_failures": self.policy.failures.get(verb, 0)}
         out.update(self.forced_resync())
         pid = self.policy.pid
         out["rss_mib"] = round(proc_kib(pid) / 1024, 1)
@@ -665,6 +742,12 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{d['policy_p50_ms']:>6.1f}/{d['policy_p95_ms']:<6.1f} {d['ratio_p50']:>5.2f}/{d['ratio_p95']:<5.2f} | "
             f"{e['latency_ms']['p50']:>8.1f}/{e['latency_ms']['p95']:<8.1f} {e['cpu_ms_per_event']:>9.1f} | "
             f"{r['start_apply_s']:>7.2f} {r['resync_apply_s']:>8.2f} | {r['rss_mib']:>7.1f}")
+    for r in rows:
+        failed = {f"{verb.upper()} {who}": r[verb][f"{who}_failures"] for verb in ("add", "del")
+                  for who in ("plain", "policy") if r[verb][f"{who}_failures"]}
+        if failed:
+            lines.append(f"{r['pods']} pods: attempts that failed and were made again (in the times): "
+                         + ", ".join(f"{k} {v}" for k, v in failed.items()))
     return "\n".join(lines)
 
 
