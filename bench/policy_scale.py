@@ -707,9 +707,19 @@ def run_size(pods: int, api: Callable[[], ApiObjects] | None) -> dict[str, Any]:
         scale.close()
 
 
-def run_sizes(sizes: tuple[int, ...], source: str) -> list[dict[str, Any]]:
+def run_sizes(sizes: tuple[int, ...], source: str, done: Callable[[list[dict[str, Any]]], None],
+              ) -> list[dict[str, Any]]:
+    """Each size's figures, `done` told of all so far after each."""
+    out: list[dict[str, Any]] = []
+
+    def each(pods: int, api: Callable[[], ApiObjects] | None) -> None:
+        out.append(run_size(pods, api))
+        done(out)
+
     if source == "dir":
-        return [run_size(n, None) for n in sizes]
+        for n in sizes:
+            each(n, None)
+        return out
     from tests.kubeapi import KubeAPI
 
     lab = Lab(Path(os.environ.get("TMPDIR", "/tmp")) / f"weft-scale-{os.getpid()}-kube")
@@ -723,7 +733,9 @@ def run_sizes(sizes: tuple[int, ...], source: str) -> list[dict[str, Any]]:
         underlay.run("ip", "link", "set", "br0", "up")
         kube.attach(underlay, "br0")
         kubeconfig = kube.kubeconfig(lab.base / "kubeconfig")
-        return [run_size(n, lambda: ApiObjects(kube, underlay, kubeconfig)) for n in sizes]
+        for n in sizes:
+            each(n, lambda: ApiObjects(kube, underlay, kubeconfig))
+        return out
     finally:
         if kube is not None:
             kube.close()
@@ -825,10 +837,24 @@ def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
           f"namespaces, {POLICIES} policies; per size {ROUNDS} interleaved ADD/DEL rounds under churn (a remote pod "
           f"change every {CHURN_INTERVAL} s) and {EVENTS} remote pod changes alone; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
-    measured = run_sizes(sizes, source)
+    OUT_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    jpath, ppath = OUT_DIR / f"policy-scale-{source}-{stamp}.json", OUT_DIR / f"policy-scale-{source}-{stamp}.png"
+    out: dict[str, Any] = {"commit": head, "bundle": str(BUNDLE), "source": source, "rounds": ROUNDS,
+                           "events": EVENTS, "churn_interval_s": CHURN_INTERVAL, "sizes": []}
+
+    def write(measured: list[dict[str, Any]]) -> None:
+        """The JSON and the PNG of what is measured so far, and this size's line of the table."""
+        out["sizes"] = measured
+        rows = [r for r in measured if "error" not in r]
+        jpath.write_text(json.dumps(out, indent=1, sort_keys=True))
+        if rows:
+            plot(rows, ppath, f"NetworkPolicy at scale, {POLICIES} policies, {NODES} nodes, source {source}; {head}")
+        if "error" not in measured[-1]:
+            print(table(measured[-1:]), flush=True)
+
+    measured = run_sizes(sizes, source, write)
     rows = [r for r in measured if "error" not in r]
-    out: dict[str, Any] = {"commit": head, "bundle": str(BUNDLE), "source": source, "rounds": ROUNDS, "events": EVENTS,
-                           "churn_interval_s": CHURN_INTERVAL, "sizes": measured}
     if "throughput" in args or not [a for a in args if a.isdigit()]:
         print("NetworkPolicy: iperf3 TCP, pod on n1 to pod on n2, without and with the 1,000 policies of "
               f"{max(sizes)} pods", flush=True)
@@ -837,6 +863,7 @@ def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
             out["throughput"] = throughput(world.objects())
         except (RuntimeError, AssertionError) as e:
             print(f"  throughput not measured: {str(e)[-300:]}", flush=True)
+        jpath.write_text(json.dumps(out, indent=1, sort_keys=True))
     print()
     print(table(rows))
     for r in measured:
@@ -845,13 +872,7 @@ def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
     if "throughput" in out:
         t = out["throughput"]
         print(f"throughput with {POLICIES} policies / without: {t['ratio']:.3f} ({t['with_gbps']} / "
-              f"{t['without_gbps']} Gbit/s)")
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    jpath, ppath = OUT_DIR / f"policy-scale-{source}-{stamp}.json", OUT_DIR / f"policy-scale-{source}-{stamp}.png"
-    jpath.write_text(json.dumps(out, indent=1, sort_keys=True))
-    if rows:
-        plot(rows, ppath, f"NetworkPolicy at scale, {POLICIES} policies, {NODES} nodes, source {source}; {head}")
-    print(f"wrote {jpath} and {ppath}")
+              f"{t['without_gbps']} Gbit/s; {t['rules']} rules on the server's node)")
+    print(f"wrote {jpath}" + (f" and {ppath}" if rows else ""))
     print(json.dumps({"policy_scale": out}, sort_keys=True))
     return 0
