@@ -417,7 +417,8 @@ class BenchNode:
     def metrics(self, *names: str) -> list[float]:
         """The values of `names` in one scrape of weftd's /metrics (0 for one it does not show)."""
         with NetNS(self.variant.node.ns.path).entered():
-            text = urllib.request.urlopen("http://127.0.0.1:9808/metrics", timeout=30).read().decode()
+            # a weftd busy with a full apply at 10,000 pods answers a scrape only after it
+            text = urllib.request.urlopen("http://127.0.0.1:9808/metrics", timeout=300).read().decode()
         return [float(m[1]) if (m := re.search(rf"^{name} (\S+)$", text, re.M)) else 0.0 for name in names]
 
     def applies(self) -> tuple[float, float]:
@@ -502,6 +503,7 @@ class Scale:
         self.events: dict[str, list[float]] = {}
         self.churn_latency: list[float] = []
         self.setup_failures = 0
+        self.out: dict[str, Any] = {"pods": pods, "policies": len(self.world.policies)}
 
     @property
     def policy(self) -> BenchNode:
@@ -642,7 +644,7 @@ class Scale:
                 "resync_done_after_s": round(seen, 1)}
 
     def run(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pods": self.pods, "policies": len(self.world.policies)}
+        out = self.out  # filled as it goes: what a failed size measured before it failed is kept
         print(f"  {self.pods} pods: starting weftd", flush=True)
         out.update(self.start())
         out["local_pods"] = self.setup_local()
@@ -661,6 +663,8 @@ class Scale:
         finally:
             stop.set()
             churner.join(EVENT_TIMEOUT + 10)
+        for verb in ("add", "del"):
+            out[f"{verb}_ms"] = {n.variant.name: n.times.get(verb, []) for n in self.nodes.values()}
         out["churn_events"] = len(self.churn_latency)
         out["churn_latency_ms"] = spread_ms(self.churn_latency) if self.churn_latency else None
         for verb in ("add", "del"):
@@ -701,8 +705,8 @@ def run_size(pods: int, api: Callable[[], ApiObjects] | None) -> dict[str, Any]:
         out["objects_written_s"] = round(scale.written_s, 1)
         return out
     except (RuntimeError, TimeoutError, AssertionError) as e:
-        print(f"  {pods} pods: not measured: {e}", flush=True)
-        return {"pods": pods, "error": str(e)[-500:]}
+        print(f"  {pods} pods: not measured in full: {e!r}; what was: {json.dumps(scale.out)[:2000]}", flush=True)
+        return {**scale.out, "error": repr(e)[-500:]}
     finally:
         scale.close()
 
