@@ -274,6 +274,7 @@ bench: deps venv cnidrive build kube kubectl image test-images
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.weftd_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.dataplane_bench
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m bench.policy_bench
+	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) WEFT_BUNDLE=$(CURDIR)/$(BUNDLE) $(PY) -m bench.policy_bench scale
 	$(PY) -m bench.pod_start_bench
 
 # Pod start latency on a two-node cluster (tests/k8s), Weft against bridge + host-local (a few minutes).

@@ -38,6 +38,7 @@ from tests.lab import (
     ROOT,
     SOCKET_DIR,
     Lab,
+    Netns,
     Node,
     cnidrive_path,
     file_store,
@@ -85,23 +86,33 @@ class Variant:
 Completed = subprocess.CompletedProcess[str]
 
 
-def drive(v: Variant, verb: str, conflist: Path, cid: str, netns: str) -> tuple[float, Completed]:
-    """One libcni operation from inside the node's namespace; returns its wall time in ms."""
+def drive(v: Variant, verb: str, conflist: Path, cid: str, netns: str, **env: str) -> tuple[float, Completed]:
+    """One libcni operation from inside the node's namespace; returns its wall time in ms. `env`: more of
+    cnidrive's environment (CNIDRIVE_ARGS)."""
     with NetNS(v.node.ns.path).entered():  # this thread only; the child inherits it
         t = time.perf_counter()
         p = subprocess.run([cnidrive_path(), verb, str(conflist), cid, netns, "eth0"], capture_output=True, text=True,
-                           env=v.node.env())
+                           env=v.node.env(**env))
         took = (time.perf_counter() - t) * 1000
     if p.returncode != 0:
         raise RuntimeError(f"{v.name} {verb} {cid}: {p.stdout}{p.stderr}")
     return took, p
 
 
-def start_weftd(lab: Lab, v: Variant) -> None:
-    peer = lab.netns("underlay")
+def start_weftd(lab: Lab, v: Variant, extra: tuple[str, ...] = (), underlay: tuple[Netns, str] | None = None) -> None:
+    """weftd on the variant's node, named after the variant, with `extra` arguments; returns once it wrote
+    its conflist (weftd-net.d/10-weft.conflist in the node's directory). `underlay`: a namespace with a
+    bridge br0 to plug the node's eth0 into, and the node's address there (by default its eth0 leads to a
+    namespace of its own, at 192.168.91.1/24)."""
     ns = v.node.ns
-    ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", peer.name)
-    ns.run("ip", "addr", "add", "192.168.91.1/24", "dev", "eth0")
+    if underlay is None:
+        peer, address, port = lab.netns("underlay"), "192.168.91.1/24", "eth0"
+    else:
+        (peer, address), port = underlay, f"{lab.tag}{v.name}"[:15]
+    ns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", peer.name)
+    if underlay is not None:
+        peer.run("ip", "link", "set", port, "master", "br0", "up")
+    ns.run("ip", "addr", "add", address, "dev", "eth0")
     ns.run("ip", "link", "set", "eth0", "up")
     (v.node.dir / "net-conf.json").write_text(json.dumps({"Network": "10.90.0.0/16",
                                                           "Backend": {"Type": "host-gw"}}))
@@ -109,20 +120,27 @@ def start_weftd(lab: Lab, v: Variant) -> None:
     exe = weftd_exe(BUNDLE if v.weft == "frozen" else None)
     v.weftd = subprocess.Popen(
         weftd_command(ns, exe, v.name, file_store(v.node.dir / "store.json"), v.node.dir / "net-conf.json",
-                      v.node.dir / "subnet.env", v.node.dir / "weftd-net.d", v.socket, v.node.dir / "ipam"),
+                      v.node.dir / "subnet.env", v.node.dir / "weftd-net.d", v.socket, v.node.dir / "ipam",
+                      extra=extra),
         stdout=subprocess.DEVNULL, stderr=open(v.node.dir / "weftd.log", "ab"))
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 600
     while not (v.node.dir / "weftd-net.d" / "10-weft.conflist").exists():
         if time.monotonic() > deadline:
             raise RuntimeError(f"weftd on {v.name} did not start: {(v.node.dir / 'weftd.log').read_text()[-2000:]}")
         time.sleep(0.1)
 
 
-def make_variants(lab: Lab) -> list[Variant]:
+def install_frozen(lab: Lab) -> Path:
+    """A CNI bin dir with the frozen bundle installed as packaging/install.sh does, and the reference plugins."""
     frozen_bin = lab.base / "frozen-bin"
     install_bundle(BUNDLE, frozen_bin / ".weft", frozen_bin)
     for name in ("portmap", "bridge", "host-local"):
         (frozen_bin / name).symlink_to(REFERENCE_DIR / name)
+    return frozen_bin
+
+
+def make_variants(lab: Lab) -> list[Variant]:
+    frozen_bin = install_frozen(lab)
     variants = [Variant("reference", lab.node("ref"), None)]
     for build in ("frozen", "source") if SOURCE else ("frozen",):
         for served in (True, False):

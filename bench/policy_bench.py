@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import netaddr
-import yaml
 
 from bench.dataplane_bench import iperf
 from ipam.reservations import Reservations
@@ -206,9 +205,10 @@ def hook_time(sizes: tuple[int, ...] = HOOK_SIZES, rounds: int = 7) -> dict[str,
     return out
 
 
-def throughput() -> dict[str, Any]:
-    """iperf3 from a pod on n1 to a pod on n2 without policies, then with 200 policies and 1,000 pods, in
-    which the server is selected and admits the client, and the client's egress is restricted too."""
+def throughput(cluster: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """iperf3 from a pod on n1 to a pod on n2 without policies and with those of `cluster` (by default 200
+    policies and 1,000 pods), plus two in which the server is selected and admits the client, and the client's
+    egress is restricted too. Without, with, with, without: the policies are put in, then taken out again."""
     base = Path(tempfile.mkdtemp(prefix="weft-bench-"))
     lab = Lab(base / "lab")
     lab.base.mkdir()
@@ -219,7 +219,7 @@ def throughput() -> dict[str, Any]:
         n1, n2 = c.boot(["n1", "n2"], extra=("--policy-dir", str(pdir)))
         a, a_ip = c.pod(n1, "a")
         b, b_ip = c.pod(n2, "b")
-        without = [iperf(a, b, b_ip) for _ in range(2)]
+        without = [iperf(a, b, b_ip)]
 
         def pod(name: str, ip: str, node: str) -> dict[str, Any]:
             return {"kind": "Pod", "metadata": {"name": name, "namespace": "ns0", "labels": {"app": name}},
@@ -235,17 +235,28 @@ def throughput() -> dict[str, Any]:
                   "metadata": {"name": "iperf-client", "namespace": "ns0"},
                   "spec": {"podSelector": {"matchLabels": {"app": "a"}}, "policyTypes": ["Egress"],
                            "egress": [{"to": [{"podSelector": {"matchLabels": {"app": "b"}}}]}]}}]
-        (pdir / "cluster.yaml").write_text(yaml.safe_dump_all(objects(local_node="n1", extra=extra)))
-        for cn in (n1, n2):
-            c.until(lambda cn=cn: f"weft_policies {float(POLICIES + 2)}" in cn.http("/metrics")[1], 60,
-                    "policies applied", cn)
+        raw = (objects(local_node="n1") if cluster is None else cluster) + extra
+        policies = sum(o["kind"] == "NetworkPolicy" for o in raw)
+
+        def applied(count: int) -> None:
+            for cn in (n1, n2):
+                c.until(lambda cn=cn: f"weft_policies {float(count)}" in cn.http("/metrics")[1], 600,
+                        f"{count} policies applied", cn)
+
+        (pdir / ".cluster.json").write_text(json.dumps({"kind": "List", "items": raw}))
+        os.replace(pdir / ".cluster.json", pdir / "cluster.json")
+        applied(policies)
         _, metrics = n2.http("/metrics")
         rules = next(line.split()[1] for line in metrics.splitlines() if line.startswith("weft_policy_rules "))
         with_policy = [iperf(a, b, b_ip) for _ in range(2)]
+        (pdir / "cluster.json").unlink()
+        applied(0)
+        without.append(iperf(a, b, b_ip))
         w, p = statistics.mean(without), statistics.mean(with_policy)
-        print(f"  vxlan pod-to-pod: without policies {w:.2f} Gbit/s, with {POLICIES + 2} policies "
+        print(f"  vxlan pod-to-pod: without policies {w:.2f} Gbit/s, with {policies} policies "
               f"({rules} rules on the server's node) {p:.2f} Gbit/s, ratio {p / w:.3f}", flush=True)
-        return {"without_gbps": round(w, 2), "with_gbps": round(p, 2), "ratio": round(p / w, 3)}
+        return {"without_gbps": round(w, 2), "with_gbps": round(p, 2), "ratio": round(p / w, 3),
+                "policies": policies, "rules": int(float(rules))}
     finally:
         c.close()
         lab.close()
@@ -253,6 +264,10 @@ def throughput() -> dict[str, Any]:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["scale"]:  # the curve on the production path: bench/policy_scale.py
+        from bench import policy_scale
+
+        return policy_scale.main(sys.argv[2:], throughput)
     if sys.argv[1:2] == ["hook"]:  # only the hook: `python -m bench.policy_bench hook [size ...]`
         sizes = tuple(int(x) for x in sys.argv[2:]) or HOOK_SIZES
         print(json.dumps({"policy_hook": hook_time(sizes)}, sort_keys=True))
