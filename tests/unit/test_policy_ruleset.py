@@ -25,11 +25,14 @@ def fresh(objects: dict[model.Key, model.Object]) -> Ruleset:
 
 
 class Mirror:
-    """A ruleset kept up to date with raw objects as the engine keeps it: object by object, what changed."""
+    """A ruleset kept up to date with raw objects as the engine keeps it: object by object, what changed. The
+    node's veths go in as the engine's hook puts them, the veths of the pods that changed alone (put_port), at
+    one change, and as its resync and reservation reads do, all of them (put_ports), at the next."""
 
     def __init__(self) -> None:
         self.ruleset = Ruleset(5)
         self.objects: dict[model.Key, model.Object] = {}
+        self._each_port = False
 
     def follow(self, raw: list[dict[str, Any]]) -> Change:
         """The objects are now these."""
@@ -39,10 +42,16 @@ class Mirror:
     def change(self, changes: dict[model.Key, model.Object | None]) -> Change:
         """These objects changed (None: gone)."""
         r = self.ruleset
+        self._each_port = not self._each_port
         for key, new in sorted(changes.items(), key=lambda kv: kv[0]):
             old = self.objects.get(key)
             if old == new:
                 continue
+            if self._each_port and key[0] == "Pod":
+                for was in [old] if isinstance(old, model.Pod) and old.node_name == "me" else []:
+                    r.put_port(bindings_of([was])[0].ifname, None)
+                for port in bindings_of([new]) if isinstance(new, model.Pod) and new.node_name == "me" else []:
+                    r.put_port(port.ifname, port)
             if new is None:
                 del self.objects[key]
             else:
@@ -57,7 +66,7 @@ class Mirror:
                 r.remove_pod(key)
             else:
                 r.remove_policy(key)
-        if any(k[0] == "Pod" for k in changes):
+        if not self._each_port and any(k[0] == "Pod" for k in changes):
             r.put_ports(bindings_of(sorted((p for p in self.objects.values() if isinstance(p, model.Pod)
                                             and p.node_name == "me"), key=lambda p: p.key)))
         return r.flush()

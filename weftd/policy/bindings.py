@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,11 @@ class Ports:
             self._named[(ip, owner)] = named
             ports.setdefault(named[0], []).append(named[1])
         return [PortBinding(name, tuple(sorted(ips))) for name, ips in sorted(ports.items())]
+
+    @staticmethod
+    def port(container_id: str, ifname: str, ips: Iterable[netaddr.IPAddress]) -> PortBinding:
+        """The veth of one pod interface, named as bindings() names it from the interface's reservations."""
+        return PortBinding(host_veth_name(container_id, ifname), tuple(sorted(ips)))
 
     def forget(self) -> None:
         """The next read reads every reservation again."""

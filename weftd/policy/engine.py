@@ -32,6 +32,7 @@ from weftd.pod import Attachment, Refused
 from weftd.policy import model, tables
 from weftd.policy.bindings import Binding, Bindings, Ports
 from weftd.policy.compile import Compiled
+from weftd.policy.layout import PortBinding
 from weftd.policy.metrics import DropCollector, Drops, PolicyMetrics
 from weftd.policy.ruleset import Change, Ruleset
 from weftlib.kernel import nft
@@ -100,6 +101,8 @@ class PolicyEngine:
         self._pending: set[model.Key] = set()  # changed since the last apply
         self._ports_stamp: tuple[int, int] | None = None
         self._ports_changed = True
+        self._port_changes: dict[str, PortBinding | None] = {}  # veths the hook changed since the last apply
+        self._veths: dict[str, str] = {}  # container ID -> its veth, for the pods the hook attached in this run
         self._ruleset: Ruleset | None = None  # what the kernel holds; None: the next apply replaces in full
         self._described: dict[str, tuple[model.NetworkPolicy, list[str]]] = {}
         self._thread: threading.Thread | None = None
@@ -240,10 +243,12 @@ class PolicyEngine:
             ips = tuple(netaddr.IPAddress(int(a.ip), a.version) for a in pod.addresses)
             before = self.bindings.put(pod.container_id, Binding(pod.namespace, pod.name, ips))
             try:
+                self._take_port(pod.container_id, Ports.port(pod.container_id, pod.ifname, ips))
                 self.refresh()  # the pod's verdicts follow the sources as they are now, not as last polled
                 self.request()
             except Exception:
                 self.bindings.put(pod.container_id, before)  # the ADD is rolled back: forget the pod again
+                self._take_port(pod.container_id, None)
                 raise
         except Exception as e:  # noqa: BLE001 - whatever it was, the pod would run without its verdicts
             raise Refused(f"NetworkPolicy could not be applied for this pod: {e}") from None
@@ -253,9 +258,28 @@ class PolicyEngine:
     def detached(self, container_id: str) -> None:
         gone = self.bindings.put(container_id, None)
         if gone is not None:
+            self._take_port(container_id, None)
             self.refresh()  # takes in the released reservation too, so the loop does not start an apply of its own
             self.request()
             log.info("pod %s/%s (%s) unbound", gone.namespace, gone.name, container_id[:12])
+
+    def _take_port(self, container_id: str, port: PortBinding | None) -> None:
+        """The veth of a pod the hook attached (None: detached): only its own elements change, and the
+        reservations as they are now count as taken in, so that the ADD or DEL reads none of them. A pod
+        attached before this run has no veth known here: its reservations are read again, all of them. A
+        reservation made or released by anything else meanwhile is taken in by the next resync, which reads
+        every reservation (it replaces in full, as this change is applied change by change)."""
+        with self._source_lock:
+            if port is None:
+                veth = self._veths.pop(container_id, None)
+                if veth is None:
+                    return
+                self._port_changes[veth] = None
+            else:
+                self._veths[container_id] = port.ifname
+                self._port_changes[port.ifname] = port
+            if not self._ports_changed:
+                self._ports_stamp = self.ports.stamp()
 
     # ---- apply ----
 
@@ -276,6 +300,7 @@ class PolicyEngine:
         """A ruleset from scratch, from everything taken in."""
         with self._source_lock:
             self._pending.clear()
+            self._port_changes.clear()  # the reservations, read below, cover them
             objects = list(self._objects.values())
             pods = [self._effective(k) for k in {o.key for o in objects if isinstance(o, model.Pod)} | set(self._bound)]
         ruleset = Ruleset(self.nflog_group)
@@ -297,6 +322,7 @@ class PolicyEngine:
             changes = [(k, self._objects.get(k), self._effective(k) if k[0] == "Pod" else (None, False))
                        for k in sorted(keys)]
             ports, self._ports_changed = self._ports_changed, False
+            port_changes, self._port_changes = self._port_changes, {}
         for key, obj, (pod, local) in changes:
             if isinstance(obj, model.Namespace) or key[0] == "Namespace":
                 ruleset.put_namespace(key[2], obj.labels if isinstance(obj, model.Namespace) else None)
@@ -308,6 +334,8 @@ class PolicyEngine:
                 ruleset.put_pod(pod, local)
             else:
                 ruleset.remove_pod(key)
+        for ifname, port in sorted(port_changes.items()):
+            ruleset.put_port(ifname, port)
         if ports:
             ruleset.put_ports(self.ports.bindings())
 

@@ -84,6 +84,7 @@ class Ruleset:
         self._elements: dict[str, dict[str, tuple[str, int]]] = {
             **{f"inet {name}": {} for name in POD_SETS}, **{f"bridge {name}": {} for name in BRIDGE_SETS}}
         self._declared: dict[str, str] = {}  # peer set -> its type
+        self._ports: dict[str, PortBinding] = {}  # the node's pod veths, by name
         # the node's pods: candidates, and those enforced (an address belongs to the first pod claiming it)
         self._candidates: dict[Key, Pod] = {}
         self._claims: dict[str, set[Key]] = defaultdict(set)
@@ -313,12 +314,27 @@ class Ruleset:
             self._unref(s)
 
     def put_ports(self, bindings: Iterable[PortBinding]) -> None:
-        """The node's pod veths with their addresses (anti-spoofing)."""
-        for name, want in bridge_elements(bindings).items():
+        """The node's pod veths with their addresses (anti-spoofing): every veth not among them goes."""
+        want = {b.ifname: b for b in bindings}
+        for ifname in sorted(self._ports.keys() - want.keys()):
+            self.put_port(ifname, None)
+        for binding in want.values():
+            self.put_port(binding.ifname, binding)
+
+    def put_port(self, ifname: str, binding: PortBinding | None) -> None:
+        """One pod veth with its addresses (None: the veth is gone); the other veths' elements stay as they are."""
+        old = self._ports.pop(ifname, None)
+        if binding is not None:
+            self._ports[ifname] = binding
+        if old == binding:
+            return
+        before = bridge_elements([old] if old is not None else [])
+        after = bridge_elements([binding] if binding is not None else [])
+        for name in BRIDGE_SETS:
             where = f"bridge {name}"
-            for element in set(self._elements[where]) - want:
+            for element in before[name] - after[name]:
                 self._put(where, element, None)
-            for element in want:
+            for element in after[name]:
                 self._put(where, element, element)
 
     # ---- the node's own pods ----
