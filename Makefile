@@ -103,7 +103,7 @@ AGNHOST_IMAGE := k8s.gcr.io/e2e-test-images/agnhost:2.21
 BUSYBOX_IMAGE := docker.io/library/busybox:1.29
 
 .PHONY: all deps venv cnidrive kube-apiserver shim build image test-images agnhost-image install uninstall test unit lint docs \
-  demo bench clean fresh-check clusterdns-image
+  demo bench clean fresh-check clusterdns-image e2e
 
 all: venv
 
@@ -231,6 +231,14 @@ lint: venv
 # README.md's table of weftd's flags and variables, from their declarations (weftd/options.py).
 docs: venv
 	$(PY) -m weftd.options --readme README.md
+
+# Upstream's e2e tests (the NetworkPolicy suite and sig-network's Conformance tests; E2E_FOCUS, E2E_SKIP
+# and E2E_NODES change them) against the cluster `make cluster` runs, booting one when none answers.
+# Reports under $(BUILD)/e2e/<timestamp>/. Not part of `make test`.
+e2e: deps venv
+	bash tools/kube/build.sh $(BUILD) e2e.test ginkgo >/dev/null
+	@$(PY) -m tests.k8s.e2e --check || $(MAKE) cluster
+	$(PY) -m tests.k8s.e2e
 
 demo: deps venv cnidrive shim
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
