@@ -9,9 +9,9 @@ lists them). E2E_FOCUS and E2E_SKIP replace the focus and skip regular expressio
 ginkgo reads them); E2E_NODES sets ginkgo's parallel workers.
 
 Where it runs:
-- e2e.test and the kubectl it runs must reach the API server, which listens in the control-plane
-  node's network namespace: they run in the network namespace of the kube-apiserver process that
-  owns the kubeconfig's server address.
+- e2e.test and the kubectl it runs reach the API server, the nodes and the pods from the control-plane
+  node's network namespace, where the cluster's kube-apiserver runs (the one whose certificates lie
+  beside .build/cluster/kubeconfig), with a copy of that kubeconfig naming the server's own address.
 - The `[sig-network] Networking` describe fetches http://google.com before each of its tests
   (test/e2e/network/networking.go). The test bed answers it: a pod (agnhost netexec, whose "/"
   answers 200) in the namespace SHIM_NAMESPACE, and e2e.test runs in a mount namespace of its own
@@ -27,15 +27,14 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import yaml
 
@@ -168,13 +167,13 @@ def failure_line(message: str) -> str:
 
 @dataclass(frozen=True)
 class Cluster:
-    """The running cluster as e2e sees it: its kubeconfig, and the network namespace where its API server
-    listens (None when this process reaches the server as it is)."""
+    """The running cluster as e2e sees it: the network namespace where its API server listens (the
+    control-plane node's), and a kubeconfig that reaches the server from there."""
+    netns: str
     kubeconfig: Path
-    netns: str | None
 
     def enter(self) -> list[str]:
-        return ["nsenter", f"--net={self.netns}", "--"] if self.netns else []
+        return ["nsenter", f"--net={self.netns}", "--"]
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
         cmd = [*self.enter(), str(KUBECTL), f"--kubeconfig={self.kubeconfig}", *args]
@@ -188,63 +187,70 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in PROXY_VARIABLES}
 
 
-def server_address(kubeconfig: Path) -> tuple[str, int]:
-    config = yaml.safe_load(kubeconfig.read_text())
-    current = config.get("current-context")
-    contexts = {c["name"]: c["context"] for c in config.get("contexts") or []}
-    clusters = {c["name"]: c["cluster"] for c in config.get("clusters") or []}
-    name = contexts[current]["cluster"] if current in contexts else next(iter(clusters))
-    url = urlsplit(clusters[name]["server"])
-    if not url.hostname:
-        raise ValueError(f"{kubeconfig}: no server address")
-    return url.hostname, url.port or 443
+def flag(argv: Sequence[str], name: str) -> str | None:
+    """The value of `--name value` or `--name=value` in `argv`."""
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
-def reachable(host: str, port: int, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+@dataclass(frozen=True)
+class Apiserver:
+    pid: int
+    argv: tuple[str, ...]
+
+    @property
+    def netns(self) -> str:
+        return f"/proc/{self.pid}/ns/net"
+
+    @property
+    def url(self) -> str:
+        """Where it listens as its cluster knows it: its advertised address and secure port."""
+        address = flag(self.argv, "--advertise-address") or flag(self.argv, "--bind-address")
+        if not address or address in ("0.0.0.0", "::"):
+            raise RuntimeError(f"kube-apiserver {self.pid} has no --advertise-address")
+        return f"https://{address}:{flag(self.argv, '--secure-port') or 6443}"
 
 
-def apiserver_pids() -> list[int]:
-    pids = []
+def cluster_apiserver(cluster_dir: Path) -> Apiserver | None:
+    """The kube-apiserver whose files (certificates, keys) live under `cluster_dir`."""
+    marker = str(cluster_dir.resolve()) + "/"
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            argv = tuple(a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a)
         except OSError:
             continue
-        if argv0.rsplit(b"/", 1)[-1] == b"kube-apiserver":
-            pids.append(int(entry.name))
-    return pids
-
-
-def netns_holding(host: str, pids: Iterable[int]) -> str | None:
-    """The network namespace (as /proc/<pid>/ns/net) of the first of `pids` whose namespace has `host` as one
-    of its own addresses."""
-    for pid in pids:
-        path = f"/proc/{pid}/ns/net"
-        done = subprocess.run(["nsenter", f"--net={path}", "--", "ip", "-j", "addr", "show"],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            continue
-        addrs = {a.get("local") for link in json.loads(done.stdout or "[]") for a in link.get("addr_info", [])}
-        if host in addrs:
-            return path
+        if argv and argv[0].rsplit("/", 1)[-1] == "kube-apiserver" and any(marker in a for a in argv[1:]):
+            return Apiserver(int(entry.name), argv)
     return None
 
 
-def find_cluster(kubeconfig: Path = KUBECONFIG) -> Cluster:
+def with_server(kubeconfig: str, server: str) -> str:
+    """`kubeconfig` (YAML) with every cluster's server set to `server`."""
+    config = yaml.safe_load(kubeconfig)
+    for cluster in config.get("clusters") or []:
+        cluster["cluster"]["server"] = server
+    return yaml.safe_dump(config)
+
+
+def find_cluster(kubeconfig: Path, scratch: Path) -> Cluster:
+    """The cluster whose admin kubeconfig (for the machine) is `kubeconfig`, checked to answer. A copy of it
+    that reaches the server from inside the control-plane node is written under `scratch`."""
     if not kubeconfig.is_file():
         raise RuntimeError(f"no cluster: {kubeconfig} does not exist (run `make cluster`)")
-    host, port = server_address(kubeconfig)
-    netns = netns_holding(host, apiserver_pids())
-    if netns is None and not reachable(host, port):
-        raise RuntimeError(f"no cluster: no kube-apiserver listens on {host}:{port} (run `make cluster`)")
-    cluster = Cluster(kubeconfig, netns)
+    server = cluster_apiserver(kubeconfig.parent)
+    if server is None:
+        raise RuntimeError(f"no cluster: no kube-apiserver runs with the files of {kubeconfig.parent} "
+                           "(run `make cluster`)")
+    scratch.mkdir(parents=True, exist_ok=True)
+    inside = scratch / "kubeconfig"
+    inside.write_text(with_server(kubeconfig.read_text(), server.url))
+    cluster = Cluster(server.netns, inside)
     cluster.kubectl("get", "--raw", "/readyz")
     return cluster
 
@@ -372,24 +378,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.monotonic()
 
-    try:
-        cluster = find_cluster()
-    except (RuntimeError, ValueError, KeyError) as e:
-        if not args.check:
-            print(f"e2e: {e}", file=sys.stderr)
-        return 1
     if args.check:
+        with tempfile.TemporaryDirectory() as scratch:
+            try:
+                find_cluster(KUBECONFIG, Path(scratch))
+            except RuntimeError:
+                return 1
         return 0
 
     selection = Selection.from_env(dict(os.environ))
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     report_dir = REPORTS / stamp
-    report_dir.mkdir(parents=True)
+    try:
+        cluster = find_cluster(KUBECONFIG, report_dir)
+    except RuntimeError as e:
+        print(f"e2e: {e}", file=sys.stderr)
+        return 1
     latest = REPORTS / "latest"
     latest.unlink(missing_ok=True)
     latest.symlink_to(stamp)
-    say(start, f"cluster at {server_address(cluster.kubeconfig)[0]}"
-               f"{f' (network namespace of {cluster.netns})' if cluster.netns else ''}; reports in {report_dir}")
+    say(start, f"API server in {cluster.netns} (the control-plane node); reports in {report_dir}")
     say(start, f"focus: {selection.focus}")
     say(start, f"skip:  {selection.skip or '(nothing)'}")
     selected = list_selection(cluster, selection, report_dir)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
+
 from tests.k8s import e2e
 
 NP = "[sig-network] NetworkPolicy [LinuxOnly] NetworkPolicy between server and client"
@@ -83,3 +85,17 @@ def test_readme_lists_every_skip_with_its_reason() -> None:
     readme = (e2e.ROOT / "README.md").read_text()
     for skip in e2e.SKIPS:
         assert f"`{skip.pattern}`" in readme and skip.reason in readme, skip
+
+
+def test_kubeconfig_for_inside_the_node_names_the_apiservers_own_address() -> None:
+    argv = ("/x/kube-apiserver", "--bind-address", "0.0.0.0", "--secure-port", "6443", "--advertise-address",
+            "172.18.0.2", "--client-ca-file=/c/.build/cluster/pki/ca.crt")
+    assert e2e.flag(argv, "--client-ca-file") == "/c/.build/cluster/pki/ca.crt"
+    assert e2e.flag(argv, "--etcd-servers") is None
+    assert e2e.Apiserver(7, argv).url == "https://172.18.0.2:6443"
+    assert e2e.Apiserver(7, argv).netns == "/proc/7/ns/net"
+    machine = ("apiVersion: v1\nkind: Config\ncurrent-context: weft\nclusters:\n- name: weft\n  cluster:\n"
+               "    server: https://127.0.0.1:40001\n    certificate-authority: /c/ca.crt\n")
+    inside = yaml.safe_load(e2e.with_server(machine, "https://172.18.0.2:6443"))
+    assert inside["clusters"] == [{"name": "weft", "cluster": {"server": "https://172.18.0.2:6443",
+                                                               "certificate-authority": "/c/ca.crt"}}]
