@@ -318,10 +318,10 @@ def binary(name: str) -> Path:
     return path
 
 
-def e2e_args(cluster: Cluster, selection: Selection, report_dir: Path, num_nodes: int) -> list[str]:
+def e2e_args(kubeconfig: Path, selection: Selection, report_dir: Path, num_nodes: int) -> list[str]:
     return [
         "--provider=local",
-        f"--kubeconfig={cluster.kubeconfig}",
+        f"--kubeconfig={kubeconfig}",
         f"--kubectl-path={KUBECTL}",
         f"--num-nodes={num_nodes}",
         "--disable-log-dump=true",
@@ -351,17 +351,16 @@ def run_logged(cmd: list[str], log: Path) -> int:
         return proc.wait()
 
 
-def list_selection(cluster: Cluster, selection: Selection, report_dir: Path) -> list[str]:
-    """The tests `selection` picks, from e2e.test's dry run."""
-    dry = report_dir / "dry-run"
-    dry.mkdir(parents=True)
-    cmd = [*cluster.enter(), str(binary("e2e.test")), "--ginkgo.dryRun", "--ginkgo.noColor",
-           *e2e_args(cluster, selection, dry, 1)]
+def list_selection(selection: Selection, directory: Path) -> list[str]:
+    """The tests `selection` picks, from e2e.test's dry run (which needs no cluster) in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cmd = [str(binary("e2e.test")), "--ginkgo.dryRun", "--ginkgo.noColor",
+           *e2e_args(KUBECONFIG, selection, directory, 1)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=clean_env())
-    (dry / "e2e.log").write_text(done.stdout + done.stderr)
+    (directory / "e2e.log").write_text(done.stdout + done.stderr)
     if done.returncode != 0:
-        raise RuntimeError(f"e2e.test --ginkgo.dryRun failed ({done.returncode}); see {dry / 'e2e.log'}")
-    return selected_names(parse_junit(report_files(dry)))
+        raise RuntimeError(f"e2e.test --ginkgo.dryRun failed ({done.returncode}); see {directory / 'e2e.log'}")
+    return selected_names(parse_junit(report_files(directory)))
 
 
 def say(start: float, text: str) -> None:
@@ -387,6 +386,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     selection = Selection.from_env(dict(os.environ))
+    say(start, f"focus: {selection.focus}")
+    say(start, f"skip:  {selection.skip or '(nothing)'}")
+    if args.dry_run:
+        with tempfile.TemporaryDirectory() as scratch:
+            selected = list_selection(selection, Path(scratch))
+        print("\n".join(selected))
+        say(start, f"{len(selected)} tests selected")
+        return 0
+
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     report_dir = REPORTS / stamp
     try:
@@ -398,14 +406,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     latest.unlink(missing_ok=True)
     latest.symlink_to(stamp)
     say(start, f"API server in {cluster.netns} (the control-plane node); reports in {report_dir}")
-    say(start, f"focus: {selection.focus}")
-    say(start, f"skip:  {selection.skip or '(nothing)'}")
-    selected = list_selection(cluster, selection, report_dir)
+    selected = list_selection(selection, report_dir / "dry-run")
     say(start, f"{len(selected)} tests selected")
-    if args.dry_run or not selected:
-        for name in selected:
-            print(f"  {name}")
-        return 0
+    if not selected:
+        return 1
 
     nodes = schedulable_nodes(cluster)
     say(start, f"{len(nodes)} schedulable nodes: {' '.join(nodes)}")
@@ -417,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(start, f"google.com is {shim_ip} for e2e.test; running ginkgo with {args.nodes} workers")
         ginkgo = [str(binary("ginkgo")), f"--nodes={args.nodes}", "--noColor", "--succinct",
                   str(binary("e2e.test")), "--",
-                  *e2e_args(cluster, selection, report_dir, len(nodes))]
+                  *e2e_args(cluster.kubeconfig, selection, report_dir, len(nodes))]
         code = run_logged(isolated(cluster, hosts, ginkgo), report_dir / "e2e.log")
     finally:
         stop_shim(cluster)
