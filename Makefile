@@ -101,6 +101,7 @@ IMAGES := $(BUILD)/images
 PAUSE_IMAGE := k8s.gcr.io/pause:3.2
 AGNHOST_IMAGE := k8s.gcr.io/e2e-test-images/agnhost:2.21
 BUSYBOX_IMAGE := docker.io/library/busybox:1.29
+DNSUTILS_IMAGE := k8s.gcr.io/e2e-test-images/jessie-dnsutils:1.0
 
 .PHONY: all deps venv cnidrive kube-apiserver shim build image test-images agnhost-image install uninstall test unit lint docs \
   demo bench clean fresh-check clusterdns-image e2e
@@ -178,7 +179,7 @@ $(IMAGES)/weft.tar: $(BUNDLE)/weft packaging/install.sh tools/images/weft.sh too
 # The images the cluster's nodes and the e2e tests run: pause and busybox (small, seconds), and agnhost
 # (its own target: a Debian root filesystem of the tests' tools, and agnhost built from the Kubernetes
 # tree, minutes on a fresh machine).
-test-images: $(IMAGES)/pause.tar $(IMAGES)/busybox.tar agnhost-image
+test-images: $(IMAGES)/pause.tar $(IMAGES)/busybox.tar $(IMAGES)/jessie-dnsutils.tar agnhost-image
 agnhost-image: $(IMAGES)/agnhost.tar
 # pause.c comes from the Kubernetes source tree, which tools/kube/build.sh unpacks with the first
 # binary it builds: kube-apiserver, which `make test` needs anyway.
@@ -189,6 +190,8 @@ $(KUBE_BIN)/src/.weft-prepared: | $(BUILD)/.debs
 $(IMAGES)/busybox.tar: tools/busybox-image.sh | $(BUILD)/.debs
 	@mkdir -p $(IMAGES)
 	bash tools/busybox-image.sh $@ $(BUSYBOX_IMAGE) sh
+$(IMAGES)/jessie-dnsutils.tar: tools/images/jessie-dnsutils.sh tools/images/lib.sh | $(BUILD)/.debs
+	bash tools/images/jessie-dnsutils.sh $(DNSUTILS_IMAGE) $@
 $(IMAGES)/agnhost.tar: $(KUBE_BIN)/agnhost tools/images/agnhost.sh tools/images/lib.sh
 	bash tools/images/agnhost.sh $(KUBE_BIN)/agnhost $(KUBE_BIN)/src $(AGNHOST_IMAGE) $@
 $(KUBE_BIN)/agnhost: | $(BUILD)/.debs
