@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -277,7 +278,7 @@ def shim_manifest() -> str:
         "spec": {
             "containers": [{
                 "name": "http", "image": AGNHOST, "imagePullPolicy": "Never",
-                "args": ["netexec", "--http-port=80", "--udp-port=-1"],
+                "args": ["netexec", "--http-port=80"],
                 "ports": [{"containerPort": 80, "protocol": "TCP"}],
                 "readinessProbe": {"httpGet": {"path": "/", "port": 80}, "periodSeconds": 2},
             }],
@@ -376,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 0 when the cluster answers, 1 otherwise")
     args = parser.parse_args(argv)
     start = time.monotonic()
+    # SIGTERM unwinds like Ctrl-C, so the google.com pod goes with the run.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     if args.check:
         with tempfile.TemporaryDirectory() as scratch:
