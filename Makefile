@@ -101,7 +101,7 @@ IMAGES := $(BUILD)/images
 PAUSE_IMAGE := k8s.gcr.io/pause:3.2
 AGNHOST_IMAGE := k8s.gcr.io/e2e-test-images/agnhost:2.21
 BUSYBOX_IMAGE := docker.io/library/busybox:1.29
-DNSUTILS_IMAGE := k8s.gcr.io/e2e-test-images/jessie-dnsutils:1.0
+DNSUTILS_IMAGE := gcr.io/kubernetes-e2e-test-images/jessie-dnsutils:1.0
 
 .PHONY: all deps venv cnidrive kube-apiserver shim build image test-images agnhost-image install uninstall test unit lint docs \
   demo bench clean fresh-check clusterdns-image e2e

@@ -3,7 +3,7 @@
 # Debian with dnsutils (dig; getent from libc, seq and sh from the base), on bookworm instead of jessie.
 # Upstream's image also holds CoreDNS, downloaded from GitHub, which Debian does not package; the
 # sig-network DNS Conformance tests run only dig and getent in it.
-#   Usage: jessie-dnsutils.sh NAME OUT   (NAME: k8s.gcr.io/e2e-test-images/jessie-dnsutils:1.0)
+#   Usage: jessie-dnsutils.sh NAME OUT   (NAME: gcr.io/kubernetes-e2e-test-images/jessie-dnsutils:1.0)
 set -euo pipefail
 IMAGE_TAG=dnsutils
 source "$(dirname "$0")/lib.sh"
