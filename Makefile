@@ -103,11 +103,12 @@ IMAGES := $(BUILD)/images
 PAUSE_IMAGE := k8s.gcr.io/pause:3.2
 AGNHOST_IMAGE := k8s.gcr.io/e2e-test-images/agnhost:2.21
 BUSYBOX_IMAGE := docker.io/library/busybox:1.29
+DNSUTILS_IMAGE := gcr.io/kubernetes-e2e-test-images/jessie-dnsutils:1.0
 # The cluster of `make cluster` (tests/k8s): nodes, the control-plane node included.
 CLUSTER_NODES ?= 3
 
 .PHONY: all deps venv cnidrive kube-apiserver kube kubectl cluster cluster-down shim build image node-images test-images agnhost-image install \
-  uninstall test test-long unit lint docs demo bench pod-start-bench clean fresh-check clusterdns-image
+  uninstall test test-long unit lint docs demo bench pod-start-bench clean fresh-check clusterdns-image e2e
 
 all: venv
 
@@ -206,7 +207,7 @@ $(IMAGES)/weft.tar: $(BUNDLE)/weft packaging/install.sh tools/images/weft.sh too
 # tree, minutes on a fresh machine).
 # node-images: what every node runs and the smoke test needs (seconds); test-images adds the e2e tests' own.
 node-images: $(IMAGES)/pause.tar $(IMAGES)/busybox.tar
-test-images: node-images agnhost-image
+test-images: node-images $(IMAGES)/jessie-dnsutils.tar agnhost-image
 agnhost-image: $(IMAGES)/agnhost.tar
 # pause.c comes from the Kubernetes source tree, which tools/kube/build.sh unpacks with the first
 # binary it builds: kube-apiserver, which `make test` needs anyway.
@@ -217,6 +218,8 @@ $(KUBE_BIN)/src/.weft-prepared: | $(BUILD)/.debs
 $(IMAGES)/busybox.tar: tools/busybox-image.sh | $(BUILD)/.debs
 	@mkdir -p $(IMAGES)
 	bash tools/busybox-image.sh $@ $(BUSYBOX_IMAGE) sh
+$(IMAGES)/jessie-dnsutils.tar: tools/images/jessie-dnsutils.sh tools/images/lib.sh | $(BUILD)/.debs
+	bash tools/images/jessie-dnsutils.sh $(DNSUTILS_IMAGE) $@
 $(IMAGES)/agnhost.tar: $(KUBE_BIN)/agnhost tools/images/agnhost.sh tools/images/lib.sh
 	bash tools/images/agnhost.sh $(KUBE_BIN)/agnhost $(KUBE_BIN)/src $(AGNHOST_IMAGE) $@
 $(KUBE_BIN)/agnhost: | $(BUILD)/.debs
@@ -265,6 +268,14 @@ lint: venv
 # README.md's table of weftd's flags and variables, from their declarations (weftd/options.py).
 docs: venv
 	$(PY) -m weftd.options --readme README.md
+
+# Upstream's e2e tests (the NetworkPolicy suite and sig-network's Conformance tests; E2E_FOCUS, E2E_SKIP
+# and E2E_NODES change them) against the cluster `make cluster` runs, booting one when none answers.
+# Reports under $(BUILD)/e2e/<timestamp>/. Not part of `make test`.
+e2e: deps venv kubectl
+	bash tools/kube/build.sh $(BUILD) e2e.test ginkgo >/dev/null
+	@$(PY) -m tests.k8s.e2e --check || $(MAKE) cluster
+	$(PY) -m tests.k8s.e2e
 
 demo: deps venv cnidrive shim
 	CNIDRIVE=$(CURDIR)/$(CNIDRIVE) $(PY) -m tests.demo
