@@ -827,9 +827,21 @@ def commit() -> str:
     return p.stdout.strip()[:72]
 
 
+USAGE = """usage: python -m bench.policy_bench scale [SIZE ...] [--source dir|kube] [throughput]
+  SIZE: pods cluster-wide (default 100 1000 3000 10000); WEFT_BENCH_SCALE_ROUNDS / _EVENTS set the samples"""
+
+
 def main(args: list[str], throughput: Callable[..., dict[str, Any]]) -> int:
+    known = {"--source", "dir", "kube", "throughput"}
+    if any(a in ("-h", "--help") for a in args) or [a for a in args if not a.isdigit() and a not in known]:
+        print(USAGE, file=sys.stderr)
+        return 0 if any(a in ("-h", "--help") for a in args) else 2
     if not (BUNDLE / "weft").exists():
         print(f"no frozen bundle at {BUNDLE}: run `make build`", file=sys.stderr)
+        return 2
+    cnidrive = Path(os.environ.get("CNIDRIVE") or ROOT / ".build" / "cnidrive")
+    if not os.access(cnidrive, os.X_OK):
+        print(f"no cnidrive at {cnidrive}: run `make cnidrive`", file=sys.stderr)
         return 2
     sizes = tuple(int(a) for a in args if a.isdigit()) or SIZES
     source = args[args.index("--source") + 1] if "--source" in args else "dir"
