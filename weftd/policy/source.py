@@ -113,7 +113,10 @@ class DirSource:
         self._writing: set[str] = set()  # names modified in place and not closed since: not read until they are
         self._named: set[str] = set()  # names to read again whatever their stamp says (closed or renamed in)
         self._seen: set[str] = set()  # names with an event since they were last read
-        self._rescan = True
+        self._dirty: set[str] = set()  # names to look at again at the next poll (its cost: theirs, not the dir's)
+        self._holders: dict[Key, set[Path]] = {}  # the files each object is in
+        self._errors = 0  # the problems of every file, kept as files change
+        self._rescan = True  # the whole directory is listed at the next poll
         try:
             self._inotify = Inotify()
         except OSError as e:
@@ -164,11 +167,11 @@ class DirSource:
                 self._writing.add(name)  # open(O_CREAT): its writer's close tells when it is whole
                 continue
             if ev.mask & IN_ATTRIB:
-                self._rescan = True  # read if its stamp changed, unless a writer still has it open
+                self._dirty.add(name)  # read if its stamp changed, unless a writer still has it open
                 continue
             self._writing.discard(name)
             self._named.add(name)
-            self._rescan = True
+            self._dirty.add(name)
 
     def _created_empty(self, name: str) -> bool:
         """A regular file with one link: made by open(O_CREAT), not link(2), so a close is coming."""
@@ -197,6 +200,21 @@ class DirSource:
                 out[Path(e.path)] = _stamp(st)
         return out
 
+    def _look(self, names: set[str]) -> dict[Path, Stamp | None]:
+        """The stamps of the named files (None: gone or not a policy file)."""
+        out: dict[Path, Stamp | None] = {}
+        for name in names:
+            path = self.dir / name
+            if not name.endswith(SUFFIXES) or name.startswith("."):
+                continue
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                out[path] = None
+                continue
+            out[path] = _stamp(st) if stat.S_ISREG(st.st_mode) else None
+        return out
+
     def _read(self, path: Path) -> tuple[Stamp, str] | None:
         """The file's stamp and text, or None if it changed while it was read. Raises OSError, ValueError."""
         self._seen.discard(path.name)
@@ -210,20 +228,28 @@ class DirSource:
         return before, data.decode()
 
     def poll(self) -> set[Key]:
-        """Re-reads the files that changed; returns the keys whose object was added, changed or removed."""
+        """Re-reads the files that changed; returns the keys whose object was added, changed or removed.
+        Followed by inotify, only the files named by events are looked at; the whole directory is listed
+        at the start, after inotify dropped events, and at every poll without inotify."""
         self._watch()
         self._drain()
-        if self._inotify is not None and self._wd is not None and not self._rescan:
-            return set()
-        self._rescan = False
         named, self._named = self._named, set()
-        listing = self._listing()
+        if self._inotify is not None and self._wd is not None and not self._rescan:
+            names, self._dirty = self._dirty, set()
+            found = self._look(names)
+        else:
+            self._rescan = False
+            self._dirty.clear()
+            listing: dict[Path, Stamp | None] = dict(self._listing())
+            found = {path: None for path in self.files if path not in listing}
+            found.update(listing)
         touched: set[Key] = set()
-        for path in list(self.files):
-            if path not in listing:
-                touched.update(self.files.pop(path).objects)
-                log.info("%s removed", path)
-        for path, stamp in sorted(listing.items()):
+        for path, stamp in sorted(found.items()):
+            if stamp is None:
+                if path in self.files:
+                    touched.update(self._set(path, None))
+                    log.info("%s removed", path)
+                continue
             old = self.files.get(path)
             if old is not None and old.stamp == stamp and path.name not in named:
                 continue
@@ -232,30 +258,47 @@ class DirSource:
             previous = old.objects if old is not None else {}
             try:
                 read = self._read(path)
-                if read is None:
+                if read is None:  # changed while it was read: again at the next poll, which wait() does not delay
                     self._named.add(path.name)
-                    self._rescan = True
+                    self._dirty.add(path.name)
+                    if self._inotify is None or self._wd is None:
+                        self._rescan = True
                     continue
                 stamp, text = read
                 objects, errors = parse_file(path, text, previous)
             except (OSError, ValueError) as e:
                 msg = str(e) if str(path) in str(e) else f"{path}: {e}"
                 log.error("%s; %s", msg, "keeping what it held before" if previous else "nothing from it is applied")
-                self.files[path] = FileState(stamp, previous, [msg])
+                touched.update(self._set(path, FileState(stamp, previous, [msg])))
                 continue
             for err in errors:
                 log.error("%s", err)
-            touched.update(previous)
-            self.files[path] = FileState(stamp, objects, errors)
-            touched.update(objects)
+            touched.update(self._set(path, FileState(stamp, objects, errors)))
         return self._merge(touched)
+
+    def _set(self, path: Path, state: FileState | None) -> set[Key]:
+        """Puts (or, with None, removes) one file's state; returns the keys it held before or holds now."""
+        old = self.files.pop(path, None)
+        if old is not None:
+            self._errors -= len(old.errors)
+            for key in old.objects:
+                holders = self._holders[key]
+                holders.discard(path)
+                if not holders:
+                    del self._holders[key]
+        if state is not None:
+            self.files[path] = state
+            self._errors += len(state.errors)
+            for key in state.objects:
+                self._holders.setdefault(key, set()).add(path)
+        return set(old.objects if old is not None else ()) | set(state.objects if state is not None else ())
 
     def _merge(self, keys: set[Key]) -> set[Key]:
         """Brings the merged view up to date for `keys`; returns those whose object changed."""
         changed = set()
-        order = [self.files[p].objects for p in sorted(self.files, reverse=True)]  # the last file wins
         for key in keys:
-            obj = next((objs[key] for objs in order if key in objs), None)
+            holders = self._holders.get(key)
+            obj = self.files[max(holders)].objects[key] if holders else None  # the last file by name wins
             old = self._objects.get(key)
             if obj is None:
                 if old is not None:
@@ -264,7 +307,7 @@ class DirSource:
             elif old is None or old != obj:
                 self._objects[key] = obj
                 changed.add(key)
-            if obj is not None and len(order) > 1 and sum(key in objs for objs in order) > 1:
+            if holders is not None and len(holders) > 1:
                 log.debug("%s is in more than one file; the last by name is used", model.describe(key))
         return changed
 
@@ -277,11 +320,11 @@ class DirSource:
         inotify = self._inotify
         if inotify is None or self._wd is None:
             time.sleep(min(timeout, POLL))
-        elif not self._rescan:
+        elif not self._rescan and not self._dirty:
             inotify.ready(timeout)
 
     def error_count(self) -> int:
-        return sum(len(f.errors) for f in self.files.values())
+        return self._errors
 
     def close(self) -> None:
         if self._inotify is not None:
