@@ -177,7 +177,7 @@ def test_kubelet_sysctls_stay_in_the_nodes(booted: Booted) -> None:
     """kubelet wrote its global sysctls (kernel.panic=10 among them) into the nodes' own files; the machine's
     values are those it had before the cluster."""
     holder = next(e for e in booted.layout.record.entries("node") if e["name"] == "weft-worker")["holder"]
-    seen = subprocess.run(["nsenter", f"--target={holder}", "--mount", "cat", "/proc/sys/kernel/panic"],
+    seen = subprocess.run(["nsenter", f"--target={holder}", "--mount", "--root", "cat", "/proc/sys/kernel/panic"],
                           capture_output=True, text=True, check=True).stdout.strip()
     assert seen == "10"
     assert _host_settings() == booted.settings

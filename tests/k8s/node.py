@@ -183,7 +183,9 @@ class KubeNode:
 
     def enter(self, *cmd: str) -> list[str]:
         assert self.holder is not None, f"{self.name} has no namespaces"
-        return ["nsenter", f"--target={self.holder}", "--mount", "--uts", "--net", "--", *cmd]
+        # --root: entering a mount namespace resets the root to the namespace's own, which escapes a chroot
+        # (a CI machine may run in one); the holder's root is the one the node was made under.
+        return ["nsenter", f"--target={self.holder}", "--mount", "--uts", "--net", "--root", "--", *cmd]
 
     def spawn(self, record: Record, daemon: str, *cmd: str) -> int:
         proc = subprocess.Popen(self.enter(*cmd), stdin=subprocess.DEVNULL, stdout=open(self.log(daemon), "ab"),
