@@ -40,7 +40,7 @@ from kubernetes import client, config, watch
 
 from bench.plugin_bench import percentile
 from tests.k8s.cluster import Cluster
-from tests.k8s.layout import IMAGES_DIR, KUBE_BIN
+from tests.k8s.layout import KUBE_BIN, image_selection, missing_binaries
 from tests.k8s.node import REFERENCE_CNI
 
 CONTROL, WORKER = "weft-control-plane", "weft-worker"
@@ -174,16 +174,12 @@ def main() -> int:
     parser.add_argument("--pods-spread", type=int, default=100,
                         help="pods spread over both nodes (default: %(default)s)")
     args = parser.parse_args()
-    missing = [b for b in ("kubelet", "kube-proxy", "kubectl") if not (KUBE_BIN / b).exists()]
+    missing = missing_binaries()
     if missing:
         print(f"no {', '.join(missing)} in {KUBE_BIN}: run `make kube kubectl image test-images`", file=sys.stderr)
         return 2
     directory = Path(tempfile.mkdtemp(prefix="weft-podstart-"))
-    images = directory / "images"  # only those the bench runs: importing agnhost too would take a minute
-    images.mkdir()
-    for name in ("weft.tar", "pause.tar", "busybox.tar"):
-        (images / name).symlink_to(IMAGES_DIR / name)
-    cluster = Cluster(directory, images)
+    cluster = Cluster(directory, image_selection(directory / "images"))
     results: list[Measured] = []
     try:
         cluster.up(2, weft=False)

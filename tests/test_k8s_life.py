@@ -27,11 +27,11 @@ import pytest
 from tests.containerd import cri_config
 from tests.k8s.cluster import WEFT_DAEMONSET, Cluster, stop
 from tests.k8s.control import kubeconfig
-from tests.k8s.layout import IMAGES_DIR, KUBE_BIN
+from tests.k8s.layout import KUBE_BIN, image_selection, missing_binaries
 from tests.k8s.node import KubeNode
 from tests.kubeapi import in_netns
 from tests.lab import ROOT
-from tests.test_k8s_smoke import SMOKE_IMAGES, Booted, server
+from tests.test_k8s_smoke import Booted, server
 from weftd.subnet.kube import ANN_DATA, ANN_IP
 
 pytestmark = [pytest.mark.slow, pytest.mark.long]
@@ -270,7 +270,7 @@ def subnet_of(life: Life, node: str) -> ipaddress.IPv4Network:
 
 @pytest.fixture(scope="module")
 def life() -> Iterator[Life]:
-    missing = [b for b in ("kubelet", "kube-proxy", "kubectl") if not (KUBE_BIN / b).exists()]
+    missing = missing_binaries()
     if missing:
         pytest.fail(f"no {', '.join(missing)} in {KUBE_BIN}: run `make kube kubectl image test-images`")
     # Under .build, as the smoke test's: pytest removes old directories under its own temporary root, also
@@ -278,12 +278,7 @@ def life() -> Iterator[Life]:
     directory = ROOT / ".build" / "cluster-life"
     cluster = Cluster(directory)
     cluster.down()  # what an earlier run left, if it was killed
-    images = ROOT / ".build" / "cluster-life-images"
-    images.mkdir(exist_ok=True)
-    for name in SMOKE_IMAGES:
-        link = images / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(IMAGES_DIR / name)
+    images = image_selection(ROOT / ".build" / "cluster-life-images")
     up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2",
                          "--images", str(images)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
     try:

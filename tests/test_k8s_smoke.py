@@ -25,12 +25,11 @@ import yaml
 
 from tests.conftest import _host_settings, _root_links
 from tests.k8s.cluster import Cluster
-from tests.k8s.layout import IMAGES_DIR, KUBE_BIN, Layout
+from tests.k8s.layout import KUBE_BIN, Layout, image_selection, missing_binaries
 from tests.k8s.node import cgroup_hierarchies
 from tests.lab import ROOT
 
 BUSYBOX = "docker.io/library/busybox:1.29"
-SMOKE_IMAGES = ("weft.tar", "pause.tar", "busybox.tar")
 HOST_PORT = 30080
 # Each pod serves its own name over HTTP on 8080.
 SERVE = "mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www"
@@ -92,19 +91,13 @@ def service(name: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def booted() -> Iterator[Booted]:
-    missing = [b for b in ("kubelet", "kube-proxy", "kubectl") if not (KUBE_BIN / b).exists()]
+    missing = missing_binaries()
     if missing:
         pytest.fail(f"no {', '.join(missing)} in {KUBE_BIN}: run `make kube kubectl image test-images`")
     directory = ROOT / ".build" / "cluster-smoke"
     cluster = Cluster(directory)
     cluster.down()  # what an earlier run left, if it was killed
-    # Only the images these tests run: agnhost (for e2e) and the cluster DNS would only add time.
-    images = ROOT / ".build" / "cluster-smoke-images"
-    images.mkdir(exist_ok=True)
-    for name in SMOKE_IMAGES:
-        link = images / name
-        link.unlink(missing_ok=True)
-        link.symlink_to(IMAGES_DIR / name)
+    images = image_selection(ROOT / ".build" / "cluster-smoke-images")
     settings, links = _host_settings(), _root_links()
     up = subprocess.run([sys.executable, "-m", "tests.k8s", "--dir", str(directory), "up", "--nodes", "2",
                          "--images", str(images)],

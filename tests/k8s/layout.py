@@ -34,6 +34,26 @@ GATEWAY = f"{UNDERLAY}.1"
 APISERVER_PORT = 6443
 
 
+# The images the tests' and benches' small clusters import: Weft, the sandbox and busybox pods (agnhost
+# and the cluster DNS would only add import time).
+NODE_IMAGES = ("weft.tar", "pause.tar", "busybox.tar")
+
+
+def missing_binaries() -> list[str]:
+    """The Kubernetes binaries a node needs that `make kube kubectl` has not built yet."""
+    return [b for b in ("kubelet", "kube-proxy", "kubectl") if not (KUBE_BIN / b).exists()]
+
+
+def image_selection(directory: Path, names: tuple[str, ...] = NODE_IMAGES) -> Path:
+    """`directory`, made to hold links to the named archives of IMAGES_DIR only (what `up --images` imports)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        link = directory / name
+        link.unlink(missing_ok=True)
+        link.symlink_to(IMAGES_DIR / name)
+    return directory
+
+
 def node_names(count: int) -> list[str]:
     """kind's names: the control-plane node, then weft-worker, weft-worker2, ..."""
     if count < 1:
